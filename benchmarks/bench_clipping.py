@@ -1,0 +1,220 @@
+"""Clipping benchmark: optaxclip against optax and a memory-traffic floor.
+
+For each tree of DESIGN §7 (few large leaves, a transformer-like tree, many
+tiny leaves) and each clipper, this script jits ``update``, measures
+
+* compile time (``jax.jit(f).lower(...).compile()``, once per function),
+* run time: the minimum over interleaved rounds (every function runs once
+  per round, in turn), with ``jax.block_until_ready``,
+* temporary memory (``compiled.memory_analysis().temp_size_in_bytes``),
+
+and reports ratios against optax's equivalent transform and against the
+floor, a jitted ``x * 0.5`` over the same tree (one read and one write of
+every gradient byte). All numbers come from one process, so the ratios are
+meaningful on a noisy shared machine even when absolute times are not.
+
+Usage::
+
+  python benchmarks/bench_clipping.py            # full run
+  python benchmarks/bench_clipping.py --quick    # fewer rounds, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optaxclip as oc
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ----------------------------------------------------------------------------
+# Trees (DESIGN §7)
+# ----------------------------------------------------------------------------
+
+
+def _array(rng: np.random.Generator, shape) -> jax.Array:
+  return jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+
+
+def tree_few(rng) -> dict:
+  """8 leaves of 2000x1000 float32 (64 MB)."""
+  return {f"w{i}": _array(rng, (2000, 1000)) for i in range(8)}
+
+
+def tree_many(rng, layers: int = 12, d: int = 512) -> dict:
+  """A 12-layer d=512 transformer-like tree: 144 leaves, 151 MB."""
+  tree = {}
+  for layer in range(layers):
+    tree[f"layer{layer:02d}"] = {
+        "q": _array(rng, (d, d)), "k": _array(rng, (d, d)),
+        "v": _array(rng, (d, d)), "o": _array(rng, (d, d)),
+        "mlp_in": _array(rng, (d, 4 * d)), "mlp_in_bias": _array(rng, (4 * d,)),
+        "mlp_out": _array(rng, (4 * d, d)), "mlp_out_bias": _array(rng, (d,)),
+        "ln1_scale": _array(rng, (d,)), "ln1_bias": _array(rng, (d,)),
+        "ln2_scale": _array(rng, (d,)), "ln2_bias": _array(rng, (d,)),
+    }
+  return tree
+
+
+def tree_tiny(rng) -> dict:
+  """1000 leaves of 64x32 plus 1000 of 32 (8.3 MB, 2000 leaves)."""
+  tree = {f"k{i:04d}": _array(rng, (64, 32)) for i in range(1000)}
+  tree.update({f"b{i:04d}": _array(rng, (32,)) for i in range(1000)})
+  return tree
+
+
+TREES = {"few": tree_few, "many": tree_many, "tiny": tree_tiny}
+
+
+# ----------------------------------------------------------------------------
+# Functions under test
+# ----------------------------------------------------------------------------
+
+
+def _update_fn(tx) -> Callable[[Any], Any]:
+  """A pure function of the gradients: one ``update`` from a fresh state."""
+
+  def step(grads, state):
+    return tx.update(grads, state)
+
+  return step
+
+
+def floor_fn(grads, state):
+  del state
+  return jax.tree.map(lambda x: x * 0.5, grads)
+
+
+def cases(tree_name: str, grads) -> dict[str, tuple[Callable, Any, str | None]]:
+  """name -> (jittable fn(grads, state), state, optax baseline name)."""
+  # Thresholds are chosen so that the clippers actually rescale.
+  norm = float(oc.global_norm(grads))
+  entries = {
+      "floor": (floor_fn, None, None),
+      "optax.clip_by_global_norm": (optax.clip_by_global_norm(norm / 2), None, None),
+      "oc.clip_by_global_norm": (oc.clip_by_global_norm(norm / 2), None,
+                                 "optax.clip_by_global_norm"),
+      "optax.clip_by_block_rms": (optax.clip_by_block_rms(0.5), None, None),
+      "oc.clip_by_block_rms": (oc.clip_by_block_rms(0.5), None,
+                               "optax.clip_by_block_rms"),
+      "oc.clip_by_norm": (oc.clip_by_norm(1.0), None, None),
+      "optax.clip": (optax.clip(0.5), None, None),
+      "oc.clip": (oc.clip(0.5), None, "optax.clip"),
+  }
+  out = {}
+  for name, (tx, _, baseline) in entries.items():
+    if name == "floor":
+      out[name] = (floor_fn, None, None)
+    else:
+      out[name] = (_update_fn(tx), tx.init(grads), baseline)
+  del tree_name
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------
+
+
+def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dict]:
+  rng = np.random.default_rng(0)
+  grads = TREES[tree_name](rng)
+  leaves = jax.tree.leaves(grads)
+  grad_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+  entries = cases(tree_name, grads)
+  if only:
+    entries = {k: v for k, v in entries.items()
+               if k == "floor" or k in only or v[2] in only
+               or any(o in k for o in only)}
+  compiled, rows = {}, {}
+  for name, (fn, state, baseline) in entries.items():
+    start = time.perf_counter()
+    exe = jax.jit(fn).lower(grads, state).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(exe(grads, state))  # warm up
+    compiled[name] = (exe, state)
+    temp = exe.memory_analysis().temp_size_in_bytes
+    rows[name] = dict(tree=tree_name, fn=name, baseline=baseline,
+                      compile_s=compile_s, temp_bytes=int(temp),
+                      grad_bytes=int(grad_bytes), leaves=len(leaves),
+                      run_s=float("inf"))
+    print(f"  compiled {tree_name:5s} {name:28s} {compile_s:7.2f} s", flush=True)
+  for _ in range(rounds):  # interleaved: every function once per round
+    for name, (exe, state) in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(exe(grads, state))
+      rows[name]["run_s"] = min(rows[name]["run_s"], time.perf_counter() - start)
+  floor = rows["floor"]["run_s"]
+  for row in rows.values():
+    row["vs_floor"] = row["run_s"] / floor
+    base = rows.get(row["baseline"]) if row["baseline"] else None
+    if base is not None:
+      row["run_vs_optax"] = row["run_s"] / base["run_s"]
+      row["compile_vs_optax"] = row["compile_s"] / base["compile_s"]
+      row["extra_temp_vs_grad_bytes"] = (
+          (row["temp_bytes"] - base["temp_bytes"]) / grad_bytes)
+  return list(rows.values())
+
+
+def markdown(rows: list[dict]) -> str:
+  head = ("| tree | transform | run ms | vs floor | run vs optax | compile s |"
+          " compile vs optax | temp MB | extra temp / grad bytes |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+  lines = []
+  for r in rows:
+    def fmt(key, spec):
+      return format(r[key], spec) if key in r else "–"
+    lines.append(
+        f"| {r['tree']} | `{r['fn']}` | {1e3 * r['run_s']:.2f} |"
+        f" {r['vs_floor']:.2f} | {fmt('run_vs_optax', '.2f')} |"
+        f" {r['compile_s']:.2f} | {fmt('compile_vs_optax', '.2f')} |"
+        f" {r['temp_bytes'] / 1e6:.2f} | {fmt('extra_temp_vs_grad_bytes', '+.2%')} |")
+  return head + "\n".join(lines) + "\n"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--trees", default="few,many,tiny")
+  parser.add_argument("--rounds", type=int, default=30)
+  parser.add_argument("--quick", action="store_true", help="3 rounds")
+  parser.add_argument("--only", default="",
+                      help="comma-separated transform names (floor is kept)")
+  parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "clipping"))
+  args = parser.parse_args()
+  rounds = 3 if args.quick else args.rounds
+  only = {s for s in args.only.split(",") if s} or None
+  rows = []
+  for tree_name in args.trees.split(","):
+    rows += measure_tree(tree_name, rounds, only)
+  meta = dict(
+      date=datetime.date.today().isoformat(), machine=platform.machine(),
+      processor=platform.processor() or platform.machine(),
+      cpus=os.cpu_count(), jax=jax.__version__, optax=optax.__version__,
+      backend=jax.default_backend(), rounds=rounds)
+  table = markdown(rows)
+  print()
+  print(f"{meta['date']}, {meta['cpus']} CPUs ({meta['processor']}), jax"
+        f" {meta['jax']}, optax {meta['optax']}, min of {rounds} interleaved"
+        " rounds")
+  print(table)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  with open(args.out + ".md", "w") as f:
+    f.write(table)
+
+
+if __name__ == "__main__":
+  main()

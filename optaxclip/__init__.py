@@ -1,0 +1,29 @@
+"""optaxclip: gradient clipping for JAX, as composable optax transforms."""
+
+from optaxclip._norm_clip import ClipByBlockRmsState
+from optaxclip._norm_clip import ClipByGlobalNormState
+from optaxclip._norm_clip import ClipByNormState
+from optaxclip._norm_clip import clip_by_block_rms
+from optaxclip._norm_clip import clip_by_global_norm
+from optaxclip._norm_clip import clip_by_norm
+from optaxclip._norms import global_norm
+from optaxclip._stats import clip_stats
+from optaxclip._value import ClipByValueState
+from optaxclip._value import clip
+from optaxclip._value import clip_by_value
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ClipByBlockRmsState",
+    "ClipByGlobalNormState",
+    "ClipByNormState",
+    "ClipByValueState",
+    "clip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "clip_stats",
+    "global_norm",
+)
