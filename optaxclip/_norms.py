@@ -67,12 +67,17 @@ def accumulation_dtype(dtype: Any) -> jnp.dtype:
   return jnp.dtype(np.float32)
 
 
+def widest_dtype(dtypes) -> jnp.dtype:
+  """float64 if any of the accumulation ``dtypes`` is float64, else float32."""
+  f64 = jnp.dtype(np.float64)
+  return f64 if any(jnp.dtype(d) == f64 for d in dtypes) else jnp.dtype(
+      np.float32)
+
+
 def tree_accumulation_dtype(tree: Any) -> jnp.dtype:
   """The widest accumulation dtype over a tree's leaves (float32 if empty)."""
-  dtypes = {accumulation_dtype(jnp.asarray(x).dtype) for x in jax.tree.leaves(tree)}
-  return jnp.dtype(np.float64) if jnp.dtype(np.float64) in dtypes else jnp.dtype(
-      np.float32
-  )
+  return widest_dtype(
+      accumulation_dtype(jnp.asarray(x).dtype) for x in jax.tree.leaves(tree))
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
@@ -105,7 +110,11 @@ def _magnitude_terms(x: jax.Array, ord: float) -> jax.Array:  # pylint: disable=
 def _reduce(terms: jax.Array, ord: float, axis=None) -> jax.Array:  # pylint: disable=redefined-builtin
   if ord == math.inf:
     # initial=0 makes empty leaves valid; magnitudes are >= 0 so it is exact.
-    return jnp.max(terms, axis=axis, initial=0)
+    largest = jnp.max(terms, axis=axis, initial=0)
+    # XLA's max reduction may drop NaN on CPU; a NaN must stay visible. The
+    # second reduction reads the same input and fuses into the same loop.
+    has_nan = jnp.any(jnp.isnan(terms), axis=axis)
+    return jnp.where(has_nan, jnp.full_like(largest, jnp.nan), largest)
   return jnp.sum(terms, axis=axis)
 
 
@@ -113,7 +122,7 @@ def _combine(partials: Sequence[jax.Array], ord: float) -> jax.Array:  # pylint:
   """Combines scalar partials (sum or max) in the widest of their dtypes."""
   if not partials:
     return jnp.zeros((), jnp.float32)
-  dtype = jnp.result_type(*[p.dtype for p in partials])
+  dtype = widest_dtype(p.dtype for p in partials)
   stacked = jnp.stack([p.astype(dtype) for p in partials])
   return _reduce(stacked, ord)
 
@@ -134,6 +143,36 @@ def _leaves(tree: Any) -> list[jax.Array]:
   return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def _may_bucket(x: jax.Array) -> bool:
+  """Whether flattening ``x`` into the shared bucket is free of communication.
+
+  Concatenating a *sharded* leaf into a flat bucket makes XLA all-gather it
+  (and explicit-sharding mode rejects the reshape outright), while a per-leaf
+  reduction of a sharded leaf costs one scalar all-reduce. So a leaf is
+  bucketed only when it cannot be sharded: the process sees a single device,
+  or the leaf's type says it is unsharded (explicit axes with an all-None
+  spec, or inside ``shard_map`` where arrays are device-local). Under
+  auto-sharded ``jit`` on several devices the layout is unknown at trace time
+  and leaves are reduced one by one: correct and communication-optimal, only
+  slower to compile.
+  """
+  if jax.device_count() == 1:
+    return True
+  try:
+    sharding = jax.typeof(x).sharding
+    mesh = sharding.mesh
+  except (AttributeError, TypeError):  # pragma: no cover - older jax
+    return False
+  if mesh.empty:
+    return False  # no mesh in the type: layout unknown, do not risk a gather
+  axis_types = tuple(mesh.axis_types)
+  if any(t == jax.sharding.AxisType.Auto for t in axis_types):
+    return False  # auto axes: the compiler decides the layout later
+  # Only manual (device-local inside shard_map) and explicit axes remain; the
+  # type's spec is then exact, and an all-None spec means replicated.
+  return all(p is None for p in sharding.spec)
+
+
 def global_norm_partial(leaves: Sequence[jax.Array], ord: float) -> jax.Array:  # pylint: disable=redefined-builtin
   """The un-finalized global reduction (sum of squares, sum, or max).
 
@@ -152,7 +191,7 @@ def global_norm_partial(leaves: Sequence[jax.Array], ord: float) -> jax.Array:  
   for x in leaves:
     if x.size == 0:
       continue
-    if x.size < SMALL_LEAF_SIZE:
+    if x.size < SMALL_LEAF_SIZE and _may_bucket(x):
       # Bucket the *raw* values (cast to the accumulation dtype); the
       # magnitudes are taken on the concatenated bucket below.
       dtype = x.dtype if jnp.iscomplexobj(x) else accumulation_dtype(x.dtype)
@@ -249,7 +288,7 @@ def leaf_norms(
   ]
   if axis_name is not None and partials:
     # One collective for all leaves instead of one per leaf.
-    dtype = jnp.result_type(*[p.dtype for p in partials])
+    dtype = widest_dtype(p.dtype for p in partials)
     stacked = _cross_device(jnp.stack([p.astype(dtype) for p in partials]), ord,
                             axis_name)
     partials = [stacked[i].astype(p.dtype) for i, p in enumerate(partials)]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optaxclip import _norms
 from optaxclip import _stats
 from optaxclip import _validate
 
@@ -41,9 +42,14 @@ def _value_clipper(fn: str, max_value: Any, min_value: Any
     clipped_leaves, counts = [], []
     for leaf in leaves:
       leaf = jnp.asarray(leaf)
-      # Compare and clamp in float32 (or the leaf's wider dtype), so a bf16
+      if jnp.iscomplexobj(leaf):
+        raise TypeError(
+            f"{fn}: complex leaves have no order to clamp (got a leaf of dtype"
+            f" {leaf.dtype}); clip their magnitude with clip_by_norm or"
+            " clip_by_global_norm instead.")
+      # Compare and clamp in float32 (float64 for float64 leaves), so a bf16
       # bound cannot round past the requested value before the comparison.
-      compute = jnp.promote_types(leaf.dtype, jnp.float32)
+      compute = _norms.accumulation_dtype(leaf.dtype)
       wide = leaf.astype(compute)
       hi, lo = upper.astype(compute), lower.astype(compute)
       outside = (wide > hi) | (wide < lo)
@@ -54,7 +60,6 @@ def _value_clipper(fn: str, max_value: Any, min_value: Any
     return (jax.tree.unflatten(treedef, clipped_leaves),
             ClipByValueState(num_clipped_values=total))
 
-  del fn
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

@@ -22,10 +22,15 @@ settings.load_profile("optaxclip")
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])
-def jit(request):
-  """Runs a test with and without ``jax.jit``: ``f = maybe_jit(f)``."""
+def use_jit(request):
+  """Runs a test with and without ``jax.jit`` (see ``helpers.maybe_jit``)."""
   return request.param
 
 
-def maybe_jit(fn, use_jit):
-  return jax.jit(fn) if use_jit else fn
+@pytest.fixture
+def standard_promotion():
+  """optax's own transforms (adam's bias correction, MultiSteps) promote
+  int32 counters against floats, which strict mode rejects; tests that run
+  them relax the promotion rule to JAX's default for their duration."""
+  with jax.numpy_dtype_promotion("standard"):
+    yield

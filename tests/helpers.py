@@ -1,0 +1,129 @@
+"""Shared test helpers: the list of clippers every generic test runs over.
+
+Following optimistix's ``tests/helpers.py``, the transforms live in one list
+of :class:`Clipper` cases, so each property test is parametrized over all of
+them and a new clipper gets every test by being added here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optaxclip as oc
+import reference
+
+
+def maybe_jit(fn, use_jit: bool):
+  return jax.jit(fn) if use_jit else fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Clipper:
+  """One clipping configuration under test.
+
+  Attributes:
+    name: test id.
+    make: threshold -> GradientTransformation.
+    threshold_arg: the factory's threshold argument name.
+    factory: the public factory (for inject_hyperparams).
+    reference: (list of float64 leaves, threshold) -> list of float64 leaves.
+    bound: (list of float64 output leaves) -> list of (measured, threshold)
+      pairs that must satisfy measured <= threshold, or None.
+    direction_kept: whether the whole update keeps its direction.
+  """
+
+  name: str
+  make: Callable[[float], Any]
+  threshold_arg: str
+  factory: Callable[..., Any]
+  reference: Callable[[list, float], list]
+  bound: Optional[Callable[[list, float], list]] = None
+  direction_kept: bool = True
+  # Non-threshold keyword arguments that ``make`` passes to ``factory``.
+  options: tuple = ()
+
+  def __repr__(self):
+    return self.name
+
+
+def _norm_bound(ord):  # pylint: disable=redefined-builtin
+  return lambda leaves, c: [(reference.norm(leaves, ord), c)]
+
+
+def _leaf_bound(ord):  # pylint: disable=redefined-builtin
+  return lambda leaves, c: [(reference.norm([x], ord), c) for x in leaves]
+
+
+def _rms_bound(leaves, c):
+  return [(reference.clip_by_block_rms([x], math.inf)[1][0], c) for x in leaves]
+
+
+def _value_bound(leaves, c):
+  return [(float(np.max(np.abs(x))) if x.size else 0.0, c) for x in leaves]
+
+
+CLIPPERS = [
+    Clipper("global_l2", lambda c: oc.clip_by_global_norm(c), "max_norm",
+            oc.clip_by_global_norm,
+            lambda l, c: reference.clip_by_global_norm(l, c)[0], _norm_bound(2)),
+    Clipper("global_l1", lambda c: oc.clip_by_global_norm(c, ord=1),
+            "max_norm", oc.clip_by_global_norm,
+            lambda l, c: reference.clip_by_global_norm(l, c, 1)[0],
+            _norm_bound(1), options=(("ord", 1),)),
+    Clipper("global_linf", lambda c: oc.clip_by_global_norm(c, ord="inf"),
+            "max_norm", oc.clip_by_global_norm,
+            lambda l, c: reference.clip_by_global_norm(l, c, math.inf)[0],
+            _norm_bound(math.inf), options=(("ord", "inf"),)),
+    Clipper("per_tensor_l2", lambda c: oc.clip_by_norm(c), "max_norm",
+            oc.clip_by_norm, lambda l, c: reference.clip_by_norm(l, c)[0],
+            _leaf_bound(2), direction_kept=False),
+    Clipper("per_tensor_linf", lambda c: oc.clip_by_norm(c, ord=jnp.inf),
+            "max_norm", oc.clip_by_norm,
+            lambda l, c: reference.clip_by_norm(l, c, math.inf)[0],
+            _leaf_bound(math.inf), direction_kept=False,
+            options=(("ord", math.inf),)),
+    Clipper("block_rms", lambda c: oc.clip_by_block_rms(c), "threshold",
+            oc.clip_by_block_rms,
+            lambda l, c: reference.clip_by_block_rms(l, c)[0], _rms_bound,
+            direction_kept=False),
+    Clipper("value", lambda c: oc.clip_by_value(c), "max_value",
+            oc.clip_by_value,
+            lambda l, c: reference.clip_by_value(l, -c, c)[0], _value_bound,
+            direction_kept=False),
+    Clipper("clip_alias", lambda c: oc.clip(c), "max_delta", oc.clip,
+            lambda l, c: reference.clip_by_value(l, -c, c)[0], _value_bound,
+            direction_kept=False),
+]
+
+NORM_CLIPPERS = [c for c in CLIPPERS if c.name not in ("value", "clip_alias")]
+
+
+def run(tx, updates, params=None, use_jit=False, state=None):
+  """One update from a fresh (or given) state, optionally jitted."""
+  if state is None:
+    state = tx.init(updates if params is None else params)
+  fn = maybe_jit(lambda u, s, p: tx.update(u, s, p), use_jit)
+  return fn(updates, state, params)
+
+
+def small_tree(rng: np.random.Generator, dtype=jnp.float32, scale=1.0) -> dict:
+  """A small mixed-structure tree: dict, list, tuple, scalar, None leaf."""
+  def arr(shape):
+    return jnp.asarray(scale * rng.standard_normal(shape)).astype(dtype)
+  return {
+      "dense": {"kernel": arr((4, 3)), "bias": arr((3,))},
+      "layers": [arr((2, 2, 2)), arr(())],
+      "none": None,
+  }
+
+
+def leaves64(tree) -> list[np.ndarray]:
+  return [np.asarray(x, dtype=np.float64) if not np.iscomplexobj(x)
+          else np.asarray(x, dtype=np.complex128)
+          for x in jax.tree.leaves(tree)]

@@ -1,0 +1,137 @@
+"""The norm kernel: precision, orders, bucketing, structure and gradients."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+from optaxclip import _norms
+import reference
+from helpers import leaves64, maybe_jit, small_tree
+
+ORDS = [2, 1, math.inf]
+
+
+@pytest.mark.parametrize("ord", ORDS + ["inf", 2.0, 1.0, None])
+def test_global_norm_matches_float64_reference(ord, use_jit):
+  tree = small_tree(np.random.default_rng(0))
+  got = maybe_jit(lambda t: oc.global_norm(t, ord=ord), use_jit)(tree)
+  ref_ord = 2 if ord is None else ord
+  np.testing.assert_allclose(float(got), reference.norm(leaves64(tree), ref_ord),
+                             rtol=1e-6)
+  assert got.dtype == jnp.float32 and got.shape == ()
+
+
+def test_global_norm_hand_computed():
+  tree = {"a": jnp.array([3.0, -4.0]), "b": [jnp.array([[12.0]])], "c": None}
+  assert float(oc.global_norm(tree)) == 13.0
+  assert float(oc.global_norm(tree, ord=1)) == 19.0
+  assert float(oc.global_norm(tree, ord=jnp.inf)) == 12.0
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_bucketed_and_large_leaves_agree_with_reference(ord):
+  # Leaves on both sides of the bucketing threshold, and many small ones.
+  rng = np.random.default_rng(1)
+  size = _norms.SMALL_LEAF_SIZE
+  tree = [jnp.asarray(rng.standard_normal(n), jnp.float32)
+          for n in (size - 1, size, size + 1, 1, 7)]
+  tree += [jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+           for _ in range(40)]
+  got = jax.jit(lambda t: oc.global_norm(t, ord=ord))(tree)
+  np.testing.assert_allclose(float(got), reference.norm(leaves64(tree), ord),
+                             rtol=2e-6)
+
+
+def test_bf16_many_leaves_accumulates_in_float32():
+  # optax accumulates a bf16 tree in bf16: on 1000 leaves it comes out ~29% low.
+  rng = np.random.default_rng(2)
+  tree = [jnp.asarray(rng.standard_normal((16,)), jnp.bfloat16)
+          for _ in range(1000)]
+  want = reference.norm(leaves64(tree))
+  got = oc.global_norm(tree)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # The independent reference really is what optax gets wrong.
+  assert abs(float(optax.tree.norm(tree)) - want) / want > 0.05
+
+
+def test_fp16_squares_do_not_overflow():
+  # 300^2 = 90000 > float16 max (65504): squares must be taken after the cast.
+  tree = {"g": jnp.full((4,), 300.0, jnp.float16)}
+  got = oc.global_norm(tree)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(float(got), 600.0, rtol=1e-6)
+  assert not np.isfinite(float(optax.tree.norm(tree)))
+
+
+def test_empty_and_none_trees_have_norm_zero():
+  for tree in ({}, [], None, {"a": None}, [jnp.zeros((0, 3))]):
+    for ord in ORDS:
+      got = oc.global_norm(tree, ord=ord)
+      assert float(got) == 0.0 and got.dtype == jnp.float32
+
+
+def test_complex_leaves_use_modulus():
+  tree = [jnp.array([3 + 4j, 0j], jnp.complex64), jnp.array([1.0, -2.0])]
+  np.testing.assert_allclose(float(oc.global_norm(tree)), math.sqrt(30), rtol=1e-6)
+  np.testing.assert_allclose(float(oc.global_norm(tree, ord=1)), 8.0, rtol=1e-6)
+  np.testing.assert_allclose(float(oc.global_norm(tree, ord="inf")), 5.0,
+                             rtol=1e-6)
+  # Bucketed complex leaves too.
+  many = [jnp.full((3,), 1 + 1j, jnp.complex64) for _ in range(10)]
+  np.testing.assert_allclose(float(oc.global_norm(many)), math.sqrt(60), rtol=1e-6)
+
+
+def test_float64_leaves_accumulate_in_float64():
+  with jax.enable_x64(True):
+    tree = {"a": jnp.array([1.0, 1e-9], jnp.float64),
+            "b": jnp.array([2.0], jnp.float32)}
+    got = oc.global_norm(tree)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(float(got), math.sqrt(5 + 1e-18), rtol=1e-15)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_non_finite_leaves_give_non_finite_norm(ord):
+  base = [jnp.ones((3,)), jnp.ones((50000,))]
+  for bad in (jnp.inf, -jnp.inf, jnp.nan):
+    for i in range(2):  # in the bucket and in a large leaf
+      tree = list(base)
+      tree[i] = tree[i].at[1].set(bad)
+      got = float(oc.global_norm(tree, ord=ord))
+      if np.isnan(bad):
+        assert np.isnan(got)
+      else:
+        assert got == np.inf
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_gradient_is_finite_at_zero_and_correct_elsewhere(ord):
+  zero = {"a": jnp.zeros((3,)), "b": jnp.zeros((2, 2))}
+  g0 = jax.grad(lambda t: oc.global_norm(t, ord=ord))(zero)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g0))
+  if ord == 2:
+    # d||x||/dx = x / ||x|| away from zero.
+    x = {"a": jnp.array([3.0, 0.0, 0.0]), "b": jnp.array([[0.0, 4.0], [0.0, 0.0]])}
+    g = jax.grad(oc.global_norm)(x)
+    np.testing.assert_allclose(np.asarray(g["a"]), [0.6, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(np.asarray(g["b"]), [[0, 0.8], [0, 0]], atol=1e-7)
+
+
+def test_safe_sqrt():
+  x = jnp.array([0.0, 4.0, jnp.inf, jnp.nan])
+  y = _norms.safe_sqrt(x)
+  np.testing.assert_array_equal(np.asarray(y)[:3], [0.0, 2.0, np.inf])
+  assert np.isnan(np.asarray(y)[3])
+  assert float(jax.grad(lambda v: _norms.safe_sqrt(v))(0.0)) == 0.0
+  np.testing.assert_allclose(float(jax.grad(_norms.safe_sqrt)(4.0)), 0.25)
+
+
+def test_global_norm_rejects_bad_ord():
+  with pytest.raises(ValueError, match=r"global_norm: ord must be one of"):
+    oc.global_norm({"a": jnp.ones(2)}, ord=3)
