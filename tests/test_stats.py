@@ -1,0 +1,95 @@
+"""clip_stats: a flat dict of diagnostics from any optimizer state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+import reference
+from helpers import leaves64
+
+
+def _grads():
+  return {"w": jnp.array([[3.0, 0.0], [0.0, 4.0]]), "b": jnp.array([12.0, 0.0])}
+
+
+def test_keys_are_unambiguous_with_two_clippers_of_one_kind():
+  grads = _grads()
+  tx = optax.chain(oc.clip_by_value(3.5), oc.clip_by_global_norm(100.0),
+                   oc.clip_by_global_norm(1.0), oc.clip_by_norm(5.0),
+                   oc.clip_by_block_rms(1.0))
+  _, state = jax.jit(tx.update)(grads, tx.init(grads))
+  stats = oc.clip_stats(state)
+  assert set(stats) == {
+      "clip_by_value/num_clipped_values",
+      "clip_by_global_norm/global_norm",
+      "clip_by_global_norm/global_norm_clipped",
+      "clip_by_global_norm_1/global_norm",
+      "clip_by_global_norm_1/global_norm_clipped",
+      "clip_by_norm/leaf_norms",
+      "clip_by_norm/num_clipped_leaves",
+      "clip_by_block_rms/block_rms",
+      "clip_by_block_rms/num_clipped_blocks",
+  }
+  assert all(isinstance(v, jax.Array) for v in stats.values())
+  # Values follow the chain: value clip first (12 -> 3.5), then the norms.
+  after_value = [np.minimum(x, 3.5) for x in leaves64(grads)]
+  assert int(stats["clip_by_value/num_clipped_values"]) == 2
+  n1 = reference.norm(after_value)
+  np.testing.assert_allclose(float(stats["clip_by_global_norm/global_norm"]),
+                             n1, rtol=1e-6)
+  assert not bool(stats["clip_by_global_norm/global_norm_clipped"])
+  np.testing.assert_allclose(float(stats["clip_by_global_norm_1/global_norm"]),
+                             n1, rtol=1e-6)
+  assert bool(stats["clip_by_global_norm_1/global_norm_clipped"])
+  # After the second clip the tree has norm 1: every leaf norm <= 1.
+  leaf_norms = np.asarray(stats["clip_by_norm/leaf_norms"])
+  np.testing.assert_allclose(np.sqrt(np.sum(leaf_norms**2)), 1.0, rtol=1e-6)
+
+
+def test_inject_hyperparams_state_is_walked():
+  grads = _grads()
+  tx = optax.inject_hyperparams(oc.clip_by_global_norm)(
+      max_norm=optax.constant_schedule(2.0))
+  _, state = tx.update(grads, tx.init(grads))
+  stats = oc.clip_stats(state)
+  np.testing.assert_allclose(float(stats["clip_by_global_norm/global_norm"]),
+                             13.0, rtol=1e-6)
+
+
+def test_empty_when_no_clipper():
+  tx = optax.sgd(0.1)
+  assert oc.clip_stats(tx.init(_grads())) == {}
+  assert oc.clip_stats(None) == {}
+
+
+def test_works_inside_jit_and_on_host():
+  grads = _grads()
+  tx = optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(0.1))
+
+  @jax.jit
+  def step(g, s):
+    updates, s = tx.update(g, s)
+    return updates, s, oc.clip_stats(s)
+
+  _, state, stats = step(grads, tx.init(grads))
+  np.testing.assert_allclose(float(stats["clip_by_global_norm/global_norm"]),
+                             13.0, rtol=1e-6)
+  assert oc.clip_stats(state).keys() == stats.keys()
+
+
+@pytest.mark.parametrize("wrap", ["multisteps", "masked"])
+@pytest.mark.usefixtures("standard_promotion")
+def test_wrappers(wrap):
+  grads = _grads()
+  inner = optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(0.1))
+  if wrap == "multisteps":
+    tx = optax.MultiSteps(inner, every_k_schedule=1)
+  else:
+    tx = optax.masked(inner, {"w": True, "b": True})
+  _, state = tx.update(grads, tx.init(grads), grads)
+  np.testing.assert_allclose(
+      float(oc.clip_stats(state)["clip_by_global_norm/global_norm"]), 13.0,
+      rtol=1e-6)
