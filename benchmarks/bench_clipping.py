@@ -135,9 +135,9 @@ def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dic
   grad_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
   entries = cases(tree_name, grads)
   if only:
-    entries = {k: v for k, v in entries.items()
-               if k == "floor" or k in only or v[2] in only
-               or any(o in k for o in only)}
+    wanted = {"floor"} | {k for k in entries if k in only}
+    wanted |= {entries[k][2] for k in list(wanted) if entries[k][2]}
+    entries = {k: v for k, v in entries.items() if k in wanted}
   compiled, rows = {}, {}
   for name, (fn, state, baseline) in entries.items():
     start = time.perf_counter()

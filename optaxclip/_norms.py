@@ -173,11 +173,43 @@ def _may_bucket(x: jax.Array) -> bool:
   return all(p is None for p in sharding.spec)
 
 
+def reduction_groups(leaves: Sequence[jax.Array]) -> list[jax.Array]:
+  """The arrays a whole-tree reduction runs over: large leaves and buckets.
+
+  Small leaves (fewer than :data:`SMALL_LEAF_SIZE` elements, and unsharded,
+  see :func:`_may_bucket`) are flattened and concatenated into one bucket per
+  dtype; large leaves are returned as they are. Real leaves come back cast to
+  their accumulation dtype (the cast fuses into the reduction or the
+  concatenation), complex leaves keep their dtype. Empty leaves are dropped.
+
+  Args:
+    leaves: the arrays.
+
+  Returns:
+    A list of arrays whose elements, taken together, are the tree's elements.
+  """
+  groups, buckets = [], {}
+  for x in leaves:
+    if x.size == 0:
+      continue
+    dtype = x.dtype if jnp.iscomplexobj(x) else accumulation_dtype(x.dtype)
+    if x.size < SMALL_LEAF_SIZE and _may_bucket(x):
+      buckets.setdefault(jnp.dtype(dtype), []).append(
+          x.reshape(-1).astype(dtype))
+    else:
+      groups.append(x.astype(dtype))
+  for bucket in buckets.values():
+    flat = bucket[0] if len(bucket) == 1 else jnp.concatenate(bucket)
+    # Without the barrier XLA fuses the element-wise work of thousands of
+    # leaves and the concatenation into one reduction whose compile time grows
+    # with the number of leaves (~16 s for 2000 leaves, as slow as optax);
+    # with it the bucket is one copy and one cheap reduction (~3 s).
+    groups.append(jax.lax.optimization_barrier(flat))
+  return groups
+
+
 def global_norm_partial(leaves: Sequence[jax.Array], ord: float) -> jax.Array:  # pylint: disable=redefined-builtin
   """The un-finalized global reduction (sum of squares, sum, or max).
-
-  Small leaves are concatenated per accumulation dtype and reduced in one
-  pass; large leaves are reduced one by one.
 
   Args:
     leaves: the arrays.
@@ -186,28 +218,38 @@ def global_norm_partial(leaves: Sequence[jax.Array], ord: float) -> jax.Array:  
   Returns:
     A scalar in the widest accumulation dtype.
   """
-  partials = []
-  buckets: dict[jnp.dtype, list[jax.Array]] = {}
-  for x in leaves:
-    if x.size == 0:
-      continue
-    if x.size < SMALL_LEAF_SIZE and _may_bucket(x):
-      # Bucket the *raw* values (cast to the accumulation dtype); the
-      # magnitudes are taken on the concatenated bucket below.
-      dtype = x.dtype if jnp.iscomplexobj(x) else accumulation_dtype(x.dtype)
-      buckets.setdefault(jnp.dtype(dtype), []).append(
-          x.reshape(-1).astype(dtype))
-    else:
-      partials.append(_reduce(_magnitude_terms(x, ord), ord))
-  for bucket in buckets.values():
-    flat = bucket[0] if len(bucket) == 1 else jnp.concatenate(bucket)
-    # Without the barrier XLA fuses the squares of thousands of leaves and the
-    # concatenation into one reduction whose compile time grows with the
-    # number of leaves (~16 s for 2000 leaves, as slow as optax); with it the
-    # bucket is one copy and one cheap reduction (~3 s).
-    flat = jax.lax.optimization_barrier(flat)
-    partials.append(_reduce(_magnitude_terms(flat, ord), ord))
-  return _combine(partials, ord)
+  return _combine([_reduce(_magnitude_terms(g, ord), ord)
+                   for g in reduction_groups(leaves)], ord)
+
+
+def value_range(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The largest and smallest element over all real leaves, NaN-propagating.
+
+  Uses the same bucketing as the norms (one pass per large leaf, one per
+  bucket); an empty tree gives ``(0, 0)``.
+
+  Args:
+    leaves: real arrays.
+
+  Returns:
+    ``(max, min)`` scalars in the widest accumulation dtype.
+  """
+  groups = reduction_groups(leaves)
+  if not groups:
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+  dtype = widest_dtype(g.dtype for g in groups)
+  largest = jnp.stack([jnp.max(g).astype(dtype) for g in groups])
+  smallest = jnp.stack([jnp.min(g).astype(dtype) for g in groups])
+  # XLA's vectorised CPU max/min reductions drop NaN, so NaN is detected from
+  # a sum, which XLA computes in the same loop as max and min (an isnan mask
+  # reduction would be materialised: 2x slower). A NaN sum means a NaN
+  # element, unless it came from +inf and -inf, which max/min already show.
+  sums = jnp.stack([jnp.sum(g).astype(dtype) for g in groups])
+  has_nan = jnp.any(jnp.isnan(sums) & ~(jnp.isposinf(largest)
+                                        & jnp.isneginf(smallest)))
+  nan = jnp.full((), jnp.nan, dtype)
+  return (jnp.where(has_nan, nan, jnp.max(largest)),
+          jnp.where(has_nan, nan, jnp.min(smallest)))
 
 
 def global_norm(

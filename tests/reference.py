@@ -70,3 +70,11 @@ def clip_by_value(leaves, lo, hi):
     count += int(np.sum((x < lo) | (x > hi)))
     out.append(np.minimum(np.maximum(x, lo), hi))
   return out, count
+
+
+def value_range(leaves):
+  """(max, min) over all elements of all leaves; (0, 0) for no elements."""
+  flat = np.concatenate([_f64(x).ravel() for x in leaves] + [np.zeros(0)])
+  if not flat.size:
+    return 0.0, 0.0
+  return float(flat.max()), float(flat.min())

@@ -23,7 +23,9 @@ def test_keys_are_unambiguous_with_two_clippers_of_one_kind():
   _, state = jax.jit(tx.update)(grads, tx.init(grads))
   stats = oc.clip_stats(state)
   assert set(stats) == {
-      "clip_by_value/num_clipped_values",
+      "clip_by_value/value_max",
+      "clip_by_value/value_min",
+      "clip_by_value/value_clipped",
       "clip_by_global_norm/global_norm",
       "clip_by_global_norm/global_norm_clipped",
       "clip_by_global_norm_1/global_norm",
@@ -36,7 +38,8 @@ def test_keys_are_unambiguous_with_two_clippers_of_one_kind():
   assert all(isinstance(v, jax.Array) for v in stats.values())
   # Values follow the chain: value clip first (12 -> 3.5), then the norms.
   after_value = [np.minimum(x, 3.5) for x in leaves64(grads)]
-  assert int(stats["clip_by_value/num_clipped_values"]) == 2
+  assert bool(stats["clip_by_value/value_clipped"])
+  assert float(stats["clip_by_value/value_max"]) == 12.0
   n1 = reference.norm(after_value)
   np.testing.assert_allclose(float(stats["clip_by_global_norm/global_norm"]),
                              n1, rtol=1e-6)
