@@ -87,14 +87,14 @@ TREES = {"few": tree_few, "many": tree_many, "tiny": tree_tiny}
 def _update_fn(tx) -> Callable[[Any], Any]:
   """A pure function of the gradients: one ``update`` from a fresh state."""
 
-  def step(grads, state):
-    return tx.update(grads, state)
+  def step(grads, state, params):
+    return tx.update(grads, state, params)
 
   return step
 
 
-def floor_fn(grads, state):
-  del state
+def floor_fn(grads, state, params):
+  del state, params
   return jax.tree.map(lambda x: x * 0.5, grads)
 
 
@@ -115,6 +115,11 @@ def cases(tree_name: str, grads) -> dict[str, tuple[Callable, Any, str | None]]:
       "oc.clip_by_norm": (oc.clip_by_norm(1.0), None, None),
       "optax.clip": (optax.clip(0.5), None, None),
       "oc.clip": (oc.clip(0.5), None, "optax.clip"),
+      # AGC needs params; lambda = 0.05 with params ~ N(0, 1) and grads ~
+      # N(0, 1) clips most units, as in training.
+      "optax.adaptive_grad_clip": (optax.adaptive_grad_clip(0.05), None, None),
+      "oc.adaptive_grad_clip": (oc.adaptive_grad_clip(0.05), None,
+                                "optax.adaptive_grad_clip"),
   }
   out = {}
   for name, (tx, _, baseline) in entries.items():
@@ -134,6 +139,7 @@ def cases(tree_name: str, grads) -> dict[str, tuple[Callable, Any, str | None]]:
 def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dict]:
   rng = np.random.default_rng(0)
   grads = TREES[tree_name](rng)
+  params = TREES[tree_name](rng)
   leaves = jax.tree.leaves(grads)
   grad_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
   entries = cases(tree_name, grads)
@@ -144,9 +150,9 @@ def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dic
   compiled, rows = {}, {}
   for name, (fn, state, baseline) in entries.items():
     start = time.perf_counter()
-    exe = jax.jit(fn).lower(grads, state).compile()
+    exe = jax.jit(fn).lower(grads, state, params).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(exe(grads, state))  # warm up
+    jax.block_until_ready(exe(grads, state, params))  # warm up
     compiled[name] = (exe, state)
     temp = exe.memory_analysis().temp_size_in_bytes
     rows[name] = dict(tree=tree_name, fn=name, baseline=baseline,
@@ -161,7 +167,7 @@ def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dic
   while done < rounds or time.perf_counter() - start_all < MIN_SECONDS:
     for name, (exe, state) in compiled.items():
       start = time.perf_counter()
-      jax.block_until_ready(exe(grads, state))
+      jax.block_until_ready(exe(grads, state, params))
       rows[name]["run_s"] = min(rows[name]["run_s"], time.perf_counter() - start)
     done += 1
   for row in rows.values():

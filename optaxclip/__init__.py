@@ -1,5 +1,7 @@
 """optaxclip: gradient clipping for JAX, as composable optax transforms."""
 
+from optaxclip._agc import AdaptiveGradClipState
+from optaxclip._agc import adaptive_grad_clip
 from optaxclip._norm_clip import ClipByBlockRmsState
 from optaxclip._norm_clip import ClipByGlobalNormState
 from optaxclip._norm_clip import ClipByNormState
@@ -15,6 +17,8 @@ from optaxclip._value import clip_by_value
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaptiveGradClipState",
+    "adaptive_grad_clip",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "ClipByNormState",

@@ -358,6 +358,35 @@ def leaf_rms(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   ]
 
 
+def unit_norms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """L2 norm of every unit of ``x``: reduced over ``axes``, kept as size 1.
+
+  The result broadcasts against ``x`` without an explicit ``broadcast_to``,
+  so under explicit sharding it keeps the unit axes' sharding and needs no
+  reshard.
+
+  Args:
+    x: an array.
+    axes: the axes one unit spans (the others index the units).
+
+  Returns:
+    The unit norms in ``x``'s accumulation dtype, with ``axes`` kept as 1.
+  """
+  return safe_sqrt(jnp.sum(_squares(x), axis=axes, keepdims=True))
+
+
+def count_true(masks: Sequence[jax.Array]) -> jax.Array:
+  """How many elements of the boolean ``masks`` are True, as int32.
+
+  Uses the same bucketing as the norms, so thousands of small masks cost one
+  reduction (and sharded ones are never gathered).
+  """
+  groups = reduction_groups([m.astype(jnp.float32) for m in masks])
+  if not groups:
+    return jnp.zeros((), jnp.int32)
+  return jnp.sum(jnp.stack([jnp.sum(g) for g in groups])).astype(jnp.int32)
+
+
 def clip_scale(norm: jax.Array, threshold: Any) -> tuple[jax.Array, jax.Array]:
   """The factor that brings ``norm`` down to ``threshold``, and whether it did.
 

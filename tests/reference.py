@@ -78,3 +78,31 @@ def value_range(leaves):
   if not flat.size:
     return 0.0, 0.0
   return float(flat.max()), float(flat.min())
+
+
+def adaptive_grad_clip(grads, params, clipping, eps, axes_list):
+  """Brock et al. 2021, Sec. 4.1, written unit by unit.
+
+  For every leaf, the units are the slices indexed by the axes *not* in
+  ``axes``; each unit's gradient G_i is scaled by min(1, clipping *
+  max(||W_i||, eps) / ||G_i||) (no scaling when ||G_i|| is within bounds).
+  Returns the clipped float64 leaves and the number of clipped units.
+  """
+  out, clipped = [], 0
+  for g, w, axes in zip(grads, params, axes_list):
+    g, w = _f64(g), _f64(w)
+    keep = [a for a in range(g.ndim) if a not in axes]
+    result = np.array(g, copy=True)
+    for index in np.ndindex(*[g.shape[a] for a in keep]):
+      sl = [slice(None)] * g.ndim
+      for a, i in zip(keep, index):
+        sl[a] = i
+      sl = tuple(sl)
+      g_norm = math.sqrt(float(np.sum(np.abs(g[sl]) ** 2)))
+      w_norm = math.sqrt(float(np.sum(np.abs(w[sl]) ** 2)))
+      limit = clipping * max(w_norm, eps)
+      if g_norm > limit:
+        result[sl] = g[sl] * (limit / g_norm)
+        clipped += 1
+    out.append(result)
+  return out, clipped

@@ -1,0 +1,256 @@
+"""Adaptive gradient clipping (AGC), unit-wise.
+
+Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition
+Without Normalization", ICML 2021 (arXiv:2102.06171), Section 4.1: each *unit*
+of a layer -- one output neuron of a dense kernel, one output channel of a
+convolution -- has its gradient rescaled so that
+
+    ||G_i|| <= clipping * max(||W_i||, eps),
+
+where ``||.||`` is the Frobenius norm over the unit and ``eps`` keeps zero-
+initialised parameters from freezing. Which axes form a unit is decided per
+leaf: by optax's rank rules by default, or by the user (one axis spec for all
+leaves, a callable of the leaf's path, or a pytree of specs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _norms
+from optaxclip import _stats
+from optaxclip import _validate
+
+_FN = "adaptive_grad_clip"
+
+AxisSpec = Union[None, int, tuple[int, ...]]
+
+
+@_stats.register_state("adaptive_grad_clip")
+class AdaptiveGradClipState(NamedTuple):
+  """State of :func:`adaptive_grad_clip`: what the last step did."""
+
+  # int32 scalar: how many units (output neurons / channels) were rescaled.
+  num_clipped_units: jax.Array
+  # float32 scalar: num_clipped_units / the total number of units.
+  clipped_unit_fraction: jax.Array
+
+
+def _is_axis_spec(value: Any) -> bool:
+  if value is None:
+    return True
+  if isinstance(value, (bool, np.bool_)):
+    return False
+  if isinstance(value, (int, np.integer)):
+    return True
+  return isinstance(value, tuple) and all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+      for a in value)
+
+
+def default_unit_axes(shape: tuple[int, ...]) -> Optional[tuple[int, ...]]:
+  """optax's rank rules for the axes one unit spans, or None if none applies.
+
+  * arrays that squeeze to at most one dimension (scalars, vectors, (1, n)
+    ...): the whole array is one unit;
+  * rank 2 (dense ``(in, out)``) and rank 3 (multi-head ``(in, heads, dim)``):
+    axis 0, one unit per output;
+  * rank 4 (conv ``HWIO``): axes (0, 1, 2), one unit per output channel;
+  * rank 5 (conv3d ``DHWIO``): axes (0, 1, 2, 3).
+
+  Args:
+    shape: the leaf's shape.
+
+  Returns:
+    The reduction axes, or ``None`` for rank >= 6 (no rule).
+  """
+  ndim = len(shape)
+  if sum(d != 1 for d in shape) <= 1:
+    return tuple(range(ndim))
+  return {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}.get(ndim)
+
+
+def _normalize_axes(path: str, shape: tuple[int, ...], axes: AxisSpec,
+                    ) -> tuple[int, ...]:
+  if axes is None:
+    rule = default_unit_axes(shape)
+    if rule is None:
+      raise ValueError(
+          f"{_FN}: the leaf at {path} has shape {shape} (rank {len(shape)});"
+          " there is no default unit rule for rank >= 6. Say which axes one"
+          " unit spans, for example axis=lambda path, leaf: tuple(range(leaf."
+          f"ndim - 1)) if leaf.ndim >= 6 else None, or a pytree with"
+          f" {tuple(range(len(shape) - 1))} at that leaf.")
+    return rule
+  axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+  ndim = len(shape)
+  normalized = []
+  for a in axes:
+    if not -ndim <= a < max(ndim, 1):
+      raise ValueError(
+          f"{_FN}: axis {a} is out of range for the leaf at {path} of shape"
+          f" {shape}; allowed axes are -{ndim}..{ndim - 1}.")
+    normalized.append(int(a) % max(ndim, 1))
+  return tuple(sorted(set(normalized)))
+
+
+def _resolve_axes(axis: Any, params: Any) -> list[tuple[int, ...]]:
+  """One normalized axes tuple per param leaf, in jax.tree.leaves order."""
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [jax.tree_util.keystr(p) for p, _ in with_path]
+  leaves = [jnp.asarray(x) for _, x in with_path]
+  if axis is None or _is_axis_spec(axis):
+    specs = [axis] * len(leaves)
+  elif callable(axis):
+    specs = []
+    for (key_path, _), leaf in zip(with_path, leaves):
+      spec = axis(key_path, leaf)
+      if not _is_axis_spec(spec):
+        raise TypeError(
+            f"{_FN}: the axis callable returned {spec!r} for the leaf at"
+            f" {jax.tree_util.keystr(key_path)}; it must return an int, a"
+            " tuple of ints, or None (the default rule).")
+      specs.append(spec)
+  else:
+    try:
+      specs = treedef.flatten_up_to(axis)
+    except (ValueError, TypeError) as exc:
+      raise ValueError(
+          f"{_FN}: the axis pytree must have the structure of the params, one"
+          " entry (int, tuple of ints, or None for the default rule) per"
+          f" parameter; params are {treedef}, got {axis!r}.") from exc
+    for path, spec in zip(paths, specs):
+      if not _is_axis_spec(spec):
+        raise TypeError(
+            f"{_FN}: axis entry for the leaf at {path} is {spec!r}; it must"
+            " be an int, a tuple of ints, or None (the default rule).")
+  return [_normalize_axes(path, leaf.shape, spec)
+          for path, leaf, spec in zip(paths, leaves, specs)]
+
+
+def adaptive_grad_clip(
+    clipping: Any,
+    *,
+    eps: Any = 1e-3,
+    axis: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clips each unit's gradient relative to its parameter norm (AGC).
+
+  .. math::
+    G_i \leftarrow G_i \cdot \begin{cases} 1 & \|G_i\| \le \lambda
+    \max(\|W_i\|, \epsilon) \\ \lambda \max(\|W_i\|, \epsilon) / \|G_i\| &
+    \text{otherwise} \end{cases}
+
+  A unit is one slice of a leaf: the reduction ``axes`` span the unit, the
+  remaining axes index the units. Defaults follow ``optax.adaptive_grad_clip``
+  (see :func:`default_unit_axes`), which fit Flax's layouts: ``nnx.Linear`` /
+  ``nn.Dense`` kernels ``(in, out)`` -> one unit per output, ``nnx.Conv``
+  kernels ``HWIO`` -> one unit per output channel, biases and scales -> one
+  unit. Conv1D kernels ``(width, in, out)`` are rank 3 and get axis 0 only,
+  as in optax; pass ``axis`` for them.
+
+  Guarantees, as for every optaxclip clipper: norms of bf16/fp16 gradients
+  and params are accumulated in float32; each update keeps its gradient's
+  dtype (bf16 gradients with float32 params give bf16 updates); units that
+  need no clipping come back bit-identical; zero gradients and
+  zero-initialised params give no NaN and ``jax.grad`` through ``update`` is
+  finite; a non-finite unit norm makes that unit NaN. With ``eps`` the floor,
+  a zero-initialised bias may move by at most ``clipping * eps`` per step
+  until it grows (e.g. ``0.01 * 1e-3 = 1e-5`` with the paper's values), which
+  is the paper's intended behaviour; use ``optax.masked`` to exempt layers.
+
+  The paper leaves the final classifier unclipped::
+
+    tx = optax.chain(
+        optax.masked(oc.adaptive_grad_clip(0.01),
+                     lambda params: jax.tree_util.tree_map_with_path(
+                         lambda path, _: "head" not in jax.tree_util.keystr(
+                             path), params)),
+        optax.sgd(0.1, momentum=0.9))
+
+  Args:
+    clipping: ``lambda``, the largest allowed ratio ``||G_i|| / max(||W_i||,
+      eps)``; a non-negative scalar, may be scheduled with
+      ``optax.inject_hyperparams``.
+    eps: the floor on parameter norms (default ``1e-3``, as in the paper and
+      optax); non-negative.
+    axis: which axes one unit spans: ``None`` (default rules), an int or tuple
+      of ints for every leaf, a callable ``(path, leaf) -> axes or None``, or
+      a pytree of the params' structure with one entry per leaf (``None``
+      meaning the default rule), e.g. ``{"conv1d": (0, 1), "dense": None}``.
+      A top-level int or tuple of ints always means "every leaf".
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`AdaptiveGradClipState`. ``update`` requires ``params``.
+
+  Raises:
+    ValueError: for a negative, NaN or non-scalar ``clipping`` or ``eps``, a
+      malformed ``axis``; at trace time, for a rank >= 6 leaf without axes,
+      an out-of-range axis, or a missing ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> params = {"w": jnp.array([[3.0, 1.0], [4.0, 0.0]])}  # unit norms 5, 1
+    >>> grads = {"w": jnp.array([[0.3, 1.0], [0.4, 0.0]])}   # unit norms .5, 1
+    >>> tx = oc.adaptive_grad_clip(0.2)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> updates["w"]  # unit 0: 0.5 <= 0.2 * 5 kept; unit 1: 1 -> 0.2 * 1
+    Array([[0.3, 0.2],
+           [0.4, 0. ]], dtype=float32)
+    >>> int(state.num_clipped_units), float(state.clipped_unit_fraction)
+    (1, 0.5)
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
+    Peer: ``optax.adaptive_grad_clip``.
+  """
+  _validate.check_threshold(_FN, "clipping", clipping)
+  _validate.check_threshold(_FN, "eps", eps)
+  if not (axis is None or _is_axis_spec(axis) or callable(axis)):
+    for leaf in jax.tree.leaves(axis, is_leaf=_is_axis_spec):
+      if not _is_axis_spec(leaf):
+        raise TypeError(
+            f"{_FN}: axis must be None, an int, a tuple of ints, a callable"
+            " (path, leaf) -> axes, or a pytree of those per parameter; found"
+            f" the entry {leaf!r} in {axis!r}.")
+
+  def init_fn(params):
+    del params
+    return AdaptiveGradClipState(
+        num_clipped_units=jnp.zeros((), jnp.int32),
+        clipped_unit_fraction=jnp.zeros((), jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del state, extra_args
+    if params is None:
+      raise ValueError(
+          f"{_FN}: update needs params (the unit norms of the parameters set"
+          " each unit's threshold); call tx.update(grads, state, params).")
+    grads, treedef = jax.tree.flatten(updates)
+    param_leaves = treedef.flatten_up_to(params)
+    axes_list = _resolve_axes(axis, params)
+    new_grads, clipped_masks, num_units = [], [], 0
+    for g, p, axes in zip(grads, param_leaves, axes_list):
+      g, p = jnp.asarray(g), jnp.asarray(p)
+      grad_norm = _norms.unit_norms(g, axes)
+      param_norm = _norms.unit_norms(p, axes).astype(grad_norm.dtype)
+      limit = jnp.asarray(clipping).astype(grad_norm.dtype) * jnp.maximum(
+          param_norm, jnp.asarray(eps).astype(grad_norm.dtype))
+      scale, clipped = _norms.clip_scale(grad_norm, limit)
+      new_grads.append(_norms.scale_leaf(g, scale))
+      clipped_masks.append(clipped)
+      num_units += int(np.prod(grad_norm.shape))
+    num_clipped = _norms.count_true(clipped_masks)
+    fraction = num_clipped.astype(jnp.float32) / np.float32(max(num_units, 1))
+    return jax.tree.unflatten(treedef, new_grads), AdaptiveGradClipState(
+        num_clipped_units=num_clipped, clipped_unit_fraction=fraction)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,228 @@
+"""adaptive_grad_clip: the paper's rule, optax parity, axes, numerics."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+from optaxclip import _agc
+import reference
+from helpers import leaves64, maybe_jit
+
+SHAPES_BY_RANK = {1: (6,), 2: (5, 4), 3: (4, 3, 2), 4: (3, 3, 2, 4),
+                  5: (2, 2, 2, 3, 3)}
+
+
+def _tree(rng, shapes, scale=1.0, dtype=jnp.float32):
+  return {f"x{i}": jnp.asarray(scale * rng.standard_normal(s)).astype(dtype)
+          for i, s in enumerate(shapes)}
+
+
+def _run(tx, grads, params, use_jit=False):
+  fn = maybe_jit(tx.update, use_jit)
+  return fn(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("clipping", [0.01, 0.1, 1.0])
+def test_matches_optax_and_the_paper(rank, clipping, use_jit):
+  rng = np.random.default_rng(rank)
+  shapes = [SHAPES_BY_RANK[rank], (1, 7), ()]
+  grads, params = _tree(rng, shapes), _tree(rng, shapes)
+  params["x1"] = jnp.zeros((1, 7))  # a zero-initialised unit: the eps floor
+  out, state = _run(oc.adaptive_grad_clip(clipping), grads, params, use_jit)
+  want_optax, _ = optax.adaptive_grad_clip(clipping).update(
+      grads, optax.EmptyState(), params)
+  chex.assert_trees_all_close(out, want_optax, rtol=1e-6, atol=1e-9)
+  axes = [_agc.default_unit_axes(s) for s in shapes]
+  want, clipped = reference.adaptive_grad_clip(
+      leaves64(grads), leaves64(params), clipping, 1e-3, axes)
+  for got, ref in zip(leaves64(out), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
+  assert int(state.num_clipped_units) == clipped
+  units = sum(int(np.prod([d for a, d in enumerate(s) if a not in ax]))
+              for s, ax in zip(shapes, axes))
+  np.testing.assert_allclose(float(state.clipped_unit_fraction), clipped / units,
+                             rtol=1e-6)
+
+
+def test_default_axes():
+  rule = _agc.default_unit_axes
+  assert rule(()) == () and rule((5,)) == (0,) and rule((1, 5)) == (0, 1)
+  assert rule((3, 1, 1)) == (0, 1, 2)
+  assert rule((4, 3)) == (0,) and rule((4, 3, 2)) == (0,)
+  assert rule((3, 3, 2, 4)) == (0, 1, 2) and rule((2,) * 5) == (0, 1, 2, 3)
+  assert rule((2,) * 6) is None
+
+
+def _axes_case():
+  rng = np.random.default_rng(7)
+  shapes = {"conv1d": (3, 4, 5), "dense": (4, 5), "bias": (5,)}
+  grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+           for k, s in shapes.items()}
+  params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for k, s in shapes.items()}
+  # Conv1D (width, in, out): one unit per output spans axes (0, 1).
+  axes = [(0,), (0, 1), (0,)]  # in leaves order: bias, conv1d, dense
+  want, _ = reference.adaptive_grad_clip(leaves64(grads), leaves64(params),
+                                         0.05, 1e-3, axes)
+  return grads, params, want
+
+
+@pytest.mark.parametrize("form", ["pytree", "callable"])
+def test_per_leaf_axes(form, use_jit):
+  grads, params, want = _axes_case()
+  if form == "pytree":
+    axis = {"conv1d": (0, 1), "dense": None, "bias": None}
+  else:
+    axis = lambda path, leaf: (0, 1) if "conv1d" in jax.tree_util.keystr(
+        path) else None
+  out, _ = _run(oc.adaptive_grad_clip(0.05, axis=axis), grads, params, use_jit)
+  for got, ref in zip(leaves64(out), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_global_axis_applies_to_every_leaf(use_jit):
+  rng = np.random.default_rng(8)
+  shapes = [(4, 3), (4, 2)]
+  grads, params = _tree(rng, shapes), _tree(rng, shapes)
+  for axis, axes in ((1, [(1,), (1,)]), ((0, 1), [(0, 1), (0, 1)]),
+                     (-1, [(1,), (1,)])):
+    out, _ = _run(oc.adaptive_grad_clip(0.1, axis=axis), grads, params, use_jit)
+    want, _ = reference.adaptive_grad_clip(leaves64(grads), leaves64(params),
+                                           0.1, 1e-3, axes)
+    for got, ref in zip(leaves64(out), want):
+      np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
+    want_optax, _ = optax.adaptive_grad_clip(0.1, axis=axis).update(
+        grads, optax.EmptyState(), params)
+    chex.assert_trees_all_close(out, want_optax, rtol=1e-6)
+
+
+def test_rank_six_needs_axes_and_says_how():
+  g = {"big": jnp.ones((2,) * 6)}
+  with pytest.raises(ValueError, match=r"^adaptive_grad_clip: the leaf at "
+                     r"\['big'\] has shape \(2, 2, 2, 2, 2, 2\).*axis="):
+    _run(oc.adaptive_grad_clip(0.1), g, g)
+  # With axes, ||G_i|| = ||W_i|| > 0.1 ||W_i||: every unit is cut to a tenth.
+  out, state = _run(oc.adaptive_grad_clip(0.1, axis=(0, 1, 2, 3, 4)), g, g)
+  np.testing.assert_allclose(np.asarray(out["big"]), 0.1, rtol=1e-6)
+  assert int(state.num_clipped_units) == 2
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match=r"^adaptive_grad_clip: clipping must be"
+                     r" a non-negative scalar.*got -0.1"):
+    oc.adaptive_grad_clip(-0.1)
+  with pytest.raises(ValueError, match=r"^adaptive_grad_clip: eps must be a"
+                     r" non-negative scalar.*got nan"):
+    oc.adaptive_grad_clip(0.1, eps=float("nan"))
+  with pytest.raises(TypeError, match=r"^adaptive_grad_clip: axis must be"):
+    oc.adaptive_grad_clip(0.1, axis={"a": "rows"})
+  g = {"a": jnp.ones((3, 2))}
+  with pytest.raises(ValueError, match=r"^adaptive_grad_clip: update needs"
+                     r" params"):
+    oc.adaptive_grad_clip(0.1).update(g, oc.adaptive_grad_clip(0.1).init(g))
+  with pytest.raises(ValueError, match=r"axis 2 is out of range for the leaf"
+                     r" at \['a'\] of shape \(3, 2\)"):
+    _run(oc.adaptive_grad_clip(0.1, axis=2), g, g)
+  with pytest.raises(ValueError, match=r"axis pytree must have the structure"):
+    _run(oc.adaptive_grad_clip(0.1, axis={"b": None, "c": 0}), g, g)
+
+
+@pytest.mark.parametrize("grad_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_low_precision_gradients_keep_their_dtype(grad_dtype, use_jit):
+  rng = np.random.default_rng(9)
+  shapes = [(8, 4), (3, 3, 2, 4), (4,)]
+  grads = _tree(rng, shapes, scale=300.0, dtype=grad_dtype)
+  params = _tree(rng, shapes)  # float32 params
+  out, _ = _run(oc.adaptive_grad_clip(0.05), grads, params, use_jit)
+  chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
+  axes = [_agc.default_unit_axes(x.shape) for x in jax.tree.leaves(grads)]
+  want, _ = reference.adaptive_grad_clip(leaves64(grads), leaves64(params),
+                                         0.05, 1e-3, axes)
+  tol = {jnp.bfloat16: 1e-2, jnp.float16: 1e-3, jnp.float32: 1e-6}[grad_dtype]
+  for got, ref in zip(leaves64(out), want):
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=1e-6)
+    assert np.isfinite(got).all()  # fp16 squares did not overflow
+
+
+def test_unclipped_units_are_bit_identical():
+  rng = np.random.default_rng(10)
+  params = _tree(rng, [(6, 5)])
+  grads = {"x0": params["x0"] * 0.01}
+  grads["x0"] = grads["x0"].at[:, 2].multiply(100.0)  # only unit 2 too big
+  out, state = _run(oc.adaptive_grad_clip(0.05), grads, params, True)
+  keep = [0, 1, 3, 4]
+  np.testing.assert_array_equal(np.asarray(out["x0"])[:, keep],
+                                np.asarray(grads["x0"])[:, keep])
+  assert int(state.num_clipped_units) == 1
+
+
+def test_zeros_and_zero_init_params(use_jit):
+  zeros = {"w": jnp.zeros((4, 3)), "b": jnp.zeros((3,))}
+  out, state = _run(oc.adaptive_grad_clip(0.01), zeros, zeros, use_jit)
+  chex.assert_trees_all_equal(out, zeros)
+  assert int(state.num_clipped_units) == 0
+  # A zero-initialised bias with a unit gradient moves by clipping * eps.
+  grads = {"w": jnp.zeros((4, 3)), "b": jnp.ones((3,))}
+  out, _ = _run(oc.adaptive_grad_clip(0.01), grads, zeros, use_jit)
+  np.testing.assert_allclose(float(jnp.linalg.norm(out["b"])), 0.01 * 1e-3,
+                             rtol=1e-5)
+
+
+def test_non_finite_unit_is_nan_and_others_are_untouched():
+  params = {"w": jnp.ones((2, 3))}
+  grads = {"w": jnp.full((2, 3), 0.001).at[0, 1].set(jnp.inf)}
+  out, _ = _run(oc.adaptive_grad_clip(0.1), grads, params, True)
+  out = np.asarray(out["w"])
+  assert np.isnan(out[:, 1]).all()
+  np.testing.assert_array_equal(out[:, [0, 2]], 0.001 * np.ones((2, 2),
+                                                                np.float32))
+
+
+@pytest.mark.parametrize("point", ["zero", "random"])
+def test_grad_through_update_is_finite(point):
+  rng = np.random.default_rng(11)
+  params = _tree(rng, [(4, 3), (3,)])
+  grads = _tree(rng, [(4, 3), (3,)])
+  if point == "zero":
+    grads = jax.tree.map(jnp.zeros_like, grads)
+    params = jax.tree.map(jnp.zeros_like, params)
+  tx = oc.adaptive_grad_clip(0.1)
+
+  def loss(g, p):
+    out, _ = tx.update(g, tx.init(p), p)
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(out))
+
+  for d in jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1)))(grads,
+                                                                   params)):
+    assert np.isfinite(np.asarray(d)).all()
+
+
+def test_scheduled_clipping_never_retraces():
+  rng = np.random.default_rng(12)
+  params, grads = _tree(rng, [(5, 4), (4,)]), _tree(rng, [(5, 4), (4,)])
+  schedule = optax.linear_schedule(0.01, 1.0, transition_steps=9)
+  tx = optax.inject_hyperparams(oc.adaptive_grad_clip)(clipping=schedule)
+  state = tx.init(params)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(g, s, p):
+    return tx.update(g, s, p)
+
+  axes = [_agc.default_unit_axes(x.shape) for x in jax.tree.leaves(params)]
+  for i in range(10):
+    out, state = step(grads, state, params)
+    want, _ = reference.adaptive_grad_clip(
+        leaves64(grads), leaves64(params), float(schedule(i)), 1e-3, axes)
+    for got, ref in zip(leaves64(out), want):
+      np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-9)
+  chex.clear_trace_counter()
+  np.testing.assert_allclose(
+      float(oc.clip_stats(state)["adaptive_grad_clip/clipped_unit_fraction"]),
+      reference.adaptive_grad_clip(leaves64(grads), leaves64(params), 1.0,
+                                   1e-3, axes)[1] / (4 + 1), rtol=1e-6)
