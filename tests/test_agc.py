@@ -226,3 +226,32 @@ def test_scheduled_clipping_never_retraces():
       float(oc.clip_stats(state)["adaptive_grad_clip/clipped_unit_fraction"]),
       reference.adaptive_grad_clip(leaves64(grads), leaves64(params), 1.0,
                                    1e-3, axes)[1] / (4 + 1), rtol=1e-6)
+
+
+from hypothesis import given  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hypothesis import strategies as st  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@given(seed=st.integers(0, 2**31 - 1),
+       grad_scale=st.sampled_from([0.0, 1e-3, 1.0, 100.0]),
+       param_scale=st.sampled_from([0.0, 1e-4, 1.0]),
+       clipping=st.sampled_from([0.0, 0.01, 0.5, 10.0]))
+def test_every_unit_is_bounded_and_clipping_twice_changes_nothing(
+    seed, grad_scale, param_scale, clipping):
+  rng = np.random.default_rng(seed)
+  shapes = [(5, 4), (3, 3, 2, 4), (4,)]
+  grads = _tree(rng, shapes, scale=grad_scale)
+  params = _tree(rng, shapes, scale=param_scale)
+  tx = oc.adaptive_grad_clip(clipping)
+  step = jax.jit(tx.update)
+  out, _ = step(grads, tx.init(params), params)
+  for g, w in zip(leaves64(out), leaves64(params)):
+    axes = _agc.default_unit_axes(g.shape)
+    g_norm = np.sqrt(np.sum(g**2, axis=axes))
+    w_norm = np.sqrt(np.sum(w**2, axis=axes))
+    assert np.isfinite(g).all()
+    assert np.all(g_norm <= clipping * np.maximum(w_norm, 1e-3) * (1 + 1e-6)
+                  + 1e-30)
+  twice, _ = step(out, tx.init(params), params)
+  for a, b in zip(leaves64(twice), leaves64(out)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-30)
