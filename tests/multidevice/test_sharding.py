@@ -368,3 +368,259 @@ def test_hlo_check_accepts_a_per_leaf_reduction(axis_type):
     sharded = _put(tree, mesh, LAYOUTS["two_axes"])
     hlo = jax.jit(clip).lower(sharded).compile().as_text()
   _assert_only_scalar_all_reduces(hlo)
+
+
+# ------------------------------------------- 6. AGC under sharded jit ------
+#
+# Adaptive gradient clipping (Brock et al. 2021, §4.1) is unit-wise: each
+# unit's norm is a reduction over some axes only, so under sharding the
+# per-unit norms (not scalars) may have to cross devices when a reduction
+# axis is sharded. Each unit's gradient G_i becomes
+# G_i * min(1, clipping * max(||W_i||, eps) / ||G_i||).
+
+AGC_CLIPPING = 0.05
+AGC_EPS = 1e-3
+
+# The test's own statement of the paper's / optax's unit layout for these
+# leaves (the axes one unit spans): a dense kernel (in, out) -> one unit per
+# output, a conv kernel HWIO -> one unit per output channel, a bias -> one
+# unit. Written out here, not taken from optaxclip.
+AGC_UNIT_AXES = {"dense": (0,), "conv": (0, 1, 2), "bias": (0,)}
+AGC_SHAPES = {"dense": (16, 8), "conv": (2, 2, 8, 8), "bias": (8,)}
+
+# Grads and params get the same layout. Every sharded leaf is big enough
+# that its per-device block has more elements than any leaf has units (8),
+# so the HLO check below can tell unit norms from gradient blocks.
+AGC_LAYOUTS = {
+    # One mesh axis per leaf; dense and bias are sharded along the axis
+    # their unit norm reduces over, conv along its input channels.
+    "one_axis": {"dense": P("model"), "conv": P(None, None, "model"),
+                 "bias": P("model")},
+    "two_axes": {"dense": P("data", "model"),
+                 "conv": P("data", None, None, "model"),
+                 "bias": P(("data", "model"))},
+    "replicated": {"dense": P(), "conv": P(), "bias": P()},
+    # Only the unit axis (the last, "output") is sharded: unit norms are
+    # device-local, only the clipped-unit count crosses devices.
+    "unit_axis": {"dense": P(None, "model"), "conv": P(None, None, None,
+                                                       "model"),
+                  "bias": P("model")},
+}
+
+
+def _np_unit_norms(x, axes):
+  x = np.asarray(x, np.float64)
+  return np.sqrt(np.sum(x * x, axis=axes, keepdims=True))
+
+
+def _np_agc(grads, params, unit_axes, clipping, eps):
+  """Float64 AGC: (updates, clipped mask per leaf, number of units)."""
+  updates, clipped, num_units = {}, {}, 0
+  for name, g in grads.items():
+    axes = unit_axes[name]
+    g_norm = _np_unit_norms(g, axes)
+    limit = clipping * np.maximum(_np_unit_norms(params[name], axes), eps)
+    scale = np.where(g_norm > limit, limit / np.where(g_norm > 0, g_norm, 1.0),
+                     1.0)
+    updates[name] = np.asarray(g, np.float64) * scale
+    clipped[name] = g_norm > limit
+    num_units += g_norm.size
+  return updates, clipped, num_units
+
+
+def _agc_case(unit_axes, seed):
+  """(grads, params) with every unit's gradient norm 0.5x or 2x its limit.
+
+  The ratios are far from 1, so float32 rounding cannot move a unit across
+  the threshold, and both kinds of unit occur. ``bias`` params are zero, so
+  its limit is the ``eps`` floor.
+  """
+  rng = np.random.default_rng(seed)
+  params, grads = {}, {}
+  for name, shape in AGC_SHAPES.items():
+    p = rng.standard_normal(shape)
+    if name == "bias":
+      p = np.zeros(shape)
+    axes = unit_axes[name]
+    limit = AGC_CLIPPING * np.maximum(_np_unit_norms(p, axes), AGC_EPS)
+    direction = rng.standard_normal(shape)
+    direction /= _np_unit_norms(direction, axes)
+    ratio = rng.choice([0.5, 2.0], size=limit.shape)
+    ratio.flat[0], ratio.flat[-1] = 0.5, 2.0  # both kinds (if > 1 unit)
+    params[name] = p.astype(np.float32)
+    grads[name] = (direction * limit * ratio).astype(np.float32)
+  _, clipped, num_units = _np_agc(grads, params, unit_axes, AGC_CLIPPING,
+                                  AGC_EPS)
+  num_clipped = sum(int(np.sum(m)) for m in clipped.values())
+  assert 0 < num_clipped < num_units, (num_clipped, num_units)
+  return grads, params
+
+
+def _check_agc_sharded(tx, unit_axes, layout, axis_type, seed):
+  """Sharded jit of ``tx.update`` vs one device, float64 and input sharding."""
+  grads, params = _agc_case(unit_axes, seed)
+  mesh = _mesh_2d(axis_type)
+
+  ref_updates, ref_state = jax.jit(tx.update)(
+      _one_device(grads), tx.init(params), _one_device(params))
+
+  with _mesh_context(axis_type):
+    sharded_grads = _put(grads, mesh, layout)
+    sharded_params = _put(params, mesh, layout)
+    state = tx.init(sharded_params)
+    updates, new_state = jax.jit(tx.update)(sharded_grads, state,
+                                            sharded_params)
+
+  # Same as the single-device transform on the unsharded trees.
+  _assert_tree_allclose(updates, ref_updates, rtol=1e-6)
+  _assert_tree_allclose(new_state, ref_state, rtol=1e-6)
+
+  # And the paper's rule in float64.
+  expected, clipped, num_units = _np_agc(grads, params, unit_axes,
+                                         AGC_CLIPPING, AGC_EPS)
+  num_clipped = sum(int(np.sum(m)) for m in clipped.values())
+  assert 0 < num_clipped < num_units
+  assert int(new_state.num_clipped_units) == num_clipped
+  np.testing.assert_allclose(float(new_state.clipped_unit_fraction),
+                             num_clipped / num_units, rtol=1e-6)
+  _assert_tree_allclose(updates, expected, rtol=1e-5)
+
+  for name, x in sharded_grads.items():
+    out = updates[name]
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.sharding.is_equivalent_to(x.sharding, x.ndim), (
+        name, out.sharding, x.sharding)
+    # Unclipped units come back bit-identical (DESIGN §3.2).
+    keep = np.broadcast_to(~clipped[name], x.shape)
+    np.testing.assert_array_equal(np.asarray(out)[keep], grads[name][keep])
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("layout", list(AGC_LAYOUTS))
+def test_agc_sharded_jit_matches_single_device(layout, axis_type):
+  tx = oc.adaptive_grad_clip(AGC_CLIPPING, eps=AGC_EPS)
+  _check_agc_sharded(tx, AGC_UNIT_AXES, AGC_LAYOUTS[layout], axis_type,
+                     seed=10)
+
+
+# Non-default units: dense rows (one unit per input), conv (I, O) pairs (a
+# unit is one HxW filter), bias by its default rule (None).
+AGC_CUSTOM_AXIS = {"dense": 1, "conv": (0, 1), "bias": None}
+AGC_CUSTOM_UNIT_AXES = {"dense": (1,), "conv": (0, 1), "bias": (0,)}
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("layout", list(AGC_LAYOUTS))
+def test_agc_axis_pytree_under_sharding(layout, axis_type):
+  tx = oc.adaptive_grad_clip(AGC_CLIPPING, eps=AGC_EPS, axis=AGC_CUSTOM_AXIS)
+  _check_agc_sharded(tx, AGC_CUSTOM_UNIT_AXES, AGC_LAYOUTS[layout], axis_type,
+                     seed=11)
+
+
+# ----------------------------------------------- 7. AGC HLO communication --
+
+_COLLECTIVE = re.compile(
+    r"=\s*(.+?)\s+(all-reduce|all-gather|all-to-all|reduce-scatter|"
+    r"collective-permute)(?:-start)?\(")
+_ARRAY_SHAPE = re.compile(r"\b[a-z]+[0-9]*\[([^\]]*)\]")
+
+
+def _collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+  """(op, result array shapes) of every collective in an HLO module's text.
+
+  A result may be one array (``f32[1,8]{1,0}``) or a tuple of them
+  (``(f32[], f32[1,8]{1,0})``); every array of it is listed. Async pairs are
+  counted once, at their ``-start``.
+  """
+  found = []
+  for line in hlo.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match:
+      continue
+    result, op = match.groups()
+    shapes = []
+    for dims in _ARRAY_SHAPE.findall(result):
+      dims = dims.strip()
+      shapes.append(tuple(int(d) for d in dims.split(",")) if dims else ())
+    assert shapes, line  # a result type we do not understand: fail loudly
+    found.append((op, shapes))
+  return found
+
+
+def _assert_only_small_all_reduces(hlo: str, max_elements: int):
+  """Only all-reduces, each of arrays with at most ``max_elements`` elements."""
+  collectives = _collectives(hlo)
+  # Cheap textual backstop for forms the parser above might not recognise.
+  assert "all-gather" not in hlo, hlo
+  assert "all-to-all" not in hlo, hlo
+  for op, shapes in collectives:
+    assert op == "all-reduce", (op, shapes)
+    for shape in shapes:
+      assert math.prod(shape) <= max_elements, (shape, max_elements)
+  return collectives
+
+
+def test_hlo_collective_parser():
+  """The parser behind the AGC HLO check, on hand-written HLO lines."""
+  hlo = "\n".join([
+      "  %all-reduce = f32[1,8]{1,0} all-reduce(f32[1,8]{1,0} %r), "
+      "channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add",
+      "  %all-reduce.1 = (f32[], s32[1,1,1,2]{3,2,1,0}) all-reduce(f32[] %a, "
+      "s32[1,1,1,2]{3,2,1,0} %b), to_apply=%add",
+      "  %ars = f32[16,8]{1,0} all-reduce-start(f32[16,8]{1,0} %g)",
+      "  %ard = f32[16,8]{1,0} all-reduce-done(f32[16,8]{1,0} %ars)",
+      "  ROOT %ag = bf16[4,8]{1,0} all-gather(bf16[1,8]{1,0} %x), "
+      "dimensions={0}",
+      "  %add.3 = f32[8,8]{1,0} add(f32[8,8]{1,0} %p, f32[8,8]{1,0} %q)",
+  ])
+  assert _collectives(hlo) == [
+      ("all-reduce", [(1, 8)]),
+      ("all-reduce", [(), (1, 1, 1, 2)]),
+      ("all-reduce", [(16, 8)]),
+      ("all-gather", [(4, 8)]),
+  ]
+  small = "\n".join(hlo.splitlines()[:2])
+  assert len(_assert_only_small_all_reduces(small, 8)) == 2
+  with pytest.raises(AssertionError):  # 8 elements > 7
+    _assert_only_small_all_reduces(small, 7)
+  with pytest.raises(AssertionError):  # a gradient-sized all-reduce
+    _assert_only_small_all_reduces(hlo.splitlines()[2], 8)
+  with pytest.raises(AssertionError):  # any all-gather
+    _assert_only_small_all_reduces(hlo.splitlines()[4], 10**6)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("layout", list(AGC_LAYOUTS))
+def test_agc_hlo_communicates_only_unit_norms(layout, axis_type):
+  """No gathers; all-reduces only of per-unit norms or scalars.
+
+  The bound is the number of units of the largest leaf; every sharded
+  dense/conv gradient block has more elements than that (see AGC_LAYOUTS),
+  so an all-reduce of gradient blocks would fail it. (The 8-element bias
+  is a single unit: its blocks cannot be told from a norm by size.)
+  """
+  grads, params = _agc_case(AGC_UNIT_AXES, seed=12)
+  largest = max(AGC_SHAPES, key=lambda k: math.prod(AGC_SHAPES[k]))
+  shape = AGC_SHAPES[largest]
+  max_units = math.prod(d for i, d in enumerate(shape)
+                        if i not in AGC_UNIT_AXES[largest])
+  assert max_units == 8
+  for name in ("dense", "conv"):  # the premise of the bound, per device
+    block = NamedSharding(_mesh_2d(axis_type), AGC_LAYOUTS[layout][name]
+                          ).shard_shape(AGC_SHAPES[name])
+    assert math.prod(block) > max_units, (name, block)
+
+  tx = oc.adaptive_grad_clip(AGC_CLIPPING, eps=AGC_EPS)
+  mesh = _mesh_2d(axis_type)
+  with _mesh_context(axis_type):
+    sharded_grads = _put(grads, mesh, AGC_LAYOUTS[layout])
+    sharded_params = _put(params, mesh, AGC_LAYOUTS[layout])
+    state = tx.init(sharded_params)
+    hlo = jax.jit(tx.update).lower(sharded_grads, state,
+                                   sharded_params).compile().as_text()
+
+  collectives = _assert_only_small_all_reduces(hlo, max_units)
+  if layout != "replicated":
+    # Sharded leaves must be combined across devices somehow (at least the
+    # clipped-unit count).
+    assert collectives, hlo
