@@ -309,7 +309,11 @@ def test_sharded_jit_matches_single_device(transform, layout, axis_type):
 
   _assert_tree_allclose(updates, ref_updates, rtol=1e-6)
   _assert_tree_allclose(new_state, ref_state, rtol=1e-6)
-  for name, x in sharded.items():
+  _assert_keeps_shape_dtype_and_sharding(updates, sharded)
+
+
+def _assert_keeps_shape_dtype_and_sharding(updates, inputs):
+  for name, x in inputs.items():
     out = updates[name]
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.sharding.is_equivalent_to(x.sharding, x.ndim), (
@@ -485,11 +489,9 @@ def _check_agc_sharded(tx, unit_axes, layout, axis_type, seed):
                              num_clipped / num_units, rtol=1e-6)
   _assert_tree_allclose(updates, expected, rtol=1e-5)
 
+  _assert_keeps_shape_dtype_and_sharding(updates, sharded_grads)
   for name, x in sharded_grads.items():
     out = updates[name]
-    assert out.shape == x.shape and out.dtype == x.dtype
-    assert out.sharding.is_equivalent_to(x.sharding, x.ndim), (
-        name, out.sharding, x.sharding)
     # Unclipped units come back bit-identical (DESIGN §3.2).
     keep = np.broadcast_to(~clipped[name], x.shape)
     np.testing.assert_array_equal(np.asarray(out)[keep], grads[name][keep])
