@@ -168,3 +168,43 @@ def check_static_int(fn: str, arg: str, value: Any, *, minimum: int = 1) -> int:
   if value < minimum:
     raise ValueError(f"{fn}: {arg} must be an int >= {minimum}, got {value!r}.")
   return int(value)
+
+
+def check_in_range(fn: str, arg: str, value: Any, low: float, high: float, *,
+                   low_open: bool, high_open: bool) -> None:
+  """Checks a real scalar lies in an interval, e.g. (0, 1) or [0, 100].
+
+  Args:
+    fn: the public factory's name, used in the message.
+    arg: the argument's name, used in the message.
+    value: the value given (traced values are not checked).
+    low: the lower end.
+    high: the upper end.
+    low_open: whether ``low`` itself is excluded.
+    high_open: whether ``high`` itself is excluded.
+
+  Raises:
+    TypeError: for non-numeric values.
+    ValueError: for non-scalar, NaN or out-of-range values.
+  """
+  interval = (("(" if low_open else "[") + f"{low:g}, {high:g}" +
+              (")" if high_open else "]"))
+  allowed = f"in {interval}"
+  if value is None:
+    raise TypeError(f"{fn}: {arg} must be a real number {allowed}, got None.")
+  as_float = _as_real_scalar(fn, arg, value, allowed)
+  if as_float is None:
+    return
+  below = as_float <= low if low_open else as_float < low
+  above = as_float >= high if high_open else as_float > high
+  if below or above:
+    raise ValueError(f"{fn}: {arg} must be {allowed}, got {value!r}.")
+
+
+def check_choice(fn: str, arg: str, value: Any, choices: tuple[str, ...]) -> str:
+  """Checks a string option (case-insensitive) and returns it lower-cased."""
+  if not isinstance(value, str) or value.lower() not in choices:
+    raise ValueError(
+        f"{fn}: {arg} must be one of {', '.join(repr(c) for c in choices)},"
+        f" got {value!r}.")
+  return value.lower()

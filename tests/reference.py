@@ -106,3 +106,67 @@ def adaptive_grad_clip(grads, params, clipping, eps, axes_list):
         clipped += 1
     out.append(result)
   return out, clipped
+
+
+def autoclip(norms, percentile, history_size):
+  """Seetharaman et al. 2020, Algorithm 1, with a bounded history.
+
+  For each step: append the norm to the history (keeping the last
+  ``history_size``), take the percentile (np.percentile, linear), and return
+  per step (threshold, scale) with scale = 1 if norm <= threshold else
+  threshold / norm. Non-finite norms are not appended (optaxclip's policy).
+  """
+  history, out = [], []
+  for g in norms:
+    if math.isfinite(g):
+      history.append(g)
+      history = history[-history_size:]
+    c = float(np.percentile(np.asarray(history, np.float64), percentile)
+              ) if history else math.inf
+    out.append((c, clip_scale(g, c)))
+  return out
+
+
+def zclip(norms, *, alpha=0.97, z_thresh=2.5, max_norm=1.0, eps=1e-6,
+          warmup_steps=25, mode="zscore", clip_option="adaptive_scaling",
+          clip_factor=1.0, skip_update_on_spike=False):
+  """ZClip (Kumar et al. 2025) as the authors' reference class behaves.
+
+  Returns per step (cap, spike, mean, var): the global norm each step is
+  clipped to (inf for none), whether it was a spike, and the statistics after
+  the step. Non-finite norms are skipped (optaxclip's policy).
+  """
+  buffer, mean, var, initialized, out = [], None, None, False, []
+  for g in norms:
+    if not math.isfinite(g):
+      out.append((math.inf, False, mean, var))
+      continue
+    if not initialized:
+      buffer.append(g)
+      if len(buffer) >= warmup_steps:
+        mean = sum(buffer) / len(buffer)
+        var = sum((x - mean) ** 2 for x in buffer) / len(buffer)
+        initialized = True
+      cap = math.inf if max_norm is None else max_norm
+      out.append((cap, False, mean, var))
+      continue
+    std = var ** 0.5
+    spike_value = None
+    if mode == "percentile":
+      if g > mean + z_thresh * std:
+        spike_value = mean + z_thresh * std
+    else:
+      with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.float64(g - mean) / np.float64(std + eps)  # /0: inf or nan
+      if z > z_thresh:
+        if clip_option == "adaptive_scaling":
+          spike_value = (mean + z_thresh * std / (z / z_thresh)) * clip_factor
+        else:
+          spike_value = mean
+    adaptive = g if spike_value is None else spike_value
+    cap = adaptive if max_norm is None else min(adaptive, max_norm)
+    if not (spike_value is not None and skip_update_on_spike):
+      mean = alpha * mean + (1 - alpha) * adaptive
+      var = alpha * var + (1 - alpha) * (adaptive - mean) ** 2
+    out.append((cap, spike_value is not None, mean, var))
+  return out

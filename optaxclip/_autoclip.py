@@ -1,0 +1,170 @@
+"""AutoClip: clip to a percentile of the history of gradient norms.
+
+Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient
+Clipping for Source Separation Networks", MLSP 2020 (arXiv:2007.14469),
+Algorithm 1: every step appends the current global norm to the history,
+then clips the gradient's global norm to the ``percentile``-th percentile of
+that history.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip import _norms
+from optaxclip import _stats
+from optaxclip import _validate
+
+_FN = "autoclip"
+DEFAULT_HISTORY_SIZE = 1000
+
+
+@_stats.register_state("autoclip")
+class AutoClipState(NamedTuple):
+  """State of :func:`autoclip`."""
+
+  # float32[history_size]: past finite global norms, a ring buffer once full.
+  autoclip_history: jax.Array
+  # int32 scalar: how many norms were appended (finite norms only).
+  autoclip_count: jax.Array
+  # float32 scalar: the last step's pre-clip global norm.
+  autoclip_norm: jax.Array
+  # float32 scalar: the last step's threshold (percentile of the history).
+  autoclip_threshold: jax.Array
+  # bool scalar: whether the last step was rescaled.
+  autoclip_clipped: jax.Array
+
+
+def history_percentile(history: jax.Array, num_valid: jax.Array,
+                       percentile: Any) -> jax.Array:
+  """``np.percentile(history[:num_valid], percentile)`` (linear), traceable.
+
+  Invalid slots are pushed to the end by sorting them as ``+inf``; the
+  interpolation is numpy's ``linear`` method, including its two-sided lerp.
+
+  Args:
+    history: float array of shape ``(size,)``.
+    num_valid: int scalar, how many leading entries (in ring order, any
+      order is fine) are valid; ``0`` gives ``inf`` (no clipping).
+    percentile: in [0, 100].
+
+  Returns:
+    A scalar of ``history``'s dtype.
+  """
+  size = history.shape[0]
+  valid = jnp.arange(size) < num_valid
+  ordered = jnp.sort(jnp.where(valid, history, jnp.inf))
+  last = jnp.maximum(num_valid - 1, 0)
+  position = (jnp.asarray(percentile).astype(history.dtype) / 100
+              ) * last.astype(history.dtype)
+  lower = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, last)
+  upper = jnp.minimum(lower + 1, last)
+  weight = position - lower.astype(history.dtype)
+  a, b = ordered[lower], ordered[upper]
+  diff = b - a
+  # numpy's _lerp: a + d t below t = 0.5, b - d (1 - t) from there (exact at
+  # t = 1); the unused side is masked so inf - inf never reaches the output.
+  safe_diff = jnp.where(jnp.isfinite(diff), diff, jnp.zeros_like(diff))
+  value = jnp.where(weight >= 0.5, b - safe_diff * (1 - weight),
+                    a + safe_diff * weight)
+  value = jnp.where(lower == upper, a, value)
+  return jnp.where(num_valid > 0, value, jnp.full_like(value, jnp.inf))
+
+
+def autoclip(
+    percentile: Any = 10.0,
+    *,
+    history_size: Optional[int] = None,
+    axis_name: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clips the global norm to a percentile of all past global norms.
+
+  Algorithm 1 of Seetharaman et al. (2020), step by step:
+
+  1. compute the global norm :math:`n_t` of the update and append it to the
+     history :math:`h`;
+  2. :math:`c_t = \mathrm{percentile}(h, p)` with linear interpolation (what
+     ``np.percentile`` gives);
+  3. clip the update's global norm to :math:`c_t` with the library's scale
+     rule (:func:`optaxclip.clip_by_global_norm`'s guarantees apply).
+
+  While the step count is at most ``history_size`` this equals Algorithm 1
+  exactly (up to float32 rounding). The one deviation from the paper: the
+  history is a ring buffer of the most recent ``history_size`` norms, so the
+  state has a fixed shape and the per-step cost is bounded (the paper keeps
+  every norm). Non-finite norms are not appended (the step itself comes out
+  NaN, loudly, as in every optaxclip clipper), so one bad batch does not
+  poison the percentile. ``percentile=100`` never clips (the current norm is
+  in the history); ``percentile=0`` clips to the smallest norm seen. The
+  threshold is a statistic of past gradients and is not differentiated
+  through (``stop_gradient``).
+
+  Args:
+    percentile: p in [0, 100]; the paper's default is 10. May be scheduled
+      under ``optax.inject_hyperparams``.
+    history_size: how many recent norms the percentile is taken over, an int
+      >= 1; ``None`` means 1000. Static: under ``inject_hyperparams`` pass
+      ``static_args=("history_size",)`` to change it.
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis the update tree
+      is split across (see :func:`optaxclip.global_norm`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`AutoClipState`.
+
+  Raises:
+    ValueError: for a percentile outside [0, 100] or ``history_size < 1``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> tx = oc.autoclip(50.0, history_size=4)
+    >>> state = tx.init({"g": jnp.zeros(1)})
+    >>> for norm in (1.0, 3.0, 2.0):
+    ...   updates, state = tx.update({"g": jnp.array([norm])}, state)
+    >>> float(state.autoclip_threshold), updates["g"]  # median of 1, 3, 2
+    (2.0, Array([2.], dtype=float32))
+    >>> _, state = tx.update({"g": jnp.array([9.0])}, state)
+    >>> float(state.autoclip_threshold), bool(state.autoclip_clipped)
+    (2.5, True)
+
+  References:
+    Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+  """
+  _validate.check_in_range(_FN, "percentile", percentile, 0, 100,
+                           low_open=False, high_open=False)
+  size = DEFAULT_HISTORY_SIZE if history_size is None else (
+      _validate.check_static_int(_FN, "history_size", history_size))
+
+  def init_fn(params):
+    del params
+    zero = jnp.zeros((), jnp.float32)
+    return AutoClipState(
+        autoclip_history=jnp.zeros((size,), jnp.float32),
+        autoclip_count=jnp.zeros((), jnp.int32),
+        autoclip_norm=zero, autoclip_threshold=zero,
+        autoclip_clipped=jnp.zeros((), jnp.bool_))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    norm = _norms.global_norm_from(updates, 2, axis_name).astype(jnp.float32)
+    observed = jax.lax.stop_gradient(norm)
+    finite = jnp.isfinite(observed)
+    slot = state.autoclip_count % size
+    history = jnp.where(finite, state.autoclip_history.at[slot].set(observed),
+                        state.autoclip_history)
+    count = state.autoclip_count + finite.astype(jnp.int32)
+    threshold = history_percentile(history, jnp.minimum(count, size),
+                                   percentile)
+    scale, clipped = _norms.clip_scale(norm, threshold)
+    updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
+    return updates, AutoClipState(
+        autoclip_history=history, autoclip_count=count, autoclip_norm=observed,
+        autoclip_threshold=threshold, autoclip_clipped=clipped)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

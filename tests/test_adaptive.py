@@ -1,0 +1,181 @@
+"""autoclip and zclip against float64 loop transcriptions of their papers."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+import reference
+
+
+def norm_sequence(steps=320, seed=0):
+  """Gradient norms with a drift, noise, spikes, zeros and a plateau."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(steps)
+  norms = 1.5 * np.exp(-t / 150) + 0.3 + 0.05 * rng.standard_normal(steps)
+  norms = np.abs(norms)
+  norms[rng.choice(steps, 12, replace=False)] *= rng.uniform(5, 50, 12)
+  norms[[40, 41, 200]] = 0.0
+  norms[250:265] = 0.7  # constant: zero variance
+  return norms
+
+
+def _tree_with_norm(direction, norm):
+  return jax.tree.map(lambda d: d * np.float32(norm), direction)
+
+
+def _direction():
+  rng = np.random.default_rng(1)
+  tree = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal((3,))}
+  total = math.sqrt(sum(float(np.sum(x**2)) for x in tree.values()))
+  return {k: jnp.asarray(v / total, jnp.float32) for k, v in tree.items()}
+
+
+def _run(tx, norms):
+  direction = _direction()
+  state = tx.init(direction)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(grads, state):
+    return tx.update(grads, state)
+
+  results = []
+  for n in norms:
+    grads = _tree_with_norm(direction, n)
+    out, state = step(grads, state)
+    results.append((out, state, grads))
+  chex.clear_trace_counter()
+  return results
+
+
+@pytest.mark.parametrize("percentile,history_size",
+                         [(10.0, 1000), (50.0, 64), (0.0, 16), (100.0, 8),
+                          (37.5, 5)])
+def test_autoclip_matches_algorithm_1(percentile, history_size):
+  norms = norm_sequence()
+  want = reference.autoclip(norms, percentile, history_size)
+  results = _run(oc.autoclip(percentile, history_size=history_size), norms)
+  for (out, state, grads), (threshold, scale), n in zip(results, want, norms):
+    np.testing.assert_allclose(float(state.autoclip_norm), n, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(float(state.autoclip_threshold), threshold,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(oc.global_norm(out)), n * scale,
+                               rtol=2e-5, atol=1e-6)
+    assert bool(state.autoclip_clipped) == (
+        float(state.autoclip_norm) > float(state.autoclip_threshold))
+  if percentile == 100.0:
+    assert not any(bool(s.autoclip_clipped) for _, s, _ in results)
+
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"max_norm": None},
+    {"max_norm": None, "clip_option": "mean"},
+    {"max_norm": None, "mode": "percentile", "z_thresh": 2.0},
+    {"max_norm": 5.0, "alpha": 0.9, "warmup_steps": 5, "clip_factor": 0.7},
+    {"max_norm": None, "skip_update_on_spike": True, "warmup_steps": 10},
+    {"max_norm": None, "eps": 0.0, "z_thresh": 1.5, "warmup_steps": 1},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "defaults")
+def test_zclip_matches_the_reference(config):
+  norms = norm_sequence(seed=2)
+  want = reference.zclip(norms, **config)
+  results = _run(oc.zclip(**config), norms)
+  spikes = 0
+  for i, ((out, state, _), (cap, spike, mean, var), n) in enumerate(
+      zip(results, want, norms)):
+    assert bool(state.zclip_spike) == spike, i
+    spikes += spike
+    np.testing.assert_allclose(float(state.zclip_threshold), cap, rtol=1e-5,
+                               atol=1e-6, err_msg=str(i))
+    np.testing.assert_allclose(float(oc.global_norm(out)),
+                               n * reference.clip_scale(n, cap), rtol=2e-5,
+                               atol=1e-6, err_msg=str(i))
+    if mean is not None:
+      np.testing.assert_allclose(float(state.zclip_mean), mean, rtol=1e-5)
+      np.testing.assert_allclose(float(state.zclip_var), var, rtol=1e-4,
+                                 atol=1e-7)
+  assert spikes > 0  # the sequence does exercise the spike branch
+
+
+def test_non_finite_norms_are_loud_and_do_not_poison_the_statistics():
+  norms = [1.0, 1.1, 0.9, float("nan"), 1.0, float("inf"), 1.05]
+  for tx, field in ((oc.autoclip(50.0), "autoclip_count"),
+                    (oc.zclip(warmup_steps=2, max_norm=None), "zclip_count")):
+    results = _run(tx, norms)
+    for (out, state, _), n in zip(results, norms):
+      finite = math.isfinite(n)
+      assert all(np.isfinite(np.asarray(x)).all() == finite
+                 for x in jax.tree.leaves(out))
+    assert int(getattr(results[-1][1], field)) == 5
+  want = reference.zclip(norms, warmup_steps=2, max_norm=None)
+  np.testing.assert_allclose(float(results[-1][1].zclip_mean), want[-1][2],
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: oc.autoclip(30.0, history_size=7),
+                                  lambda: oc.zclip(warmup_steps=3)])
+def test_state_round_trips_through_numpy_and_clip_stats(make):
+  tx = make()
+  direction = _direction()
+  state = tx.init(direction)
+  step = jax.jit(tx.update)
+  for n in norm_sequence()[:20]:
+    _, state = step(_tree_with_norm(direction, n), state)
+  leaves, treedef = jax.tree.flatten(state)
+  restored = jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+  grads = _tree_with_norm(direction, 3.0)
+  chex.assert_trees_all_equal(step(grads, restored), step(grads, state))
+  stats = oc.clip_stats(state)
+  prefix = "autoclip" if "autoclip_count" in state._fields else "zclip"
+  for field in state._fields:
+    assert f"{prefix}/{field}" in stats
+
+
+def test_scheduled_hyperparameters_under_inject_hyperparams():
+  norms = norm_sequence()[:60]
+  tx = optax.inject_hyperparams(oc.autoclip)(
+      percentile=optax.constant_schedule(25.0))
+  want = reference.autoclip(norms, 25.0, 1000)
+  got = [float(s.inner_state.autoclip_threshold) for _, s, _ in _run(tx, norms)]
+  np.testing.assert_allclose(got, [c for c, _ in want], rtol=1e-5, atol=1e-6)
+  tx = optax.inject_hyperparams(oc.zclip)(z_thresh=optax.constant_schedule(2.0))
+  want = reference.zclip(norms, z_thresh=2.0)
+  got = [float(s.inner_state.zclip_threshold) for _, s, _ in _run(tx, norms)]
+  np.testing.assert_allclose(got, [c for c, *_ in want], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_through_update_is_finite():
+  for tx in (oc.autoclip(10.0), oc.zclip(warmup_steps=1, max_norm=None)):
+    def loss(g, tx=tx):
+      state = tx.init(g)
+      out, state = tx.update(g, state)
+      out, _ = tx.update(jax.tree.map(lambda x: 3 * x, g), state)
+      return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(out))
+    for g in (jax.tree.map(jnp.zeros_like, _direction()), _direction()):
+      for d in jax.tree.leaves(jax.jit(jax.grad(loss))(g)):
+        assert np.isfinite(np.asarray(d)).all()
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: oc.autoclip(150), r"^autoclip: percentile must be in \[0, 100\], got 150"),
+    (lambda: oc.autoclip(-1.0), r"^autoclip: percentile must be in \[0, 100\], got -1.0"),
+    (lambda: oc.autoclip(10.0, history_size=0), r"^autoclip: history_size must be an int >= 1, got 0"),
+    (lambda: oc.zclip(alpha=1.0), r"^zclip: alpha must be in \(0, 1\), got 1.0"),
+    (lambda: oc.zclip(alpha=0), r"^zclip: alpha must be in \(0, 1\), got 0"),
+    (lambda: oc.zclip(z_thresh=0.0), r"^zclip: z_thresh must be in \(0, inf\], got 0.0"),
+    (lambda: oc.zclip(max_norm=-1.0), r"^zclip: max_norm must be a non-negative"),
+    (lambda: oc.zclip(warmup_steps=0), r"^zclip: warmup_steps must be an int >= 1, got 0"),
+    (lambda: oc.zclip(mode="z"), r"^zclip: mode must be one of 'zscore', 'percentile', got 'z'"),
+    (lambda: oc.zclip(clip_option="max"), r"^zclip: clip_option must be one of 'adaptive_scaling', 'mean', got 'max'"),
+    (lambda: oc.zclip(eps=-1e-6), r"^zclip: eps must be a non-negative"),
+])
+def test_bad_arguments(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
