@@ -1,6 +1,8 @@
 """optaxclip: gradient clipping for JAX, as composable optax transforms."""
 
 from optaxclip._agc import AdaptiveGradClipState
+from optaxclip._autoclip import AutoClipState
+from optaxclip._autoclip import autoclip
 from optaxclip._agc import adaptive_grad_clip
 from optaxclip._norm_clip import ClipByBlockRmsState
 from optaxclip._norm_clip import ClipByGlobalNormState
@@ -13,12 +15,16 @@ from optaxclip._stats import clip_stats
 from optaxclip._value import ClipByValueState
 from optaxclip._value import clip
 from optaxclip._value import clip_by_value
+from optaxclip._zclip import ZClipState
+from optaxclip._zclip import zclip
 
 __version__ = "0.1.0"
 
 __all__ = (
     "AdaptiveGradClipState",
     "adaptive_grad_clip",
+    "AutoClipState",
+    "autoclip",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "ClipByNormState",
@@ -30,4 +36,6 @@ __all__ = (
     "clip_by_value",
     "clip_stats",
     "global_norm",
+    "ZClipState",
+    "zclip",
 )
