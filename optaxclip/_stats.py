@@ -80,10 +80,19 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     Peer: PyTorch's ``clip_grad_norm_`` returns the pre-clip total norm for
     logging; this gathers the same information from a whole optax state.
   """
-  found = jax.tree.leaves(opt_state, is_leaf=_is_clip_state)
   stats: dict[str, jax.Array] = {}
-  seen: dict[str, int] = {}
-  for node in found:
+  _collect(opt_state, stats, {})
+  return stats
+
+
+def _collect(tree: Any, stats: dict[str, jax.Array], seen: dict[str, int]):
+  """Adds the fields of every clipper state in ``tree`` to ``stats``.
+
+  A field holding a whole state (``skip_step``'s wrapped optimizer) is
+  searched in turn, after the fields of the state that holds it.
+  """
+  nested = []
+  for node in jax.tree.leaves(tree, is_leaf=_is_clip_state):
     if not _is_clip_state(node):
       continue
     prefix = _STATE_PREFIXES[type(node)]
@@ -91,5 +100,10 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     seen[prefix] = index + 1
     key_prefix = prefix if index == 0 else f"{prefix}_{index}"
     for field, value in zip(node._fields, node):
-      stats[f"{key_prefix}/{field}"] = _unwrap(value)
-  return stats
+      inner = jax.tree.leaves(value, is_leaf=_is_clip_state)
+      if len(inner) == 1 and not _is_clip_state(inner[0]):
+        stats[f"{key_prefix}/{field}"] = _unwrap(value)
+      elif inner:
+        nested.append(value)
+  for value in nested:
+    _collect(value, stats, seen)
