@@ -4,6 +4,8 @@ from optaxclip._agc import AdaptiveGradClipState
 from optaxclip._autoclip import AutoClipState
 from optaxclip._autoclip import autoclip
 from optaxclip._agc import adaptive_grad_clip
+from optaxclip._adagc import AdaGCState
+from optaxclip._adagc import adagc
 from optaxclip._norm_clip import ClipByBlockRmsState
 from optaxclip._norm_clip import ClipByGlobalNormState
 from optaxclip._norm_clip import ClipByNormState
@@ -22,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AdaptiveGradClipState",
+    "AdaGCState",
+    "adagc",
     "adaptive_grad_clip",
     "AutoClipState",
     "autoclip",

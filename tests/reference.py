@@ -170,3 +170,82 @@ def zclip(norms, *, alpha=0.97, z_thresh=2.5, max_norm=1.0, eps=1e-6,
       var = alpha * var + (1 - alpha) * (adaptive - mean) ** 2
     out.append((cap, spike_value is not None, mean, var))
   return out
+
+
+# AdaGC (Wang et al., arXiv:2502.11034), one tensor at a time.
+def _adagc_norm(x: np.ndarray) -> float:
+  flat = np.asarray(x, np.float64).ravel()
+  return math.sqrt(float(np.sum(flat * flat)))
+
+
+def _scale(norm: float, threshold: float) -> float:
+  """1 within the threshold, threshold / norm beyond it, NaN if not finite."""
+  if not math.isfinite(norm):
+    return math.nan
+  return 1.0 if norm <= threshold else threshold / norm
+
+
+def adagc_reference(grad_seq, beta, lambda_rel, lambda_abs, warmup_steps, eps):
+  """Runs AdaGC over a sequence of gradients, in float64.
+
+  Args:
+    grad_seq: a list of steps, each a list of arrays (the tensors, in
+      ``jax.tree.leaves`` order).
+    beta: EMA decay.
+    lambda_rel: relative threshold, a float or a callable of the 0-based step
+      (as ``optax.inject_hyperparams`` evaluates a schedule).
+    lambda_abs: warmup global-norm threshold.
+    warmup_steps: number of warmup steps.
+    eps: floor on gamma inside the threshold.
+
+  Returns:
+    A dict of per-step lists: ``outputs`` (lists of float64 arrays),
+    ``gamma``, ``norms``, ``thresholds`` (float64 arrays of one entry per
+    tensor), ``global_norm`` (floats) and ``num_clipped`` (ints).
+  """
+  num_leaves = len(grad_seq[0])
+  gamma = [None] * num_leaves  # None: no finite observation yet
+  history = {k: [] for k in ("outputs", "gamma", "norms", "thresholds",
+                             "global_norm", "num_clipped")}
+  for step, grads in enumerate(grad_seq, start=1):
+    grads = [np.asarray(g, np.float64) for g in grads]
+    norms = [_adagc_norm(g) for g in grads]
+    global_norm = math.sqrt(sum(n * n for n in norms))
+    lam_rel = lambda_rel(step - 1) if callable(lambda_rel) else lambda_rel
+    outputs, thresholds, num_clipped = [], [], 0
+    if step <= warmup_steps:
+      h = _scale(global_norm, lambda_abs)
+      clipped = not global_norm <= lambda_abs
+      for i, g in enumerate(grads):
+        g_hat = h * g
+        outputs.append(g_hat)
+        thresholds.append(lambda_abs)
+        num_clipped += int(clipped)
+        hat_norm = _adagc_norm(g_hat)
+        if math.isfinite(hat_norm):
+          gamma[i] = hat_norm if gamma[i] is None else min(gamma[i], hat_norm)
+    else:
+      for i, g in enumerate(grads):
+        if gamma[i] is None or lam_rel == math.inf:
+          threshold = math.inf
+        else:
+          threshold = lam_rel * max(gamma[i], eps)
+        h = _scale(norms[i], threshold)
+        g_hat = h * g
+        outputs.append(g_hat)
+        thresholds.append(threshold)
+        num_clipped += int(not norms[i] <= threshold)
+        hat_norm = _adagc_norm(g_hat)
+        if math.isfinite(hat_norm):
+          if gamma[i] is None:
+            gamma[i] = hat_norm
+          else:
+            gamma[i] = beta * gamma[i] + (1.0 - beta) * hat_norm
+    history["outputs"].append(outputs)
+    history["gamma"].append(np.array(
+        [math.inf if x is None else x for x in gamma], np.float64))
+    history["norms"].append(np.array(norms, np.float64))
+    history["thresholds"].append(np.array(thresholds, np.float64))
+    history["global_norm"].append(global_norm)
+    history["num_clipped"].append(num_clipped)
+  return history

@@ -1,0 +1,260 @@
+"""AdaGC: per-tensor clipping against an EMA of each tensor's clipped norms.
+
+Wang et al., "AdaGC: Improving Training Stability for Large Language Model
+Pretraining" (arXiv:2502.11034; later revisions titled "AdaGC: Enhancing LLM
+Pretraining Stability via Adaptive Gradient Clipping"). Every tensor ``i``
+keeps its own threshold ``gamma_i``, an exponential moving average of its
+*clipped* gradient norms. After a warmup of global-norm clipping, a tensor
+whose norm exceeds ``lambda_rel * gamma_i`` is scaled back to it, so one
+spiking tensor is tamed without shrinking the others.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip import _norms
+from optaxclip import _stats
+from optaxclip import _validate
+
+_FN = "adagc"
+
+# The warmup length used when ``warmup_steps`` is None (see DESIGN §4: a None
+# default keeps the argument static under ``optax.inject_hyperparams``).
+DEFAULT_WARMUP_STEPS = 100
+
+
+@_stats.register_state("adagc")
+class AdaGCState(NamedTuple):
+  """State of :func:`adagc`: the thresholds and what the last step did.
+
+  Per-tensor arrays follow ``jax.tree.leaves`` order of the updates.
+  """
+
+  # int32 scalar: how many steps have been taken (warmup while < warmup_steps).
+  adagc_count: jax.Array
+  # float32[num_leaves]: each tensor's EMA threshold gamma_i, after this step.
+  # +inf until the tensor's first step with a finite norm.
+  adagc_gamma: jax.Array
+  # float32[num_leaves]: each tensor's pre-clip L2 norm this step.
+  adagc_norms: jax.Array
+  # float32 scalar: the pre-clip global L2 norm this step.
+  adagc_global_norm: jax.Array
+  # float32[num_leaves]: the threshold each tensor was held to this step:
+  # lambda_abs (applied to the global norm) during warmup, then
+  # lambda_rel * max(gamma_i, eps) (+inf for a tensor with no finite norm yet).
+  adagc_thresholds: jax.Array
+  # int32 scalar: how many tensors were rescaled this step (during warmup, all
+  # of them when the global norm exceeded lambda_abs).
+  adagc_num_clipped: jax.Array
+
+
+def _check_beta(beta: Any) -> None:
+  value = _validate.check_real(_FN, "beta", beta)
+  if value is not None and not 0.0 < value < 1.0:
+    raise ValueError(
+        f"{_FN}: beta must be in the open interval (0, 1), got {beta!r}. It"
+        " is the EMA decay of the per-tensor thresholds, e.g. beta=0.98.")
+
+
+def _check_eps(eps: Any) -> None:
+  value = _validate.check_real(_FN, "eps", eps)
+  if value is not None and not 0.0 <= value < math.inf:
+    raise ValueError(
+        f"{_FN}: eps must be finite and non-negative (0 <= eps < inf), got"
+        f" {eps!r}.")
+
+
+def _warmup_steps(warmup_steps: Any) -> int:
+  if warmup_steps is None:
+    return DEFAULT_WARMUP_STEPS
+  return _validate.check_static_int(_FN, "warmup_steps", warmup_steps,
+                                    minimum=1)
+
+
+def adagc(
+    *,
+    beta: Any = 0.98,
+    lambda_rel: Any = 1.05,
+    lambda_abs: Any = 1.0,
+    warmup_steps: Optional[int] = None,
+    eps: Any = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaGC: clips each tensor against an EMA of its own clipped norms.
+
+  Every tensor (leaf) :math:`i` keeps a threshold :math:`\gamma_i`. At step
+  :math:`t` (counted from 1), with :math:`g_i` the tensor's update and
+  :math:`T` = ``warmup_steps``:
+
+  * **Warmup** (:math:`t \le T`): global-norm clipping at
+    :math:`\lambda_{abs}`, and :math:`\gamma` tracks the running minimum of
+    the clipped norms:
+
+    .. math::
+      \hat g_i = \min\!\left(1, \frac{\lambda_{abs}}{\|g\|}\right) g_i, \qquad
+      \gamma_{t,i} = \min(\gamma_{t-1,i}, \|\hat g_i\|),
+      \quad \gamma_{0,i} = +\infty
+
+    so step 1 sets :math:`\gamma_{1,i} = \|\hat g_i\|`.
+  * **After warmup** (:math:`t > T`): per-tensor clipping against the EMA,
+    which then takes in the *clipped* norm:
+
+    .. math::
+      \hat g_i = \min\!\left(1, \frac{\lambda_{rel}\max(\gamma_{t-1,i},
+      \epsilon)}{\|g_i\|}\right) g_i, \qquad
+      \gamma_{t,i} = \beta\,\gamma_{t-1,i} + (1-\beta)\,\|\hat g_i\|
+
+  Decisions where the paper or its ports leave room:
+
+  * *EMA input.* :math:`\gamma` averages the clipped norms
+    :math:`\|\hat g_i\|` (the paper: an EMA "of their historical clipped
+    values"), so a spike cannot raise its own future threshold by more than
+    the factor :math:`\lambda_{rel}` allows.
+  * *Warmup.* The first ``warmup_steps`` steps, step 1 included, are warmup
+    (a port that tests ``step < warmup_steps`` has one fewer). Since
+    ``warmup_steps >= 1``, every :math:`\gamma_i` is set before the EMA
+    starts. The clipped norm :math:`\|\hat g_i\| = h\,\|g_i\|` is taken from
+    the norm already computed, not from a second pass over the gradients.
+  * *eps.* The min-in-warmup and the EMA make :math:`\gamma_i = 0`
+    absorbing: a tensor whose gradient was zero at one warmup step would be
+    zeroed forever. ``eps`` is therefore a floor on :math:`\gamma` inside the
+    threshold (it never enters :math:`\gamma` itself); ``eps=0`` gives the
+    paper's formula exactly. The division is the library's shared rule (scale
+    1 when :math:`\|g_i\|` is within the threshold, threshold / norm
+    otherwise), so there is no ``0/0``, a clipped tensor has norm exactly the
+    threshold, and an unclipped one comes back bit-identical.
+  * *Non-finite norms.* A tensor with an inf/NaN norm comes out all NaN (in
+    warmup: every tensor, since they share the global norm), and its
+    :math:`\gamma_i` keeps its previous value: a bad step never poisons the
+    thresholds. Wrap the optimizer in ``optaxclip.skip_step`` to skip such
+    steps. A tensor that has had no finite norm yet (:math:`\gamma_i =
+    +\infty`) is not clipped after warmup; its first finite clipped norm
+    initializes :math:`\gamma_i`.
+  * ``lambda_rel = inf`` disables the per-tensor clipping after warmup (the
+    EMA then tracks the raw norms).
+
+  Norms are L2, accumulated in float32 for bf16/fp16 tensors; outputs keep
+  each input's dtype and shape, and ``jax.grad`` through ``update`` is finite
+  everywhere, including at all-zero gradients.
+
+  Args:
+    beta: EMA decay of the thresholds, in (0, 1).
+    lambda_rel: relative threshold after warmup: a tensor may grow to
+      ``lambda_rel`` times its EMA. Non-negative. May be a schedule under
+      ``optax.inject_hyperparams``.
+    lambda_abs: the global-norm threshold during warmup. Non-negative.
+    warmup_steps: number of global-clipping warmup steps, an ``int >= 1``;
+      ``None`` means 100. Static: under ``inject_hyperparams`` pass
+      ``static_args=("warmup_steps",)`` to set it.
+    eps: floor on :math:`\gamma_i` inside the threshold, ``0 <= eps < inf``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`AdaGCState`.
+
+  Raises:
+    ValueError: for ``beta`` outside (0, 1), a negative or NaN ``lambda_rel``
+      or ``lambda_abs``, a negative, NaN or infinite ``eps``, or
+      ``warmup_steps < 1``.
+    TypeError: for non-numeric arguments, or a ``warmup_steps`` that is not a
+      static Python ``int``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> tx = oc.adagc(warmup_steps=1, lambda_abs=10.0, lambda_rel=2.0)
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
+    >>> state = tx.init(grads)
+    >>> _, state = tx.update(grads, state)   # warmup: global norm within 10
+    >>> state.adagc_gamma
+    Array([5., 1.], dtype=float32)
+    >>> spike = {"a": jnp.array([30.0, 40.0]), "b": jnp.array([1.0])}
+    >>> updates, state = tx.update(spike, state)   # "a" held to 2 * 5
+    >>> updates["a"], updates["b"]
+    (Array([6., 8.], dtype=float32), Array([1.], dtype=float32))
+    >>> int(state.adagc_num_clipped)
+    1
+
+  References:
+    Wang et al., `AdaGC: Improving Training Stability for Large Language Model
+    Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+  """
+  _check_beta(beta)
+  _validate.check_threshold(_FN, "lambda_rel", lambda_rel)
+  _validate.check_threshold(_FN, "lambda_abs", lambda_abs)
+  _check_eps(eps)
+  num_warmup = _warmup_steps(warmup_steps)
+
+  def init_fn(params):
+    num_leaves = len(jax.tree.leaves(params))
+    dtype = _norms.tree_accumulation_dtype(params)
+    return AdaGCState(
+        adagc_count=jnp.zeros((), jnp.int32),
+        adagc_gamma=jnp.full((num_leaves,), jnp.inf, dtype),
+        adagc_norms=jnp.zeros((num_leaves,), dtype),
+        adagc_global_norm=jnp.zeros((), dtype),
+        adagc_thresholds=jnp.zeros((num_leaves,), dtype),
+        adagc_num_clipped=jnp.zeros((), jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(x) for x in leaves]
+    dtype = state.adagc_gamma.dtype
+    num_leaves = len(leaves)
+    norms = _norms.leaf_norms(leaves, 2)
+    norms = (jnp.stack([n.astype(dtype) for n in norms]) if norms
+             else jnp.zeros((0,), dtype))
+    # The global norm is the norm of the per-tensor norms: no second pass.
+    global_norm = _norms.global_norm_from(norms, 2).astype(dtype)
+    beta_ = jnp.asarray(beta).astype(dtype)
+    lambda_rel_ = jnp.asarray(lambda_rel).astype(dtype)
+    lambda_abs_ = jnp.asarray(lambda_abs).astype(dtype)
+    eps_ = jnp.asarray(eps).astype(dtype)
+    gamma = state.adagc_gamma
+    in_warmup = state.adagc_count < num_warmup
+
+    # Warmup: one global scale for every tensor; gamma is a running minimum.
+    global_scale, global_clipped = _norms.clip_scale(global_norm, lambda_abs_)
+    warm_clipped_norms = global_scale * norms
+    warm_gamma = jnp.minimum(gamma, warm_clipped_norms)
+
+    # After warmup: each tensor against lambda_rel * its EMA.
+    unobserved = jnp.isinf(gamma)
+    finite_gamma = jnp.where(unobserved, jnp.zeros_like(gamma), gamma)
+    inf = jnp.full_like(gamma, jnp.inf)
+    rel_thresholds = jnp.where(
+        unobserved | jnp.isinf(lambda_rel_), inf,
+        lambda_rel_ * jnp.maximum(finite_gamma, eps_))
+    leaf_scales, leaf_clipped = _norms.clip_scale(norms, rel_thresholds)
+    rel_clipped_norms = leaf_scales * norms
+    ema_gamma = jnp.where(
+        unobserved, rel_clipped_norms,
+        beta_ * finite_gamma + (1 - beta_) * rel_clipped_norms)
+
+    scales = jnp.where(in_warmup, global_scale, leaf_scales)
+    candidate = jnp.where(in_warmup, warm_gamma, ema_gamma)
+    # A non-finite norm leaves its tensor's threshold where it was.
+    new_gamma = jnp.where(jnp.isfinite(candidate), candidate, gamma)
+    thresholds = jnp.where(in_warmup, jnp.full_like(gamma, lambda_abs_),
+                           rel_thresholds)
+    clipped = jnp.where(in_warmup, global_clipped, leaf_clipped)
+
+    new_leaves = [_norms.scale_leaf(x, scales[i]) for i, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, new_leaves), AdaGCState(
+        adagc_count=optax.safe_int32_increment(state.adagc_count),
+        adagc_gamma=new_gamma,
+        adagc_norms=norms,
+        adagc_global_norm=global_norm,
+        adagc_thresholds=thresholds,
+        adagc_num_clipped=jnp.sum(clipped, dtype=jnp.int32)
+        if num_leaves else jnp.zeros((), jnp.int32),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,321 @@
+"""adagc: long runs against the float64 reference, state, jit, grad, dtypes."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+from reference import adagc_reference
+
+SHAPES = [(3, 4), (5,), (2, 2, 2)]
+NUM_STEPS = 320
+DEFAULTS = dict(beta=0.98, lambda_rel=1.05, lambda_abs=1.0, warmup_steps=100,
+                eps=1e-8)
+
+
+def _grad_sequence(seed, num_steps=NUM_STEPS, nonfinite=False):
+  """Drifting per-tensor scales with spikes, zero tensors and a zero step."""
+  rng = np.random.default_rng(seed)
+  seq = []
+  for t in range(num_steps):
+    scales = [2.0 * math.exp(-t / 150), 0.1 * (1 + t / 100), 0.5]
+    step = []
+    for i, shape in enumerate(SHAPES):
+      g = rng.normal(size=shape) * scales[i]
+      if rng.random() < 0.04:
+        g = g * 50.0  # spike
+      if rng.random() < 0.03:
+        g = np.zeros(shape)
+      step.append(g.astype(np.float32))
+    seq.append(step)
+  seq[2][2][...] = 0.0  # a zero tensor inside every warmup: gamma_2 = 0
+  if num_steps > 150:
+    seq[150] = [np.zeros(s, np.float32) for s in SHAPES]  # an all-zero step
+  if nonfinite:
+    seq[1][0][0, 0] = np.nan      # warmup: every tensor NaN, gamma kept
+    seq[200][1][2] = np.inf       # after warmup: only tensor 1 NaN
+    seq[201][2][0, 0, 0] = np.nan
+  return seq
+
+
+def _tree(leaves):
+  return {"w": jnp.asarray(leaves[0]), "b": jnp.asarray(leaves[1]),
+          "k": [jnp.asarray(leaves[2])]}
+
+
+def _run(tx, seq, use_jit):
+  update = jax.jit(tx.update) if use_jit else tx.update
+  state = tx.init(_tree(seq[0]))
+  outs, states = [], []
+  for leaves in seq:
+    out, state = update(_tree(leaves), state)
+    outs.append([np.asarray(x, np.float64) for x in jax.tree.leaves(out)])
+    states.append(jax.tree.map(np.asarray, state))
+  return outs, states
+
+
+def _leaf_order(step):
+  # jax.tree.leaves order of _tree: "b", "k"[0], "w" (dict keys sorted).
+  return [step[1], step[2], step[0]]
+
+
+def _compare(outs, states, want, rtol=1e-5, atol=1e-12):
+  for t, (out, state) in enumerate(zip(outs, states)):
+    msg = f"step {t + 1}"
+    want_out = _leaf_order(want["outputs"][t])
+    for got, exp in zip(out, want_out):
+      np.testing.assert_allclose(got, exp, rtol=rtol, atol=atol, err_msg=msg)
+    perm = [1, 2, 0]
+    for field, key in (("adagc_gamma", "gamma"), ("adagc_norms", "norms"),
+                       ("adagc_thresholds", "thresholds")):
+      np.testing.assert_allclose(getattr(state, field),
+                                 want[key][t][perm], rtol=rtol, atol=atol,
+                                 err_msg=f"{msg} {field}")
+    np.testing.assert_allclose(state.adagc_global_norm, want["global_norm"][t],
+                               rtol=rtol, err_msg=msg)
+    assert int(state.adagc_num_clipped) == want["num_clipped"][t], msg
+    assert int(state.adagc_count) == t + 1
+
+
+CONFIGS = {
+    "defaults": DEFAULTS,
+    "warmup1": dict(DEFAULTS, warmup_steps=1, lambda_abs=0.5),
+    "warmup5": dict(beta=0.9, lambda_rel=1.5, lambda_abs=2.0, warmup_steps=5,
+                    eps=0.0),
+    "warmup5_eps": dict(DEFAULTS, warmup_steps=5, eps=1e-3),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_reference(name, use_jit):
+  config = CONFIGS[name]
+  seq = _grad_sequence(seed=len(name))
+  outs, states = _run(oc.adagc(**config), seq, use_jit)
+  _compare(outs, states, adagc_reference(seq, **config))
+  assert sum(s.adagc_num_clipped for s in states) > 0
+
+
+def test_nonfinite_matches_reference(use_jit):
+  config = dict(DEFAULTS, warmup_steps=5)
+  seq = _grad_sequence(seed=3, nonfinite=True)
+  outs, states = _run(oc.adagc(**config), seq, use_jit)
+  want = adagc_reference(seq, **config)
+  _compare(outs, states, want)
+  # Warmup step 2: every tensor NaN, thresholds untouched.
+  assert all(np.isnan(x).all() for x in outs[1])
+  np.testing.assert_array_equal(states[1].adagc_gamma, states[0].adagc_gamma)
+  # Step 201: only the inf tensor ("b", leaf 0) is NaN; its gamma is kept.
+  assert np.isnan(outs[200][0]).all()
+  assert np.isfinite(outs[200][1]).all() and np.isfinite(outs[200][2]).all()
+  assert states[200].adagc_gamma[0] == states[199].adagc_gamma[0]
+  assert np.isfinite(states[-1].adagc_gamma).all()
+
+
+def test_zero_gamma_is_absorbing_without_eps():
+  """A zero tensor in warmup: eps=0 zeroes it forever, eps>0 lets it recover."""
+  zero_then_ones = [[np.zeros(2, np.float32)]] + [
+      [np.ones(2, np.float32)]] * 20
+  tree = lambda leaves: {"a": jnp.asarray(leaves[0])}
+  for eps, recovers in ((0.0, False), (1e-2, True)):
+    tx = oc.adagc(warmup_steps=1, eps=eps, lambda_rel=2.0)
+    state = tx.init(tree(zero_then_ones[0]))
+    for leaves in zero_then_ones:
+      out, state = tx.update(tree(leaves), state)
+    assert (float(jnp.max(out["a"])) > 0) == recovers
+    assert (float(state.adagc_gamma[0]) > 0) == recovers
+
+
+def test_unclipped_bit_identical_and_clipped_norm_exact():
+  tx = oc.adagc(warmup_steps=1, lambda_rel=1.05)
+  g1 = {"a": jnp.array([3.0, 4.0]) / 10, "b": jnp.array([0.3, -0.7])}
+  state = tx.init(g1)
+  _, state = tx.update(g1, state)
+  g2 = {"a": jnp.array([30.0, 40.0]), "b": jnp.array([0.3, -0.7])}
+  out, state = tx.update(g2, state)
+  assert jnp.array_equal(out["b"], g2["b"])
+  np.testing.assert_allclose(float(jnp.linalg.norm(out["a"])), 1.05 * 0.5,
+                             rtol=1e-6)
+  assert int(state.adagc_num_clipped) == 1
+
+
+def test_empty_tree(use_jit):
+  tx = oc.adagc()
+  update = jax.jit(tx.update) if use_jit else tx.update
+  state = tx.init({})
+  out, state = update({}, state)
+  assert out == {} and state.adagc_gamma.shape == (0,)
+  assert float(state.adagc_global_norm) == 0.0
+  assert int(state.adagc_num_clipped) == 0
+
+
+def test_no_retrace_across_warmup():
+  tx = oc.adagc(warmup_steps=5)
+  seq = _grad_sequence(seed=7, num_steps=10)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(grads, state):
+    return tx.update(grads, state)
+
+  state = tx.init(_tree(seq[0]))
+  for leaves in seq:
+    _, state = step(_tree(leaves), state)
+  assert int(state.adagc_count) == 10
+
+
+def test_numpy_round_trip():
+  tx = oc.adagc(warmup_steps=3)
+  seq = _grad_sequence(seed=11, num_steps=8)
+  state = tx.init(_tree(seq[0]))
+  for leaves in seq[:6]:
+    _, state = tx.update(_tree(leaves), state)
+  flat, treedef = jax.tree.flatten(state)
+  restored = jax.tree.unflatten(treedef, [np.asarray(x) for x in flat])
+  assert type(restored) is type(state)
+  for leaves in seq[6:]:
+    out_a, state = tx.update(_tree(leaves), state)
+    out_b, restored = tx.update(_tree(leaves), restored)
+    chex.assert_trees_all_equal(out_a, out_b)
+    chex.assert_trees_all_equal(state, restored)
+
+
+@pytest.mark.parametrize("warmup_steps", [1, 100])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_grad_finite_at_zero(warmup_steps, eps):
+  tx = oc.adagc(warmup_steps=warmup_steps, eps=eps)
+  zeros = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  state = tx.init(zeros)
+  _, state = tx.update(zeros, state)  # gamma = 0 after a zero warmup
+
+  def loss(grads):
+    out, _ = tx.update(grads, state)
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(out))
+
+  for point in (zeros, {"a": jnp.full(3, 5.0), "b": jnp.ones((2, 2))}):
+    grads = jax.grad(loss)(point)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(grads))
+  grads = jax.grad(loss)(zeros)
+  chex.assert_trees_all_close(grads, jax.tree.map(jnp.ones_like, zeros))
+
+
+def test_bf16_keeps_dtype():
+  config = dict(DEFAULTS, warmup_steps=5)
+  seq = _grad_sequence(seed=5, num_steps=60)
+  seq16 = [[np.asarray(jnp.asarray(x, jnp.bfloat16)) for x in step]
+           for step in seq]
+  tx = oc.adagc(**config)
+  state = tx.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                               _tree(seq[0])))
+  assert state.adagc_gamma.dtype == jnp.float32
+  update = jax.jit(tx.update)
+  want = adagc_reference([[x.astype(np.float64) for x in s] for s in seq16],
+                         **config)
+  for t, step in enumerate(seq16):
+    tree = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), _tree(step))
+    out, state = update(tree, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, tree)
+    assert state.adagc_gamma.dtype == jnp.float32
+    for got, exp in zip(jax.tree.leaves(out), _leaf_order(want["outputs"][t])):
+      np.testing.assert_allclose(np.asarray(got, np.float64), exp, rtol=1e-2,
+                                 atol=1e-30)
+  np.testing.assert_allclose(state.adagc_gamma, want["gamma"][-1][[1, 2, 0]],
+                             rtol=1e-3)
+
+
+def test_clip_stats_and_tree_get(standard_promotion):
+  tx = optax.chain(oc.adagc(warmup_steps=2), optax.sgd(0.1))
+  params = _tree([np.zeros(s, np.float32) for s in SHAPES])
+  state = tx.init(params)
+  for leaves in _grad_sequence(seed=2, num_steps=3):
+    _, state = tx.update(_tree(leaves), state, params)
+  stats = oc.clip_stats(state)
+  for field in ("adagc_count", "adagc_gamma", "adagc_norms",
+                "adagc_global_norm", "adagc_thresholds", "adagc_num_clipped"):
+    assert f"adagc/{field}" in stats
+  assert int(stats["adagc/adagc_count"]) == 3
+  assert stats["adagc/adagc_gamma"].shape == (3,)
+  chex.assert_trees_all_equal(optax.tree.get(state, "adagc_gamma"),
+                              stats["adagc/adagc_gamma"])
+
+
+def test_inject_hyperparams_schedule():
+  schedule = optax.linear_schedule(1.05, 3.0, transition_steps=40,
+                                   transition_begin=100)
+  tx = optax.inject_hyperparams(oc.adagc)(lambda_rel=schedule)
+  seq = _grad_sequence(seed=13, num_steps=160)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(grads, state):
+    return tx.update(grads, state)
+
+  state = tx.init(_tree(seq[0]))
+  outs, states = [], []
+  for leaves in seq:
+    out, state = step(_tree(leaves), state)
+    outs.append([np.asarray(x, np.float64) for x in jax.tree.leaves(out)])
+    states.append(jax.tree.map(np.asarray, state.inner_state))
+  want = adagc_reference(seq, **dict(
+      DEFAULTS, lambda_rel=lambda t: float(schedule(t))))
+  _compare(outs, states, want)
+  assert float(state.hyperparams["lambda_rel"]) == pytest.approx(3.0)
+
+
+def test_inject_hyperparams_warmup_steps_static():
+  with pytest.raises(TypeError, match=r"static_args=\('warmup_steps',\)"):
+    optax.inject_hyperparams(oc.adagc)(warmup_steps=5).init({"a": jnp.ones(2)})
+  tx = optax.inject_hyperparams(oc.adagc, static_args=("warmup_steps",))(
+      warmup_steps=5, lambda_rel=1.2)
+  state = tx.init({"a": jnp.ones(2)})
+  _, state = jax.jit(tx.update)({"a": jnp.ones(2)}, state)
+  assert int(state.inner_state.adagc_count) == 1
+
+
+BAD_ARGS = [
+    (dict(beta=0.0), ValueError, r"adagc: beta must be in the open interval "
+     r"\(0, 1\), got 0\.0"),
+    (dict(beta=1.0), ValueError, r"adagc: beta .* \(0, 1\), got 1\.0"),
+    (dict(beta=-0.5), ValueError, r"adagc: beta .* got -0\.5"),
+    (dict(beta=math.nan), ValueError, r"adagc: beta must be .*got nan"),
+    (dict(beta="0.9"), TypeError, r"adagc: beta must be a real number"),
+    (dict(lambda_rel=-1.0), ValueError,
+     r"adagc: lambda_rel must be a non-negative scalar.*got -1\.0"),
+    (dict(lambda_rel=math.nan), ValueError, r"adagc: lambda_rel .*got nan"),
+    (dict(lambda_rel=np.ones(2)), ValueError,
+     r"adagc: lambda_rel must be a scalar"),
+    (dict(lambda_abs=-0.1), ValueError,
+     r"adagc: lambda_abs must be a non-negative scalar.*got -0\.1"),
+    (dict(lambda_abs=None), TypeError, r"adagc: lambda_abs must be a real"),
+    (dict(warmup_steps=0), ValueError,
+     r"adagc: warmup_steps must be an int >= 1, got 0"),
+    (dict(warmup_steps=2.5), TypeError,
+     r"adagc: warmup_steps must be an int >= 1, got 2\.5"),
+    (dict(warmup_steps=jnp.asarray(3)), TypeError,
+     r"adagc: warmup_steps .*static_args"),
+    (dict(eps=-1e-8), ValueError,
+     r"adagc: eps must be finite and non-negative \(0 <= eps < inf\), got"
+     r" -1e-08"),
+    (dict(eps=math.inf), ValueError, r"adagc: eps .*got inf"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_ARGS,
+                         ids=[str(a[0]) for a in BAD_ARGS])
+def test_bad_arguments(kwargs, error, message):
+  with pytest.raises(error, match=message):
+    oc.adagc(**kwargs)
+
+
+def test_valid_edge_arguments():
+  tx = oc.adagc(lambda_rel=math.inf, lambda_abs=0.0, warmup_steps=1, eps=0.0)
+  g = {"a": jnp.array([3.0, 4.0])}
+  out, state = tx.update(g, tx.init(g))
+  assert float(jnp.max(jnp.abs(out["a"]))) == 0.0  # lambda_abs = 0: zeros
+  out, state = tx.update(g, state)
+  assert jnp.array_equal(out["a"], g["a"])  # lambda_rel = inf: no clipping
+  assert int(state.adagc_num_clipped) == 0
