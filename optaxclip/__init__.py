@@ -13,6 +13,8 @@ from optaxclip._norm_clip import clip_by_block_rms
 from optaxclip._norm_clip import clip_by_global_norm
 from optaxclip._norm_clip import clip_by_norm
 from optaxclip._norms import global_norm
+from optaxclip._skip import SkipStepState
+from optaxclip._skip import skip_step
 from optaxclip._stats import clip_stats
 from optaxclip._value import ClipByValueState
 from optaxclip._value import clip
@@ -40,6 +42,8 @@ __all__ = (
     "clip_by_value",
     "clip_stats",
     "global_norm",
+    "SkipStepState",
+    "skip_step",
     "ZClipState",
     "zclip",
 )

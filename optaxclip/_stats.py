@@ -101,7 +101,9 @@ def _collect(tree: Any, stats: dict[str, jax.Array], seen: dict[str, int]):
     key_prefix = prefix if index == 0 else f"{prefix}_{index}"
     for field, value in zip(node._fields, node):
       inner = jax.tree.leaves(value, is_leaf=_is_clip_state)
-      if len(inner) == 1 and not _is_clip_state(inner[0]):
+      if isinstance(value, (tuple, list, dict)):
+        nested.append(value)  # a wrapped optimizer's state, not a statistic
+      elif len(inner) == 1 and not _is_clip_state(inner[0]):
         stats[f"{key_prefix}/{field}"] = _unwrap(value)
       elif inner:
         nested.append(value)

@@ -8,6 +8,8 @@ buckets, safe square roots or dtypes: they are the textbook rules.
 from __future__ import annotations
 
 import math
+import statistics
+from typing import Optional
 
 import numpy as np
 
@@ -249,3 +251,52 @@ def adagc_reference(grad_seq, beta, lambda_rel, lambda_abs, warmup_steps, eps):
     history["global_norm"].append(global_norm)
     history["num_clipped"].append(num_clipped)
   return history
+
+
+# skip_step: a list of accepted norms, statistics.pstdev.
+def skip_step_reference(
+    norms,
+    max_norm: Optional[float] = None,
+    spike_sigmas: Optional[float] = None,
+    window: int = 128,
+    warmup_steps: Optional[int] = None,
+    skip_nonfinite: bool = True,
+) -> list[tuple[bool, float]]:
+  """Per step: (skipped, threshold the norm was compared with).
+
+  A step is skipped when its norm is non-finite (if ``skip_nonfinite``), or
+  when it is finite and above ``min(max_norm, mean + spike_sigmas * std)``,
+  where mean and population std are over the last ``window`` accepted finite
+  norms and the spike term applies once ``warmup_steps`` (default ``window``)
+  norms have been accepted. A non-finite norm is never skipped by the
+  thresholds; accepted non-finite norms are not recorded in the history.
+  """
+  if warmup_steps is None:
+    warmup_steps = window
+  history: list[float] = []
+  out = []
+  for norm in norms:
+    norm = float(norm)
+    threshold = math.inf
+    if max_norm is not None:
+      threshold = min(threshold, float(max_norm))
+    if spike_sigmas is not None and len(history) >= warmup_steps:
+      recent = history[-window:]
+      mean = statistics.fmean(recent)
+      std = statistics.pstdev(recent, mu=mean)
+      threshold = min(threshold, mean + float(spike_sigmas) * std)
+    finite = math.isfinite(norm)
+    if finite:
+      skipped = norm > threshold
+    else:
+      skipped = skip_nonfinite
+    if finite and not skipped:
+      history.append(norm)
+    out.append((skipped, threshold))
+  return out
+
+
+def accepted_norms(norms, decisions) -> list[float]:
+  """The norms the rule records: accepted steps with a finite norm."""
+  return [float(n) for n, (skipped, _) in zip(norms, decisions)
+          if not skipped and math.isfinite(float(n))]

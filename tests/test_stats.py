@@ -96,3 +96,17 @@ def test_wrappers(wrap):
   np.testing.assert_allclose(
       float(oc.clip_stats(state)["clip_by_global_norm/global_norm"]), 13.0,
       rtol=1e-6)
+
+
+def test_clippers_inside_skip_step_are_found():
+  grads = _grads()
+  tx = oc.skip_step(optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(0.1)),
+                    max_norm=100.0)
+  _, state = tx.update(grads, tx.init(grads))
+  stats = oc.clip_stats(state)
+  assert "skip_step/inner_state" not in stats
+  assert not bool(stats["skip_step/step_skipped"])
+  np.testing.assert_allclose(float(stats["skip_step/skip_norm"]), 13.0,
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(stats["clip_by_global_norm/global_norm"]),
+                             13.0, rtol=1e-6)
