@@ -5,6 +5,7 @@ import math
 import pathlib
 
 import numpy as np
+import pytest
 
 _EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -36,3 +37,17 @@ def test_toy_regression_trains_and_logs_the_raw_norm():
   # gradients exceed max_norm = 1, and the clipped flag agrees with the norm.
   assert raw[0] > 1.0
   assert history["clipped"] == [n > 1.0 for n in raw]
+
+
+@pytest.mark.usefixtures("standard_promotion")  # optax.adam in the example
+def test_spiky_training_example_runs_and_clipping_helps():
+  spiky = _load("spiky_training")
+  results = spiky.main(steps=60, out=None, verbose=False)
+  baseline = results["no clipping"]["final_loss"]
+  for name, history in results.items():
+    assert np.isfinite(history["loss"]).all(), name
+    if name != "no clipping":
+      # Each method contains the two injected spikes (steps 25 and 50).
+      assert history["final_loss"] < baseline, name
+  # skip_step skips exactly the two spike steps once its warmup has passed.
+  assert results["skip_step"]["acted"] == 2
