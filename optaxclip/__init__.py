@@ -13,6 +13,8 @@ from optaxclip._norm_clip import clip_by_block_rms
 from optaxclip._norm_clip import clip_by_global_norm
 from optaxclip._norm_clip import clip_by_norm
 from optaxclip._norms import global_norm
+from optaxclip._per_example import ClipPerExampleState
+from optaxclip._per_example import clip_per_example
 from optaxclip._skip import SkipStepState
 from optaxclip._skip import skip_step
 from optaxclip._stats import clip_stats
@@ -40,6 +42,8 @@ __all__ = (
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
+    "ClipPerExampleState",
+    "clip_per_example",
     "clip_stats",
     "global_norm",
     "SkipStepState",

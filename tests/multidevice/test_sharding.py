@@ -626,3 +626,199 @@ def test_agc_hlo_communicates_only_unit_norms(layout, axis_type):
     # Sharded leaves must be combined across devices somehow (at least the
     # clipped-unit count).
     assert collectives, hlo
+
+
+# ------------------------------ 8. stateful clippers over several steps ----
+#
+# The adaptive clippers and skip_step carry state from step to step. The
+# gradient scales below make the thresholds move: two small warmup-like steps,
+# then a spike (about 14: clipped by autoclip and zclip, skipped by skip_step
+# with max_norm=5), then a normal step.
+
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# optax.sgd (no momentum) runs under the strict promotion of conftest.py.
+STEP_SCALES = (0.1, 0.2, 1.0, 0.15)
+SKIP_MAX_NORM = 5.0
+
+STATEFUL = {
+    "autoclip": lambda axis_name=None: oc.autoclip(
+        50.0, history_size=4, axis_name=axis_name),
+    "zclip": lambda axis_name=None: oc.zclip(
+        warmup_steps=2, max_norm=None, axis_name=axis_name),
+    "adagc": lambda: oc.adagc(warmup_steps=2),
+    "skip_step": lambda axis_name=None: oc.skip_step(
+        optax.sgd(0.1), max_norm=SKIP_MAX_NORM, axis_name=axis_name),
+}
+
+# The field of each state holding the step's pre-clip global L2 norm.
+NORM_FIELD = {"autoclip": "autoclip_norm", "zclip": "zclip_norm",
+              "adagc": "adagc_global_norm", "skip_step": "skip_norm"}
+
+
+def _step_trees() -> list[dict]:
+  return [jax.tree.map(lambda x, s=s: (np.float32(s) * x).astype(np.float32),
+                       _tree(20 + i))
+          for i, s in enumerate(STEP_SCALES)]
+
+
+def _run_steps(tx, trees):
+  """Jitted ``tx.update`` over ``trees``: (per-step updates, states)."""
+  update = jax.jit(tx.update)
+  state = tx.init(trees[0])
+  all_updates, states = [], []
+  for t in trees:
+    updates, state = update(t, state)
+    all_updates.append(updates)
+    states.append(state)
+  return all_updates, states
+
+
+def _check_stateful_premise(name, states, trees):
+  """The scales do what the comments above say (so the test means something)."""
+  norms = [_np_norm(jax.tree.leaves(t), 2) for t in trees]
+  assert norms[2] > SKIP_MAX_NORM > max(norms[0], norms[1], norms[3])
+  for s, n in zip(states, norms):
+    np.testing.assert_allclose(float(getattr(s, NORM_FIELD[name])), n,
+                               rtol=1e-5)
+  if name == "autoclip":  # median of the history; step 2 exceeds it too
+    assert [bool(s.autoclip_clipped) for s in states] == [
+        False, True, True, False]
+  elif name == "zclip":
+    assert [bool(s.zclip_spike) for s in states] == [False, False, True, False]
+  elif name == "skip_step":
+    assert [bool(s.step_skipped) for s in states] == [
+        False, False, True, False]
+  else:  # adagc: warmup clips the global norm at 1, then per-tensor EMA
+    assert [int(s.adagc_count) for s in states] == [1, 2, 3, 4]
+    assert int(states[0].adagc_num_clipped) == 3  # norm 1.4 > lambda_abs = 1
+    assert int(states[2].adagc_num_clipped) > 0
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("layout", ["two_axes", "replicated"])
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_stateful_sharded_jit_matches_single_device(name, layout, axis_type):
+  trees = _step_trees()
+  tx = STATEFUL[name]()
+  mesh = _mesh_2d(axis_type)
+
+  ref_updates, ref_states = _run_steps(tx, [_one_device(t) for t in trees])
+  _check_stateful_premise(name, ref_states, trees)
+
+  with _mesh_context(axis_type):
+    sharded = [_put(t, mesh, LAYOUTS[layout]) for t in trees]
+    updates, states = _run_steps(tx, sharded)
+
+  for step in range(len(trees)):
+    _assert_tree_allclose(updates[step], ref_updates[step], rtol=1e-5)
+    _assert_tree_allclose(states[step], ref_states[step], rtol=1e-5)
+    _assert_keeps_shape_dtype_and_sharding(updates[step], sharded[step])
+  _check_stateful_premise(name, states, trees)
+  if name == "skip_step":  # the skipped step's updates are exact zeros
+    for x in jax.tree.leaves(updates[2]):
+      np.testing.assert_array_equal(np.asarray(x), 0.0)
+
+
+@pytest.mark.parametrize("name", ["autoclip", "zclip", "skip_step"])
+def test_stateful_shard_map_with_axis_name(name):
+  trees = _step_trees()
+  tx = STATEFUL[name](axis_name="x")
+  field = NORM_FIELD[name]
+
+  def local(ts):
+    state = tx.init(ts[0])
+    all_updates, norms = [], []
+    for t in ts:
+      updates, state = tx.update(t, state)
+      all_updates.append(updates)
+      norms.append(getattr(state, field))
+    norms = jnp.stack(norms)
+    per_device = jax.tree.map(lambda x: x[None], state)
+    # The final state as P() (shard_map checks it is device-invariant) and
+    # stacked over devices, to compare every device's value explicitly.
+    return all_updates, state, norms, norms[None], per_device
+
+  updates, state, norms, norms_per_dev, state_per_dev = _shard_map_jit(
+      local, out_specs=(P("x"), P(), P(), P("x"), P("x")))(tuple(trees))
+
+  # Every step's norm is the float64 norm of the full tree, on every device.
+  full_norms = np.array([_np_norm(jax.tree.leaves(t), 2) for t in trees])
+  np.testing.assert_allclose(np.asarray(norms), full_norms, rtol=1e-5)
+  assert norms_per_dev.shape == (NUM_DEVICES, len(trees))
+  np.testing.assert_allclose(np.asarray(norms_per_dev),
+                             np.broadcast_to(full_norms, norms_per_dev.shape),
+                             rtol=1e-5)
+  # Every device holds the same final state.
+  for leaf in jax.tree.leaves(state_per_dev):
+    leaf = np.asarray(leaf)
+    assert leaf.shape[0] == NUM_DEVICES
+    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
+
+  # Equal, step by step, to the single-device transform on the full trees.
+  ref_tx = STATEFUL[name]()
+  ref_updates, ref_states = _run_steps(ref_tx, [_one_device(t) for t in trees])
+  _check_stateful_premise(name, ref_states, trees)
+  for step in range(len(trees)):
+    jax.tree.map(lambda u, x: np.testing.assert_equal(u.shape, x.shape),
+                 updates[step], trees[step])
+    _assert_tree_allclose(updates[step], ref_updates[step], rtol=1e-5)
+  _assert_tree_allclose(state, ref_states[-1], rtol=1e-5)
+  _assert_tree_allclose(
+      jax.tree.map(lambda x: np.asarray(x)[0], state_per_dev), ref_states[-1],
+      rtol=1e-5)
+
+
+# ----------------------------------- clip_per_example with a split tree ----
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_shard_map_clip_per_example_with_axis_name(reduce):
+  """Per-example gradients whose feature axis is split across 8 devices."""
+  rng = np.random.default_rng(11)
+  batch = 4
+  grads = {"w": rng.standard_normal((batch, 16)).astype(np.float32),
+           "v": rng.standard_normal((batch, 8, 2)).astype(np.float32)}
+  grads["w"][1] *= 10.0  # one example far above the threshold
+  per_example = np.sqrt(sum(np.sum(np.asarray(g, np.float64).reshape(
+      batch, -1) ** 2, axis=1) for g in grads.values()))
+  max_norm = float(np.median(per_example))
+  tx = oc.clip_per_example(max_norm, reduce=reduce, axis_name="x")
+
+  def local(t):
+    return tx.update(t, tx.init(t))
+
+  spec = P(None, "x")
+  mapped = jax.jit(_shard_map(local, mesh=_mesh_x(), in_specs=(spec,),
+                              out_specs=(P("x"), P())))
+  sharded = {k: jax.device_put(v, NamedSharding(_mesh_x(), spec))
+             for k, v in grads.items()}
+  updates, state = mapped(sharded)
+  scales = np.where(per_example <= max_norm, 1.0, max_norm / per_example)
+  for name, g in grads.items():
+    want = np.tensordot(scales, np.asarray(g, np.float64), axes=1)
+    if reduce == "mean":
+      want = want / batch
+    np.testing.assert_allclose(np.asarray(updates[name]), want, rtol=1e-5,
+                               atol=1e-6)
+  assert int(state.num_clipped_examples) == int(np.sum(per_example > max_norm))
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_sharded_jit_clip_per_example(axis_type):
+  """Batch on "data", features on "model": equal to one device."""
+  rng = np.random.default_rng(12)
+  grads = {"w": rng.standard_normal((8, 16)).astype(np.float32),
+           "b": rng.standard_normal((8, 4)).astype(np.float32)}
+  grads["w"][3] *= 20.0
+  tx = oc.clip_per_example(1.0, reduce="mean")
+  ref_updates, ref_state = jax.jit(tx.update)(_one_device(grads),
+                                              tx.init(grads))
+  mesh = _mesh_2d(axis_type)
+  with _mesh_context(axis_type):
+    sharded = {k: jax.device_put(v, NamedSharding(mesh, P("data", "model")))
+               for k, v in grads.items()}
+    updates, state = jax.jit(tx.update)(sharded, tx.init(sharded))
+  _assert_tree_allclose(updates, ref_updates, rtol=1e-5)
+  _assert_tree_allclose(state, ref_state, rtol=1e-6)
+  assert int(state.num_clipped_examples) >= 1

@@ -1,0 +1,287 @@
+"""Per-example clipping for DP-SGD, with optional noise and adaptive threshold.
+
+:func:`clip_per_example` takes a batch of per-example gradients (every leaf
+has a leading batch axis, e.g. from ``jax.vmap(jax.grad(loss))``), clips each
+example by its own global L2 norm, and sums or averages the clipped examples:
+the clipping step of DP-SGD (Abadi et al. 2016). Optionally it adds the
+Gaussian noise of DP-SGD to the sum, and adapts the threshold towards a target
+quantile of the per-example norms (Andrew et al. 2019, non-private estimator).
+
+The per-example norms come from the one norm kernel
+(:func:`optaxclip._norms.global_norm_from`, mapped over the batch with
+``jax.vmap``) and the scale rule from :func:`optaxclip._norms.clip_scale`.
+
+References:
+  Abadi et al., `Deep Learning with Differential Privacy
+  <https://arxiv.org/abs/1607.00133>`_, 2016.
+  Andrew et al., `Differentially Private Learning with Adaptive Clipping
+  <https://arxiv.org/abs/1905.03871>`_, 2019.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _norms
+from optaxclip import _stats
+from optaxclip import _validate
+
+_FN = "clip_per_example"
+_REDUCTIONS = ("mean", "sum")
+
+
+@_stats.register_state("clip_per_example")
+class ClipPerExampleState(NamedTuple):
+  """State of :func:`clip_per_example`: what the last step did."""
+
+  # scalar float32: the threshold C for the *next* step (fixed at max_norm
+  # unless target_quantile is set, then adapted after every step).
+  per_example_max_norm: jax.Array
+  # int32 scalar: how many finite examples were rescaled in the last step.
+  num_clipped_examples: jax.Array
+  # int32 scalar: how many examples had a non-finite norm (and were excluded).
+  num_nonfinite_examples: jax.Array
+  # scalar float32: mean pre-clip norm of the finite examples (0 if none).
+  per_example_norm_mean: jax.Array
+  # uint32[2]: raw PRNG key for the next step's noise (split every step).
+  per_example_rng: jax.Array
+
+
+def _check_seed(seed: Any) -> None:
+  if _validate.is_traced(seed):
+    return
+  array = np.asarray(seed) if not isinstance(seed, (bool, np.bool_)) else None
+  if array is None or array.ndim != 0 or not np.issubdtype(array.dtype,
+                                                          np.integer):
+    raise ValueError(
+        f"{_FN}: seed must be an int (the PRNG seed of the noise), got"
+        f" {seed!r}.")
+
+
+def _batch_size(leaves: list[jax.Array]) -> int:
+  """The shared leading-axis size of all leaves, or a ValueError."""
+  shapes = [tuple(x.shape) for x in leaves]
+  sizes = {s[0] if s else None for s in shapes}
+  if None in sizes or len(sizes) != 1:
+    raise ValueError(
+        f"{_FN}: every leaf of updates must be a batch of per-example"
+        " gradients with the same leading (batch) axis, e.g. from"
+        f" jax.vmap(jax.grad(loss)); got leaf shapes {shapes}.")
+  return sizes.pop()
+
+
+def _sum_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype the batch sum runs in: at least float32, complex kept."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return dtype
+  return _norms.accumulation_dtype(dtype)
+
+
+def clip_per_example(
+    max_norm: Any,
+    *,
+    reduce: str = "mean",
+    noise_multiplier: Optional[Any] = None,
+    seed: Any = 0,
+    target_quantile: Optional[Any] = None,
+    quantile_lr: Any = 0.2,
+    axis_name: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clips each example's gradient by its global L2 norm, then sums or averages.
+
+  ``updates`` is a tree of per-example gradients: every leaf has a leading
+  batch axis of the same size :math:`B`. With :math:`g_b` the gradient of
+  example :math:`b` (all leaves) and threshold :math:`C`:
+
+  .. math::
+    \bar g = \frac{1}{B}\Big(\sum_{b} g_b \cdot \min\!\big(1, C/\|g_b\|_2\big)
+    + \mathcal{N}(0, \sigma^2 C^2 I)\Big)
+
+  (no :math:`1/B` with ``reduce="sum"``; no noise unless ``noise_multiplier``
+  :math:`\sigma` is given). Output leaves have the per-example shape (batch
+  axis removed) and the input dtype; bf16/fp16 examples are scaled and summed
+  in float32 and cast back once. With ``reduce="sum"`` and no noise the result
+  equals ``optax.per_example_global_norm_clip(jax.tree.leaves(updates),
+  max_norm)[0]`` on finite input.
+
+  **Non-finite examples.** optax lets an example whose norm is NaN pass
+  unclipped (poisoning the sum). Here an example with an inf/NaN norm is
+  *excluded*: its contribution is an exact zero (selected with ``where``,
+  never ``0 * nan``) and it is counted in ``num_nonfinite_examples``. With
+  ``reduce="mean"`` the sum is still divided by the full batch size :math:`B`:
+  the DP-SGD sensitivity analysis assumes a fixed denominator, and a
+  data-dependent one would leak how many examples were dropped. Under
+  ``jax.grad``, the gradient with respect to a non-finite example is NaN
+  (its norm's backward pass sees the NaN); the other examples' gradients are
+  unaffected. Masking it too would cost a second pass over the gradients.
+
+  **Noise** (DP-SGD). With ``noise_multiplier`` :math:`\sigma`, Gaussian noise
+  of standard deviation :math:`\sigma C` (the threshold used in this step) is
+  added to every element of the *sum*, before averaging. The PRNG key lives
+  in the state as a raw ``uint32[2]`` key (``jax.random.PRNGKey(seed)``, so
+  the state checkpoints as a plain array) and is split every step, so noise
+  never repeats; the same seed and state give the same noise. With
+  ``axis_name`` the key is folded with the device's axis index, so each
+  shard of a split tree gets independent noise. Privacy accounting is the
+  user's job.
+
+  **Adaptive threshold** (Andrew et al., non-private quantile estimator). With
+  ``target_quantile`` :math:`\gamma`, :math:`C` lives in the state (starting
+  at ``max_norm``) and after each step
+
+  .. math::
+    C \leftarrow C \cdot \exp\!\big(-\eta\,(\bar b - \gamma)\big),
+
+  where :math:`\bar b` is the fraction of the finite examples whose norm is
+  at most the :math:`C` used in this step and :math:`\eta` is
+  ``quantile_lr``. A batch with no finite example leaves :math:`C` unchanged.
+  The estimate of :math:`\bar b` is not privatised.
+
+  Args:
+    max_norm: the per-example threshold :math:`C` (initial value when
+      ``target_quantile`` is set), a non-negative scalar.
+    reduce: ``"mean"`` (default, divide by the batch size) or ``"sum"``.
+    noise_multiplier: :math:`\sigma \ge 0`; ``None`` (default) adds no noise.
+      Requires a finite ``max_norm``.
+    seed: int seed of the noise PRNG key.
+    target_quantile: :math:`\gamma \in [0, 1]` to adapt :math:`C`; ``None``
+      (default) keeps it fixed at ``max_norm``.
+    quantile_lr: :math:`\eta \ge 0`, the geometric step size of the threshold
+      update (default 0.2).
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis across which
+      each example's gradient is *split*; per-example partial norms are
+      combined with ``psum``. (A batch split across devices is not combined:
+      sum the outputs yourself.)
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`ClipPerExampleState`.
+
+  Raises:
+    ValueError: at construction, for a negative/NaN ``max_norm``, an unknown
+      ``reduce``, a negative ``noise_multiplier`` (or one with an infinite
+      ``max_norm``), ``target_quantile`` outside [0, 1], a negative
+      ``quantile_lr`` or a non-integer ``seed``; at trace time, when the
+      leaves of ``updates`` do not share one leading batch size.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optaxclip._per_example import clip_per_example
+    >>> tx = clip_per_example(1.0, reduce="sum")
+    >>> per_example = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+    >>> updates, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
+    >>> updates["w"]
+    Array([0.90000004, 1.2       ], dtype=float32)
+    >>> int(state.num_clipped_examples), state.per_example_norm_mean
+    (1, Array(2.75, dtype=float32))
+
+  References:
+    Abadi et al., `Deep Learning with Differential Privacy
+    <https://arxiv.org/abs/1607.00133>`_, 2016.
+    Andrew et al., `Differentially Private Learning with Adaptive Clipping
+    <https://arxiv.org/abs/1905.03871>`_, 2019.
+    Peers: ``optax.per_example_global_norm_clip``,
+    ``optax.contrib.differentially_private_aggregate``.
+  """
+  _validate.check_threshold(_FN, "max_norm", max_norm)
+  reduce = _validate.check_choice(_FN, "reduce", reduce, _REDUCTIONS)
+  if noise_multiplier is not None:
+    _validate.check_threshold(_FN, "noise_multiplier", noise_multiplier)
+    if (not _validate.is_traced(max_norm)
+        and not np.isfinite(float(np.asarray(max_norm)))):
+      raise ValueError(
+          f"{_FN}: noise_multiplier needs a finite max_norm (the noise std is"
+          f" noise_multiplier * max_norm), got max_norm={max_norm!r}.")
+  if target_quantile is not None:
+    _validate.check_in_range(_FN, "target_quantile", target_quantile, 0.0,
+                             1.0, low_open=False, high_open=False)
+  _validate.check_threshold(_FN, "quantile_lr", quantile_lr)
+  _check_seed(seed)
+
+  def init_fn(params):
+    del params
+    return ClipPerExampleState(
+        per_example_max_norm=jnp.asarray(max_norm).astype(jnp.float32),
+        num_clipped_examples=jnp.zeros((), jnp.int32),
+        num_nonfinite_examples=jnp.zeros((), jnp.int32),
+        per_example_norm_mean=jnp.zeros((), jnp.float32),
+        per_example_rng=jax.random.PRNGKey(seed),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(x) for x in leaves]
+    if target_quantile is None:
+      # Read from the argument, not the state, so injected schedules apply.
+      threshold = jnp.asarray(max_norm).astype(jnp.float32)
+    else:
+      threshold = state.per_example_max_norm
+    noise_rng, next_rng = jax.random.split(state.per_example_rng)
+    if not leaves:
+      return updates, state._replace(per_example_max_norm=threshold,
+                                     per_example_rng=next_rng)
+    batch = _batch_size(leaves)
+
+    norms = jax.vmap(lambda ex: _norms.global_norm_from(ex, 2, axis_name))(
+        leaves)
+    finite = jnp.isfinite(norms)
+    scale, clipped = _norms.clip_scale(norms, threshold)
+    # Excluded examples contribute an exact zero: zero both factors, so the
+    # forward pass never computes 0 * nan.
+    scale = jnp.where(finite, scale, jnp.zeros_like(scale))
+
+    if noise_multiplier is not None:
+      if axis_name is not None:
+        noise_rng = jax.random.fold_in(noise_rng,
+                                       jax.lax.axis_index(axis_name))
+      noise_keys = list(jax.random.split(noise_rng, len(leaves)))
+      noise_std = jnp.asarray(noise_multiplier).astype(jnp.float32) * threshold
+
+    out = []
+    for i, x in enumerate(leaves):
+      dtype = _sum_dtype(x.dtype)
+      mask = finite.reshape((batch,) + (1,) * (x.ndim - 1))
+      x_safe = jnp.where(mask, x, jnp.zeros_like(x)).astype(dtype)
+      # A broadcast multiply and a sum over the batch axis (not tensordot):
+      # under explicit sharding a batch split over devices is then reduced
+      # with an all-reduce instead of being an ambiguous sharded contraction.
+      total = jnp.sum(scale.astype(dtype).reshape(mask.shape) * x_safe, axis=0)
+      if noise_multiplier is not None:
+        noise = jax.random.normal(noise_keys[i], total.shape, dtype)
+        total = total + noise * noise_std.astype(dtype)
+      if reduce == "mean":
+        total = total / jnp.asarray(batch, dtype)
+      out.append(total.astype(x.dtype))
+
+    num_finite = jnp.sum(finite, dtype=jnp.int32)
+    finite_norms = jnp.where(finite, norms, jnp.zeros_like(norms))
+    norm_mean = jnp.sum(finite_norms) / jnp.maximum(num_finite, 1).astype(
+        norms.dtype)
+    if target_quantile is None:
+      next_threshold = threshold
+    else:
+      num_within = jnp.sum(finite & jnp.logical_not(clipped), dtype=jnp.int32)
+      fraction = (num_within.astype(jnp.float32)
+                  / jnp.maximum(num_finite, 1).astype(jnp.float32))
+      gamma = jnp.asarray(target_quantile).astype(jnp.float32)
+      lr = jnp.asarray(quantile_lr).astype(jnp.float32)
+      adapted = threshold * jnp.exp(-lr * (fraction - gamma))
+      next_threshold = jnp.where(num_finite > 0, adapted, threshold)
+
+    new_state = ClipPerExampleState(
+        per_example_max_norm=next_threshold,
+        num_clipped_examples=jnp.sum(clipped & finite, dtype=jnp.int32),
+        num_nonfinite_examples=batch - num_finite,
+        per_example_norm_mean=norm_mean.astype(jnp.float32),
+        per_example_rng=next_rng,
+    )
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,293 @@
+"""Tests for clip_per_example (per-example clipping, DP-SGD noise, quantiles)."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optaxclip as oc
+import pytest
+
+from optaxclip import _stats
+from helpers import maybe_jit
+
+
+def per_example_reference(leaves, max_norm, reduce="sum"):
+  """Float64 NumPy DP-SGD clipping (Abadi et al. 2016, Alg. 1, no noise).
+
+  Each example b is scaled by min(1, C / ||g_b||_2), its norm taken over all
+  leaves; examples with a non-finite norm are dropped; the clipped examples
+  are summed, or divided by the full batch size for "mean".
+
+  Returns:
+    (list of float64 output leaves, number of clipped finite examples,
+    number of non-finite examples).
+  """
+  leaves = [np.asarray(x, np.float64) for x in leaves]
+  batch = leaves[0].shape[0]
+  outs = [np.zeros(x.shape[1:]) for x in leaves]
+  num_clipped = num_nonfinite = 0
+  for b in range(batch):
+    norm = math.sqrt(sum(float(np.sum(x[b] ** 2)) for x in leaves))
+    if not math.isfinite(norm):
+      num_nonfinite += 1
+      continue
+    scale = 1.0 if norm <= max_norm else max_norm / norm
+    num_clipped += norm > max_norm
+    for out, x in zip(outs, leaves):
+      out += x[b] * scale
+  if reduce == "mean":
+    outs = [out / batch for out in outs]
+  return outs, num_clipped, num_nonfinite
+
+
+def _batch(batch=6, seed=0, dtype=jnp.float32, spread=3.0):
+  rng = np.random.default_rng(seed)
+  # Example b is scaled by a factor spread over [0.1, spread] so some
+  # examples are clipped and some are not.
+  factors = np.linspace(0.1, spread, batch)
+  w = rng.normal(size=(batch, 3, 4)) * factors[:, None, None]
+  bias = rng.normal(size=(batch, 4)) * factors[:, None]
+  return {"w": jnp.asarray(w, dtype), "b": jnp.asarray(bias, dtype)}
+
+
+def _params(grads):
+  return jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), grads)
+
+
+def _run(tx, grads, use_jit=False, state=None):
+  if state is None:
+    state = tx.init(_params(grads))
+  return maybe_jit(tx.update, use_jit)(grads, state)
+
+
+def _close(got, want64, rtol=1e-5, atol=1e-6):
+  for g, w in zip(jax.tree.leaves(got), want64):
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol,
+                               atol=atol)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 2.0, math.inf])
+def test_sum_matches_optax(max_norm, use_jit):
+  grads = _batch()
+  out, state = _run(oc.clip_per_example(max_norm, reduce="sum"), grads, use_jit)
+  want, want_count = optax.per_example_global_norm_clip(
+      jax.tree.leaves(grads), max_norm)
+  for g, w in zip(jax.tree.leaves(out), want):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+  assert int(state.num_clipped_examples) == int(want_count)
+  assert int(state.num_nonfinite_examples) == 0
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("max_norm", [0.0, 1.0, 3.0])
+def test_matches_reference(reduce, max_norm, use_jit):
+  grads = _batch(batch=7, seed=1)
+  out, state = _run(oc.clip_per_example(max_norm, reduce=reduce), grads, use_jit)
+  want, num_clipped, _ = per_example_reference(
+      jax.tree.leaves(grads), max_norm, reduce)
+  _close(out, want)
+  assert int(state.num_clipped_examples) == num_clipped
+  assert jax.tree.map(jnp.shape, out) == jax.tree.map(jnp.shape,
+                                                       _params(grads))
+  norms = [np.sqrt(sum(np.sum(np.asarray(x[b], np.float64) ** 2)
+                       for x in jax.tree.leaves(grads))) for b in range(7)]
+  np.testing.assert_allclose(state.per_example_norm_mean, np.mean(norms),
+                             rtol=1e-5)
+
+
+def test_mean_is_sum_over_batch_size():
+  grads = _batch(batch=5)
+  total, _ = _run(oc.clip_per_example(1.0, reduce="sum"), grads)
+  mean, _ = _run(oc.clip_per_example(1.0, reduce="mean"), grads)
+  for t, m in zip(jax.tree.leaves(total), jax.tree.leaves(mean)):
+    np.testing.assert_allclose(m, t / 5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_non_finite_example_is_excluded_and_counted(bad, reduce, use_jit):
+  grads = _batch(batch=6)
+  grads["w"] = grads["w"].at[2, 1, 1].set(bad)
+  out, state = _run(oc.clip_per_example(1.0, reduce=reduce), grads, use_jit)
+  for leaf in jax.tree.leaves(out):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  # Same as the batch without example 2, but divided by the full batch size.
+  kept = jax.tree.map(lambda x: np.delete(np.asarray(x), 2, axis=0), grads)
+  want, num_clipped, _ = per_example_reference(jax.tree.leaves(kept), 1.0)
+  if reduce == "mean":
+    want = [w / 6 for w in want]
+  _close(out, want)
+  assert int(state.num_nonfinite_examples) == 1
+  assert int(state.num_clipped_examples) == num_clipped
+  assert bool(jnp.isfinite(state.per_example_norm_mean))
+
+
+def test_all_examples_non_finite_gives_zero():
+  grads = {"w": jnp.full((3, 2), jnp.nan, jnp.float32)}
+  out, state = _run(oc.clip_per_example(1.0, target_quantile=0.5), grads)
+  np.testing.assert_array_equal(out["w"], np.zeros(2, np.float32))
+  assert int(state.num_nonfinite_examples) == 3
+  assert float(state.per_example_max_norm) == 1.0  # C unchanged
+  assert float(state.per_example_norm_mean) == 0.0
+
+
+def test_noise_statistics():
+  # Zero gradients: the output is pure noise with std sigma * C / 1 (sum).
+  grads = {"a": jnp.zeros((2, 200, 100), jnp.float32),
+           "b": jnp.zeros((2, 5000), jnp.float32)}
+  tx = oc.clip_per_example(1.0, reduce="sum", noise_multiplier=1.0, seed=3)
+  out, _ = _run(tx, grads)
+  noise = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out)])
+  assert noise.size == 25000
+  assert abs(np.mean(noise)) < 0.03  # 4.7 standard errors
+  assert abs(np.std(noise) - 1.0) < 0.03
+  # Noise std scales with noise_multiplier * max_norm, before the mean.
+  tx = oc.clip_per_example(0.5, reduce="mean", noise_multiplier=2.0, seed=3)
+  out, _ = _run(tx, grads)
+  noise = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out)])
+  assert abs(np.std(noise) - 0.5) < 0.015
+
+
+def test_noise_changes_every_step_and_is_deterministic(use_jit):
+  grads = {"w": jnp.zeros((4, 50), jnp.float32)}
+  tx = oc.clip_per_example(1.0, noise_multiplier=1.0, seed=7)
+  update = maybe_jit(tx.update, use_jit)
+  state0 = tx.init(_params(grads))
+  first, state1 = update(grads, state0)
+  second, _ = update(grads, state1)
+  assert not np.allclose(first["w"], second["w"])
+  again, again_state = update(grads, state0)
+  np.testing.assert_array_equal(first["w"], again["w"])
+  np.testing.assert_array_equal(state1.per_example_rng,
+                                again_state.per_example_rng)
+  other, _ = oc.clip_per_example(1.0, noise_multiplier=1.0, seed=8).update(
+      grads, oc.clip_per_example(1.0, noise_multiplier=1.0, seed=8).init(
+          _params(grads)))
+  assert not np.allclose(first["w"], other["w"])
+  # The key is a plain uint32 array (checkpoint-friendly).
+  assert state0.per_example_rng.dtype == jnp.uint32
+  assert state0.per_example_rng.shape == (2,)
+
+
+def test_quantile_adaptation_matches_numpy_loop(use_jit):
+  gamma, lr, steps, batch = 0.5, 0.2, 50, 16
+  rng = np.random.default_rng(0)
+  data = rng.normal(size=(steps, batch, 8)) * rng.uniform(
+      0.1, 3.0, size=(steps, batch, 1))
+  tx = oc.clip_per_example(20.0, target_quantile=gamma, quantile_lr=lr)
+  update = maybe_jit(tx.update, use_jit)
+  state = tx.init({"w": jnp.zeros(8, jnp.float32)})
+  c = 20.0
+  got, want = [], []
+  for t in range(steps):
+    grads = {"w": jnp.asarray(data[t], jnp.float32)}
+    out, state = update(grads, state)
+    norms = np.linalg.norm(data[t], axis=1)
+    # The output is clipped with the C in force before the update.
+    ref, _, _ = per_example_reference([data[t]], c, "mean")
+    np.testing.assert_allclose(out["w"], ref[0], rtol=2e-4, atol=1e-5)
+    c = c * math.exp(-lr * (np.mean(norms <= c) - gamma))
+    got.append(float(state.per_example_max_norm))
+    want.append(c)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  # It moved from 20 down to about the median per-example norm.
+  median = np.median(np.linalg.norm(data[-10:], axis=2))
+  assert abs(want[-1] / median - 1.0) < 0.3
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float64])
+def test_dtypes_kept(dtype):
+  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    pytest.skip("float64 needs jax_enable_x64")
+  grads = _batch(dtype=dtype)
+  out, state = _run(oc.clip_per_example(1.0, noise_multiplier=0.1), grads)
+  for g, o in zip(jax.tree.leaves(grads), jax.tree.leaves(out)):
+    assert o.dtype == g.dtype
+    assert o.shape == g.shape[1:]
+  if dtype != jnp.float64:
+    out, _ = _run(oc.clip_per_example(1.0), grads)
+    want, _, _ = per_example_reference(
+        [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)], 1.0,
+        "mean")
+    _close(out, want, rtol=1e-2, atol=1e-2)
+  assert state.per_example_max_norm.dtype == jnp.float32
+  assert state.per_example_norm_mean.dtype == jnp.float32
+
+
+def test_jit_compiles_once_over_ten_steps():
+  tx = oc.clip_per_example(1.0, noise_multiplier=0.5, target_quantile=0.5)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(grads, state):
+    return tx.update(grads, state)
+
+  state = tx.init(_params(_batch()))
+  for i in range(10):
+    _, state = step(_batch(seed=i), state)
+  assert state.per_example_max_norm.dtype == jnp.float32
+
+
+def test_grad_through_update_is_finite_at_zero():
+  tx = oc.clip_per_example(1.0)
+  grads = jax.tree.map(jnp.zeros_like, _batch())
+  state = tx.init(_params(grads))
+
+  def loss(g):
+    out, _ = tx.update(g, state)
+    return sum(jnp.sum(x) for x in jax.tree.leaves(out))
+
+  for leaf in jax.tree.leaves(jax.grad(loss)(grads)):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  # A non-finite example does not poison the other examples' gradients (its
+  # own is NaN: the backward pass of its norm sees the NaN input).
+  bad = _batch()
+  bad["b"] = bad["b"].at[0, 0].set(jnp.nan)
+  g = jax.grad(loss)(bad)
+  for leaf in jax.tree.leaves(g):
+    assert bool(jnp.all(jnp.isfinite(leaf[1:])))
+
+
+def test_inject_hyperparams_and_clip_stats():
+  tx = optax.inject_hyperparams(oc.clip_per_example)(max_norm=0.5)
+  grads = _batch()
+  out, state = tx.update(grads, tx.init(_params(grads)))
+  want, _, _ = per_example_reference(jax.tree.leaves(grads), 0.5, "mean")
+  _close(out, want)
+  stats = _stats.clip_stats(state)
+  assert "clip_per_example/num_clipped_examples" in stats
+  assert float(optax.tree.get(state, "per_example_max_norm")) == 0.5
+
+
+def test_mismatched_batch_sizes():
+  tx = oc.clip_per_example(1.0)
+  grads = {"a": jnp.zeros((3, 2)), "b": jnp.zeros((4, 2))}
+  with pytest.raises(ValueError, match=r"clip_per_example.*\(3, 2\).*\(4, 2\)"):
+    tx.update(grads, tx.init(None))
+  with pytest.raises(ValueError, match="batch"):
+    tx.update({"a": jnp.zeros(()), "b": jnp.zeros((1,))}, tx.init(None))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_norm=-1.0), r"clip_per_example: max_norm .*-1\.0"),
+    (dict(max_norm=math.nan), "clip_per_example: max_norm"),
+    (dict(max_norm=1.0, reduce="max"), r"reduce must be one of 'mean', 'sum'"),
+    (dict(max_norm=1.0, noise_multiplier=-0.5),
+     r"clip_per_example: noise_multiplier .*-0\.5"),
+    (dict(max_norm=math.inf, noise_multiplier=1.0),
+     "noise_multiplier needs a finite max_norm"),
+    (dict(max_norm=1.0, target_quantile=1.5),
+     r"clip_per_example: target_quantile must be in \[0, 1\], got 1\.5"),
+    (dict(max_norm=1.0, target_quantile=-0.1), r"target_quantile .*\[0, 1\]"),
+    (dict(max_norm=1.0, target_quantile=0.5, quantile_lr=-0.2),
+     r"clip_per_example: quantile_lr .*-0\.2"),
+    (dict(max_norm=1.0, seed=1.5), r"clip_per_example: seed must be an int"),
+    (dict(max_norm=1.0, seed=True), r"seed must be an int"),
+])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    oc.clip_per_example(**kwargs)
