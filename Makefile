@@ -24,6 +24,7 @@ demo: $(VENV)/.installed-examples
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_clipping.py
+	$(PY) benchmarks/bench_sharded.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
