@@ -25,6 +25,7 @@ demo: $(VENV)/.installed-examples
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_clipping.py
 	$(PY) benchmarks/bench_sharded.py
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
