@@ -51,3 +51,35 @@ def test_spiky_training_example_runs_and_clipping_helps():
       assert history["final_loss"] < baseline, name
   # skip_step skips exactly the two spike steps once its warmup has passed.
   assert results["skip_step"]["acted"] == 2
+
+
+def test_mlp_regression_unclipped_diverges_and_clipped_trains():
+  result = _load("mlp_regression").main(epochs=8, verbose=False)
+  assert not all(math.isfinite(v) for v in result["unclipped"]["losses"])
+  clipped = result["clipped"]
+  assert all(math.isfinite(v) for v in clipped["losses"])
+  assert clipped["losses"][-1] < clipped["losses"][0]
+  np.testing.assert_allclose(clipped["norms"], clipped["raw_norms"], rtol=1e-6)
+
+
+@pytest.mark.usefixtures("standard_promotion")  # optax.adam in the example
+def test_linen_train_state_example():
+  history = _load("linen_train_state").main(steps=30, verbose=False)
+  assert history["losses"][-1] < history["losses"][0]
+  np.testing.assert_allclose(history["logged_norms"], history["raw_norms"],
+                             rtol=1e-6)
+
+
+@pytest.mark.usefixtures("standard_promotion")  # optax.adam in the example
+def test_csv_logging_example(tmp_path):
+  import csv  # pylint: disable=g-import-not-at-top
+  path = _load("csv_logging").main(steps=50, out=str(tmp_path), plot=False)
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 50
+  for row in rows:
+    if row["zclip/zclip_clipped"] == "False":
+      # Nothing changed the gradients between the two clippers.
+      np.testing.assert_allclose(float(row["clip_by_global_norm/global_norm"]),
+                                 float(row["zclip/zclip_norm"]), rtol=1e-6)
+  assert rows[39]["zclip/zclip_spike"] == "True"  # the injected 50x spike
