@@ -242,6 +242,11 @@ def main():
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
   with open(args.out + ".md", "w") as f:
     f.write(table)
+  try:
+    import plot_results  # pylint: disable=g-import-not-at-top
+    print("wrote", plot_results.main(args.out + ".json"))
+  except ImportError:  # matplotlib is in the examples extra, not test
+    pass
 
 
 if __name__ == "__main__":
