@@ -108,6 +108,23 @@ def _safe_sqrt_jvp(primals, tangents):
   return root, slope * dx
 
 
+def std_from_variance(variance: jax.Array) -> jax.Array:
+  """A standard deviation from a (population or EMA) variance.
+
+  The adaptive clippers (ZClip's EMA, ``skip_step``'s window of accepted
+  norms) take it here so every square root in the library goes through
+  :func:`safe_sqrt`: zero-variance histories (a constant norm) keep a finite
+  derivative.
+
+  Args:
+    variance: a non-negative array.
+
+  Returns:
+    ``sqrt(variance)``.
+  """
+  return safe_sqrt(variance)
+
+
 def _squares(x: jax.Array) -> jax.Array:
   """``|x|^2`` element-wise in the accumulation dtype, taken after the cast."""
   acc = accumulation_dtype(x.dtype)

@@ -79,7 +79,7 @@ def _rolling_mean_std(
   # Two passes (mean, then squared deviations): no cancellation when the
   # norms are large and nearly constant.
   deviations = jnp.where(valid, accepted_norms - mean, zeros)
-  std = _norms.safe_sqrt(jnp.sum(deviations * deviations) / count)
+  std = _norms.std_from_variance(jnp.sum(deviations * deviations) / count)
   return mean, std
 
 

@@ -187,7 +187,7 @@ def zclip(
 
     # After warmup: z-score, spike test, adaptive threshold.
     mean, var = state.zclip_mean, state.zclip_var
-    std = _norms.safe_sqrt(var)
+    std = _norms.std_from_variance(var)
     denom = std + jnp.asarray(eps).astype(f32)
     positive = denom > 0
     z = jnp.where(positive, (g - mean) / jnp.where(positive, denom, 1),
