@@ -12,15 +12,13 @@ spiking tensor is tamed without shrinking the others.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms
-from optaxclip import _stats
-from optaxclip import _validate
+from optaxclip import _norms, _stats, _validate
 
 _FN = "adagc"
 
@@ -58,32 +56,35 @@ def _check_beta(beta: Any) -> None:
   value = _validate.check_real(_FN, "beta", beta)
   if value is not None and not 0.0 < value < 1.0:
     raise ValueError(
-        f"{_FN}: beta must be in the open interval (0, 1), got {beta!r}. It"
-        " is the EMA decay of the per-tensor thresholds, e.g. beta=0.98.")
+      f"{_FN}: beta must be in the open interval (0, 1), got {beta!r}. It"
+      " is the EMA decay of the per-tensor thresholds, e.g. beta=0.98."
+    )
 
 
 def _check_eps(eps: Any) -> None:
   value = _validate.check_real(_FN, "eps", eps)
   if value is not None and not 0.0 <= value < math.inf:
     raise ValueError(
-        f"{_FN}: eps must be finite and non-negative (0 <= eps < inf), got"
-        f" {eps!r}.")
+      f"{_FN}: eps must be finite and non-negative (0 <= eps < inf), got"
+      f" {eps!r}."
+    )
 
 
 def _warmup_steps(warmup_steps: Any) -> int:
   if warmup_steps is None:
     return DEFAULT_WARMUP_STEPS
-  return _validate.check_static_int(_FN, "warmup_steps", warmup_steps,
-                                    minimum=1)
+  return _validate.check_static_int(
+    _FN, "warmup_steps", warmup_steps, minimum=1
+  )
 
 
 def adagc(
-    *,
-    beta: Any = 0.98,
-    lambda_rel: Any = 1.05,
-    lambda_abs: Any = 1.0,
-    warmup_steps: Optional[int] = None,
-    eps: Any = 1e-8,
+  *,
+  beta: Any = 0.98,
+  lambda_rel: Any = 1.05,
+  lambda_abs: Any = 1.0,
+  warmup_steps: int | None = None,
+  eps: Any = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaGC: clips each tensor against an EMA of its own clipped norms.
 
@@ -194,12 +195,12 @@ def adagc(
     num_leaves = len(jax.tree.leaves(params))
     dtype = _norms.tree_accumulation_dtype(params)
     return AdaGCState(
-        adagc_count=jnp.zeros((), jnp.int32),
-        adagc_gamma=jnp.full((num_leaves,), jnp.inf, dtype),
-        adagc_norms=jnp.zeros((num_leaves,), dtype),
-        adagc_global_norm=jnp.zeros((), dtype),
-        adagc_thresholds=jnp.zeros((num_leaves,), dtype),
-        adagc_num_clipped=jnp.zeros((), jnp.int32),
+      adagc_count=jnp.zeros((), jnp.int32),
+      adagc_gamma=jnp.full((num_leaves,), jnp.inf, dtype),
+      adagc_norms=jnp.zeros((num_leaves,), dtype),
+      adagc_global_norm=jnp.zeros((), dtype),
+      adagc_thresholds=jnp.zeros((num_leaves,), dtype),
+      adagc_num_clipped=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -209,8 +210,11 @@ def adagc(
     dtype = state.adagc_gamma.dtype
     num_leaves = len(leaves)
     norms = _norms.leaf_norms(leaves, 2)
-    norms = (jnp.stack([n.astype(dtype) for n in norms]) if norms
-             else jnp.zeros((0,), dtype))
+    norms = (
+      jnp.stack([n.astype(dtype) for n in norms])
+      if norms
+      else jnp.zeros((0,), dtype)
+    )
     # The global norm is the norm of the per-tensor norms: no second pass.
     global_norm = _norms.global_norm_from(norms, 2).astype(dtype)
     beta_ = jnp.asarray(beta).astype(dtype)
@@ -230,31 +234,37 @@ def adagc(
     finite_gamma = jnp.where(unobserved, jnp.zeros_like(gamma), gamma)
     inf = jnp.full_like(gamma, jnp.inf)
     rel_thresholds = jnp.where(
-        unobserved | jnp.isinf(lambda_rel_), inf,
-        lambda_rel_ * jnp.maximum(finite_gamma, eps_))
+      unobserved | jnp.isinf(lambda_rel_),
+      inf,
+      lambda_rel_ * jnp.maximum(finite_gamma, eps_),
+    )
     leaf_scales, leaf_clipped = _norms.clip_scale(norms, rel_thresholds)
     rel_clipped_norms = leaf_scales * norms
     ema_gamma = jnp.where(
-        unobserved, rel_clipped_norms,
-        beta_ * finite_gamma + (1 - beta_) * rel_clipped_norms)
+      unobserved,
+      rel_clipped_norms,
+      beta_ * finite_gamma + (1 - beta_) * rel_clipped_norms,
+    )
 
     scales = jnp.where(in_warmup, global_scale, leaf_scales)
     candidate = jnp.where(in_warmup, warm_gamma, ema_gamma)
     # A non-finite norm leaves its tensor's threshold where it was.
     new_gamma = jnp.where(jnp.isfinite(candidate), candidate, gamma)
-    thresholds = jnp.where(in_warmup, jnp.full_like(gamma, lambda_abs_),
-                           rel_thresholds)
+    thresholds = jnp.where(
+      in_warmup, jnp.full_like(gamma, lambda_abs_), rel_thresholds
+    )
     clipped = jnp.where(in_warmup, global_clipped, leaf_clipped)
 
     new_leaves = [_norms.scale_leaf(x, scales[i]) for i, x in enumerate(leaves)]
     return jax.tree.unflatten(treedef, new_leaves), AdaGCState(
-        adagc_count=optax.safe_int32_increment(state.adagc_count),
-        adagc_gamma=new_gamma,
-        adagc_norms=norms,
-        adagc_global_norm=global_norm,
-        adagc_thresholds=thresholds,
-        adagc_num_clipped=jnp.sum(clipped, dtype=jnp.int32)
-        if num_leaves else jnp.zeros((), jnp.int32),
+      adagc_count=optax.safe_int32_increment(state.adagc_count),
+      adagc_gamma=new_gamma,
+      adagc_norms=norms,
+      adagc_global_norm=global_norm,
+      adagc_thresholds=thresholds,
+      adagc_num_clipped=jnp.sum(clipped, dtype=jnp.int32)
+      if num_leaves
+      else jnp.zeros((), jnp.int32),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

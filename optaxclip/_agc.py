@@ -15,20 +15,18 @@ leaves, a callable of the leaf's path, or a pytree of specs).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms
-from optaxclip import _stats
-from optaxclip import _validate
+from optaxclip import _norms, _stats, _validate
 
 _FN = "adaptive_grad_clip"
 
-AxisSpec = Union[None, int, tuple[int, ...]]
+AxisSpec = None | int | tuple[int, ...]
 
 
 @_stats.register_state("adaptive_grad_clip")
@@ -49,11 +47,12 @@ def _is_axis_spec(value: Any) -> bool:
   if isinstance(value, (int, np.integer)):
     return True
   return isinstance(value, tuple) and all(
-      isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
-      for a in value)
+    isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+    for a in value
+  )
 
 
-def default_unit_axes(shape: tuple[int, ...]) -> Optional[tuple[int, ...]]:
+def default_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...] | None:
   """optax's rank rules for the axes one unit spans, or None if none applies.
 
   * arrays that squeeze to at most one dimension (scalars, vectors, (1, n)
@@ -75,17 +74,21 @@ def default_unit_axes(shape: tuple[int, ...]) -> Optional[tuple[int, ...]]:
   return {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}.get(ndim)
 
 
-def _normalize_axes(path: str, shape: tuple[int, ...], axes: AxisSpec,
-                    ) -> tuple[int, ...]:
+def _normalize_axes(
+  path: str,
+  shape: tuple[int, ...],
+  axes: AxisSpec,
+) -> tuple[int, ...]:
   if axes is None:
     rule = default_unit_axes(shape)
     if rule is None:
       raise ValueError(
-          f"{_FN}: the leaf at {path} has shape {shape} (rank {len(shape)});"
-          " there is no default unit rule for rank >= 6. Say which axes one"
-          " unit spans, for example axis=lambda path, leaf: tuple(range(leaf."
-          f"ndim - 1)) if leaf.ndim >= 6 else None, or a pytree with"
-          f" {tuple(range(len(shape) - 1))} at that leaf.")
+        f"{_FN}: the leaf at {path} has shape {shape} (rank {len(shape)});"
+        " there is no default unit rule for rank >= 6. Say which axes one"
+        " unit spans, for example axis=lambda path, leaf: tuple(range(leaf."
+        f"ndim - 1)) if leaf.ndim >= 6 else None, or a pytree with"
+        f" {tuple(range(len(shape) - 1))} at that leaf."
+      )
     return rule
   axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
   ndim = len(shape)
@@ -93,8 +96,9 @@ def _normalize_axes(path: str, shape: tuple[int, ...], axes: AxisSpec,
   for a in axes:
     if not -ndim <= a < max(ndim, 1):
       raise ValueError(
-          f"{_FN}: axis {a} is out of range for the leaf at {path} of shape"
-          f" {shape}; allowed axes are -{ndim}..{ndim - 1}.")
+        f"{_FN}: axis {a} is out of range for the leaf at {path} of shape"
+        f" {shape}; allowed axes are -{ndim}..{ndim - 1}."
+      )
     normalized.append(int(a) % max(ndim, 1))
   return tuple(sorted(set(normalized)))
 
@@ -112,32 +116,37 @@ def _resolve_axes(axis: Any, params: Any) -> list[tuple[int, ...]]:
       spec = axis(key_path, leaf)
       if not _is_axis_spec(spec):
         raise TypeError(
-            f"{_FN}: the axis callable returned {spec!r} for the leaf at"
-            f" {jax.tree_util.keystr(key_path)}; it must return an int, a"
-            " tuple of ints, or None (the default rule).")
+          f"{_FN}: the axis callable returned {spec!r} for the leaf at"
+          f" {jax.tree_util.keystr(key_path)}; it must return an int, a"
+          " tuple of ints, or None (the default rule)."
+        )
       specs.append(spec)
   else:
     try:
-      specs = treedef.flatten_up_to(axis)
+      specs = treedef.flatten_up_to(axis)  # type: ignore[attr-defined]
     except (ValueError, TypeError) as exc:
       raise ValueError(
-          f"{_FN}: the axis pytree must have the structure of the params, one"
-          " entry (int, tuple of ints, or None for the default rule) per"
-          f" parameter; params are {treedef}, got {axis!r}.") from exc
+        f"{_FN}: the axis pytree must have the structure of the params, one"
+        " entry (int, tuple of ints, or None for the default rule) per"
+        f" parameter; params are {treedef}, got {axis!r}."
+      ) from exc
     for path, spec in zip(paths, specs):
       if not _is_axis_spec(spec):
         raise TypeError(
-            f"{_FN}: axis entry for the leaf at {path} is {spec!r}; it must"
-            " be an int, a tuple of ints, or None (the default rule).")
-  return [_normalize_axes(path, leaf.shape, spec)
-          for path, leaf, spec in zip(paths, leaves, specs)]
+          f"{_FN}: axis entry for the leaf at {path} is {spec!r}; it must"
+          " be an int, a tuple of ints, or None (the default rule)."
+        )
+  return [
+    _normalize_axes(path, leaf.shape, spec)
+    for path, leaf, spec in zip(paths, leaves, specs)
+  ]
 
 
 def adaptive_grad_clip(
-    clipping: Any,
-    *,
-    eps: Any = 1e-3,
-    axis: Any = None,
+  clipping: Any,
+  *,
+  eps: Any = 1e-3,
+  axis: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each unit's gradient relative to its parameter norm (AGC).
 
@@ -218,22 +227,25 @@ def adaptive_grad_clip(
     for leaf in jax.tree.leaves(axis, is_leaf=_is_axis_spec):
       if not _is_axis_spec(leaf):
         raise TypeError(
-            f"{_FN}: axis must be None, an int, a tuple of ints, a callable"
-            " (path, leaf) -> axes, or a pytree of those per parameter; found"
-            f" the entry {leaf!r} in {axis!r}.")
+          f"{_FN}: axis must be None, an int, a tuple of ints, a callable"
+          " (path, leaf) -> axes, or a pytree of those per parameter; found"
+          f" the entry {leaf!r} in {axis!r}."
+        )
 
   def init_fn(params):
     del params
     return AdaptiveGradClipState(
-        num_clipped_units=jnp.zeros((), jnp.int32),
-        clipped_unit_fraction=jnp.zeros((), jnp.float32))
+      num_clipped_units=jnp.zeros((), jnp.int32),
+      clipped_unit_fraction=jnp.zeros((), jnp.float32),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del state, extra_args
     if params is None:
       raise ValueError(
-          f"{_FN}: update needs params (the unit norms of the parameters set"
-          " each unit's threshold); call tx.update(grads, state, params).")
+        f"{_FN}: update needs params (the unit norms of the parameters set"
+        " each unit's threshold); call tx.update(grads, state, params)."
+      )
     grads, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
     axes_list = _resolve_axes(axis, params)
@@ -243,7 +255,8 @@ def adaptive_grad_clip(
       grad_norm = _norms.unit_norms(g, axes)
       param_norm = _norms.unit_norms(p, axes).astype(grad_norm.dtype)
       limit = jnp.asarray(clipping).astype(grad_norm.dtype) * jnp.maximum(
-          param_norm, jnp.asarray(eps).astype(grad_norm.dtype))
+        param_norm, jnp.asarray(eps).astype(grad_norm.dtype)
+      )
       scale, clipped = _norms.clip_scale(grad_norm, limit)
       new_grads.append(_norms.scale_leaf(g, scale))
       clipped_masks.append(clipped)
@@ -251,6 +264,7 @@ def adaptive_grad_clip(
     num_clipped = _norms.count_true(clipped_masks)
     fraction = num_clipped.astype(jnp.float32) / np.float32(max(num_units, 1))
     return jax.tree.unflatten(treedef, new_grads), AdaptiveGradClipState(
-        num_clipped_units=num_clipped, clipped_unit_fraction=fraction)
+      num_clipped_units=num_clipped, clipped_unit_fraction=fraction
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

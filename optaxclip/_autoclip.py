@@ -9,15 +9,13 @@ that history.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms
-from optaxclip import _stats
-from optaxclip import _validate
+from optaxclip import _norms, _stats, _validate
 
 _FN = "autoclip"
 DEFAULT_HISTORY_SIZE = 1000
@@ -39,8 +37,9 @@ class AutoClipState(NamedTuple):
   autoclip_clipped: jax.Array
 
 
-def history_percentile(history: jax.Array, num_valid: jax.Array,
-                       percentile: Any) -> jax.Array:
+def history_percentile(
+  history: jax.Array, num_valid: jax.Array, percentile: Any
+) -> jax.Array:
   """``np.percentile(history[:num_valid], percentile)`` (linear), traceable.
 
   Invalid slots are pushed to the end by sorting them as ``+inf``; the
@@ -59,8 +58,9 @@ def history_percentile(history: jax.Array, num_valid: jax.Array,
   valid = jnp.arange(size) < num_valid
   ordered = jnp.sort(jnp.where(valid, history, jnp.inf))
   last = jnp.maximum(num_valid - 1, 0)
-  position = (jnp.asarray(percentile).astype(history.dtype) / 100
-              ) * last.astype(history.dtype)
+  position = (
+    jnp.asarray(percentile).astype(history.dtype) / 100
+  ) * last.astype(history.dtype)
   lower = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, last)
   upper = jnp.minimum(lower + 1, last)
   weight = position - lower.astype(history.dtype)
@@ -69,17 +69,18 @@ def history_percentile(history: jax.Array, num_valid: jax.Array,
   # numpy's _lerp: a + d t below t = 0.5, b - d (1 - t) from there (exact at
   # t = 1); the unused side is masked so inf - inf never reaches the output.
   safe_diff = jnp.where(jnp.isfinite(diff), diff, jnp.zeros_like(diff))
-  value = jnp.where(weight >= 0.5, b - safe_diff * (1 - weight),
-                    a + safe_diff * weight)
+  value = jnp.where(
+    weight >= 0.5, b - safe_diff * (1 - weight), a + safe_diff * weight
+  )
   value = jnp.where(lower == upper, a, value)
   return jnp.where(num_valid > 0, value, jnp.full_like(value, jnp.inf))
 
 
 def autoclip(
-    percentile: Any = 10.0,
-    *,
-    history_size: Optional[int] = None,
-    axis_name: Optional[Any] = None,
+  percentile: Any = 10.0,
+  *,
+  history_size: int | None = None,
+  axis_name: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips the global norm to a percentile of all past global norms.
 
@@ -136,19 +137,25 @@ def autoclip(
     Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
   """
-  _validate.check_in_range(_FN, "percentile", percentile, 0, 100,
-                           low_open=False, high_open=False)
-  size = DEFAULT_HISTORY_SIZE if history_size is None else (
-      _validate.check_static_int(_FN, "history_size", history_size))
+  _validate.check_in_range(
+    _FN, "percentile", percentile, 0, 100, low_open=False, high_open=False
+  )
+  size = (
+    DEFAULT_HISTORY_SIZE
+    if history_size is None
+    else (_validate.check_static_int(_FN, "history_size", history_size))
+  )
 
   def init_fn(params):
     del params
     zero = jnp.zeros((), jnp.float32)
     return AutoClipState(
-        autoclip_history=jnp.zeros((size,), jnp.float32),
-        autoclip_count=jnp.zeros((), jnp.int32),
-        autoclip_norm=zero, autoclip_threshold=zero,
-        autoclip_clipped=jnp.zeros((), jnp.bool_))
+      autoclip_history=jnp.zeros((size,), jnp.float32),
+      autoclip_count=jnp.zeros((), jnp.int32),
+      autoclip_norm=zero,
+      autoclip_threshold=zero,
+      autoclip_clipped=jnp.zeros((), jnp.bool_),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -156,15 +163,23 @@ def autoclip(
     observed = jax.lax.stop_gradient(norm)
     finite = jnp.isfinite(observed)
     slot = state.autoclip_count % size
-    history = jnp.where(finite, state.autoclip_history.at[slot].set(observed),
-                        state.autoclip_history)
+    history = jnp.where(
+      finite,
+      state.autoclip_history.at[slot].set(observed),
+      state.autoclip_history,
+    )
     count = state.autoclip_count + finite.astype(jnp.int32)
-    threshold = history_percentile(history, jnp.minimum(count, size),
-                                   percentile)
+    threshold = history_percentile(
+      history, jnp.minimum(count, size), percentile
+    )
     scale, clipped = _norms.clip_scale(norm, threshold)
     updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
     return updates, AutoClipState(
-        autoclip_history=history, autoclip_count=count, autoclip_norm=observed,
-        autoclip_threshold=threshold, autoclip_clipped=clipped)
+      autoclip_history=history,
+      autoclip_count=count,
+      autoclip_norm=observed,
+      autoclip_threshold=threshold,
+      autoclip_clipped=clipped,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -15,15 +15,13 @@ reductions the clip needs anyway.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms
-from optaxclip import _stats
-from optaxclip import _validate
+from optaxclip import _norms, _stats, _validate
 
 
 @_stats.register_state("clip_by_global_norm")
@@ -76,10 +74,10 @@ def _stack(values: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
 
 
 def clip_by_global_norm(
-    max_norm: Any,
-    *,
-    ord: Optional[Any] = None,  # pylint: disable=redefined-builtin
-    axis_name: Optional[Any] = None,
+  max_norm: Any,
+  *,
+  ord: Any | None = None,  # pylint: disable=redefined-builtin
+  axis_name: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales the whole update so its global norm is at most ``max_norm``.
 
@@ -154,12 +152,11 @@ def clip_by_global_norm(
   def init_fn(params):
     dtype = _state_dtype(params)
     return ClipByGlobalNormState(
-        global_norm=jnp.zeros((), dtype),
-        global_norm_clipped=jnp.zeros((), jnp.bool_),
+      global_norm=jnp.zeros((), dtype),
+      global_norm_clipped=jnp.zeros((), jnp.bool_),
     )
 
-  def update_fn(updates, state, params=None, *, global_norm=None,
-                **extra_args):
+  def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
     del params, extra_args
     if global_norm is None:
       norm = _norms.global_norm_from(updates, norm_ord, axis_name)
@@ -168,17 +165,18 @@ def clip_by_global_norm(
     norm = norm.astype(state.global_norm.dtype)
     scale, clipped = _norms.clip_scale(norm, max_norm)
     updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
-    return updates, ClipByGlobalNormState(global_norm=norm,
-                                          global_norm_clipped=clipped)
+    return updates, ClipByGlobalNormState(
+      global_norm=norm, global_norm_clipped=clipped
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def clip_by_norm(
-    max_norm: Any,
-    *,
-    ord: Optional[Any] = None,  # pylint: disable=redefined-builtin
-    axis_name: Optional[Any] = None,
+  max_norm: Any,
+  *,
+  ord: Any | None = None,  # pylint: disable=redefined-builtin
+  axis_name: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each tensor (leaf) separately so its norm is at most ``max_norm``.
 
@@ -230,8 +228,8 @@ def clip_by_norm(
   def init_fn(params):
     num_leaves = len(jax.tree.leaves(params))
     return ClipByNormState(
-        leaf_norms=jnp.zeros((num_leaves,), _state_dtype(params)),
-        num_clipped_leaves=jnp.zeros((), jnp.int32),
+      leaf_norms=jnp.zeros((num_leaves,), _state_dtype(params)),
+      num_clipped_leaves=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -239,12 +237,15 @@ def clip_by_norm(
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
     norms = _norms.leaf_norms(leaves, norm_ord, axis_name)
-    scales, clipped = zip(*[_norms.clip_scale(n, max_norm) for n in norms]) \
-        if norms else ((), ())
+    scales, clipped = (
+      zip(*[_norms.clip_scale(n, max_norm) for n in norms])
+      if norms
+      else ((), ())
+    )
     new_leaves = [_norms.scale_leaf(x, s) for x, s in zip(leaves, scales)]
     return jax.tree.unflatten(treedef, new_leaves), ClipByNormState(
-        leaf_norms=_stack(list(norms), state.leaf_norms.dtype),
-        num_clipped_leaves=_count(list(clipped)),
+      leaf_norms=_stack(list(norms), state.leaf_norms.dtype),
+      num_clipped_leaves=_count(list(clipped)),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -295,8 +296,8 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
   def init_fn(params):
     num_leaves = len(jax.tree.leaves(params))
     return ClipByBlockRmsState(
-        block_rms=jnp.zeros((num_leaves,), _state_dtype(params)),
-        num_clipped_blocks=jnp.zeros((), jnp.int32),
+      block_rms=jnp.zeros((num_leaves,), _state_dtype(params)),
+      num_clipped_blocks=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -304,12 +305,13 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
     rms = _norms.leaf_rms(leaves)
-    scales, clipped = zip(*[_norms.clip_scale(r, threshold) for r in rms]) \
-        if rms else ((), ())
+    scales, clipped = (
+      zip(*[_norms.clip_scale(r, threshold) for r in rms]) if rms else ((), ())
+    )
     new_leaves = [_norms.scale_leaf(x, s) for x, s in zip(leaves, scales)]
     return jax.tree.unflatten(treedef, new_leaves), ClipByBlockRmsState(
-        block_rms=_stack(list(rms), state.block_rms.dtype),
-        num_clipped_blocks=_count(list(clipped)),
+      block_rms=_stack(list(rms), state.block_rms.dtype),
+      num_clipped_blocks=_count(list(clipped)),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -32,7 +32,8 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,14 +71,16 @@ def accumulation_dtype(dtype: Any) -> jnp.dtype:
 def widest_dtype(dtypes) -> jnp.dtype:
   """float64 if any of the accumulation ``dtypes`` is float64, else float32."""
   f64 = jnp.dtype(np.float64)
-  return f64 if any(jnp.dtype(d) == f64 for d in dtypes) else jnp.dtype(
-      np.float32)
+  return (
+    f64 if any(jnp.dtype(d) == f64 for d in dtypes) else jnp.dtype(np.float32)
+  )
 
 
 def tree_accumulation_dtype(tree: Any) -> jnp.dtype:
   """The widest accumulation dtype over a tree's leaves (float32 if empty)."""
   return widest_dtype(
-      accumulation_dtype(jnp.asarray(x).dtype) for x in jax.tree.leaves(tree))
+    accumulation_dtype(jnp.asarray(x).dtype) for x in jax.tree.leaves(tree)
+  )
 
 
 @jax.custom_jvp
@@ -130,7 +133,8 @@ def _squares(x: jax.Array) -> jax.Array:
   acc = accumulation_dtype(x.dtype)
   if jnp.iscomplexobj(x):
     return jnp.square(jnp.real(x).astype(acc)) + jnp.square(
-        jnp.imag(x).astype(acc))
+      jnp.imag(x).astype(acc)
+    )
   return jnp.square(x.astype(acc))
 
 
@@ -233,14 +237,16 @@ def reduction_groups(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   Returns:
     A list of arrays whose elements, taken together, are the tree's elements.
   """
-  groups, buckets = [], {}
+  groups: list[jax.Array] = []
+  buckets: dict[Any, list[jax.Array]] = {}
   for x in leaves:
     if x.size == 0:
       continue
     dtype = x.dtype if jnp.iscomplexobj(x) else accumulation_dtype(x.dtype)
     if x.size < SMALL_LEAF_SIZE and _may_bucket(x):
       buckets.setdefault(jnp.dtype(dtype), []).append(
-          x.reshape(-1).astype(dtype))
+        x.reshape(-1).astype(dtype)
+      )
     else:
       groups.append(x.astype(dtype))
   for bucket in buckets.values():
@@ -249,8 +255,24 @@ def reduction_groups(leaves: Sequence[jax.Array]) -> list[jax.Array]:
     # leaves and the concatenation into one reduction whose compile time grows
     # with the number of leaves (~16 s for 2000 leaves, as slow as optax);
     # with it the bucket is one copy and one cheap reduction (~3 s).
-    groups.append(jax.lax.optimization_barrier(flat))
+    groups.append(_barrier(flat))
   return groups
+
+
+@jax.custom_jvp
+def _barrier(x: jax.Array) -> jax.Array:
+  """``lax.optimization_barrier`` with an identity derivative.
+
+  jax < 0.6 has no differentiation rule for the barrier; the barrier only
+  orders compilation, so its tangent is the input's tangent.
+  """
+  return jax.lax.optimization_barrier(x)
+
+
+@_barrier.defjvp
+def _barrier_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  return _barrier(x), x_dot
 
 
 def global_norm_partial(leaves: Sequence[jax.Array], ord: float) -> jax.Array:  # pylint: disable=redefined-builtin
@@ -288,15 +310,17 @@ def value_range(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
   # sum of squares detects it (an isnan mask reduction is 5-10x slower).
   has_nan = jnp.isnan(_combine([_partial(g, 2) for g in groups], 2))
   nan = jnp.full((), jnp.nan, dtype)
-  return (jnp.where(has_nan, nan, jnp.max(largest)),
-          jnp.where(has_nan, nan, jnp.min(smallest)))
+  return (
+    jnp.where(has_nan, nan, jnp.max(largest)),
+    jnp.where(has_nan, nan, jnp.min(smallest)),
+  )
 
 
 def global_norm(
-    tree: Any,
-    *,
-    ord: Optional[Any] = None,  # pylint: disable=redefined-builtin
-    axis_name: Optional[Any] = None,
+  tree: Any,
+  *,
+  ord: Any | None = None,  # pylint: disable=redefined-builtin
+  axis_name: Any | None = None,
 ) -> jax.Array:
   r"""The norm of all of a pytree's leaves taken together.
 
@@ -348,9 +372,9 @@ def global_norm_from(tree: Any, ord: float, axis_name=None) -> jax.Array:  # pyl
 
 
 def leaf_norms(
-    leaves: Sequence[jax.Array],
-    ord: float,  # pylint: disable=redefined-builtin
-    axis_name=None,
+  leaves: Sequence[jax.Array],
+  ord: float,  # pylint: disable=redefined-builtin
+  axis_name=None,
 ) -> list[jax.Array]:
   """One norm per leaf, each in that leaf's accumulation dtype.
 
@@ -364,15 +388,15 @@ def leaf_norms(
     A list of scalars, one per leaf.
   """
   partials = [
-      _partial(x, ord) if x.size else
-      jnp.zeros((), accumulation_dtype(x.dtype))
-      for x in leaves
+    _partial(x, ord) if x.size else jnp.zeros((), accumulation_dtype(x.dtype))
+    for x in leaves
   ]
   if axis_name is not None and partials:
     # One collective for all leaves instead of one per leaf.
     dtype = widest_dtype(p.dtype for p in partials)
-    stacked = _cross_device(jnp.stack([p.astype(dtype) for p in partials]), ord,
-                            axis_name)
+    stacked = _cross_device(
+      jnp.stack([p.astype(dtype) for p in partials]), ord, axis_name
+    )
     partials = [stacked[i].astype(p.dtype) for i, p in enumerate(partials)]
   return [_finalize(p, ord) for p in partials]
 
@@ -380,9 +404,10 @@ def leaf_norms(
 def leaf_rms(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   """Root-mean-square of each leaf, ``sqrt(sum |x|^2 / size)``; 0 if empty."""
   return [
-      safe_sqrt(_partial(x, 2) / max(x.size, 1))
-      if x.size else jnp.zeros((), accumulation_dtype(x.dtype))
-      for x in leaves
+    safe_sqrt(_partial(x, 2) / max(x.size, 1))
+    if x.size
+    else jnp.zeros((), accumulation_dtype(x.dtype))
+    for x in leaves
   ]
 
 
@@ -452,7 +477,7 @@ def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
   """``x * scale`` in at least float32, returned in ``x``'s dtype and shape."""
   x = jnp.asarray(x)
   if jnp.issubdtype(x.dtype, jnp.complexfloating) or (
-      jnp.issubdtype(x.dtype, jnp.floating) and x.dtype not in _LOW_PRECISION
+    jnp.issubdtype(x.dtype, jnp.floating) and x.dtype not in _LOW_PRECISION
   ):
     return x * scale.astype(x.dtype)
   # bf16/fp16 (and integers): multiply in float32, round once on the way back.

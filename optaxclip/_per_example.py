@@ -20,16 +20,14 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms
-from optaxclip import _stats
-from optaxclip import _validate
+from optaxclip import _norms, _stats, _validate
 
 _FN = "clip_per_example"
 _REDUCTIONS = ("mean", "sum")
@@ -56,22 +54,26 @@ def _check_seed(seed: Any) -> None:
   if _validate.is_traced(seed):
     return
   array = np.asarray(seed) if not isinstance(seed, (bool, np.bool_)) else None
-  if array is None or array.ndim != 0 or not np.issubdtype(array.dtype,
-                                                          np.integer):
+  if (
+    array is None
+    or array.ndim != 0
+    or not np.issubdtype(array.dtype, np.integer)
+  ):
     raise ValueError(
-        f"{_FN}: seed must be an int (the PRNG seed of the noise), got"
-        f" {seed!r}.")
+      f"{_FN}: seed must be an int (the PRNG seed of the noise), got {seed!r}."
+    )
 
 
 def _batch_size(leaves: list[jax.Array]) -> int:
   """The shared leading-axis size of all leaves, or a ValueError."""
   shapes = [tuple(x.shape) for x in leaves]
-  sizes = {s[0] if s else None for s in shapes}
-  if None in sizes or len(sizes) != 1:
+  sizes = {s[0] if s else -1 for s in shapes}
+  if -1 in sizes or len(sizes) != 1:
     raise ValueError(
-        f"{_FN}: every leaf of updates must be a batch of per-example"
-        " gradients with the same leading (batch) axis, e.g. from"
-        f" jax.vmap(jax.grad(loss)); got leaf shapes {shapes}.")
+      f"{_FN}: every leaf of updates must be a batch of per-example"
+      " gradients with the same leading (batch) axis, e.g. from"
+      f" jax.vmap(jax.grad(loss)); got leaf shapes {shapes}."
+    )
   return sizes.pop()
 
 
@@ -84,14 +86,14 @@ def _sum_dtype(dtype: Any) -> jnp.dtype:
 
 
 def clip_per_example(
-    max_norm: Any,
-    *,
-    reduce: str = "mean",
-    noise_multiplier: Optional[Any] = None,
-    seed: Any = 0,
-    target_quantile: Optional[Any] = None,
-    quantile_lr: Any = 0.2,
-    axis_name: Optional[Any] = None,
+  max_norm: Any,
+  *,
+  reduce: str = "mean",
+  noise_multiplier: Any | None = None,
+  seed: Any = 0,
+  target_quantile: Any | None = None,
+  quantile_lr: Any = 0.2,
+  axis_name: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each example's gradient by its global L2 norm, then sums or averages.
 
@@ -193,25 +195,34 @@ def clip_per_example(
   reduce = _validate.check_choice(_FN, "reduce", reduce, _REDUCTIONS)
   if noise_multiplier is not None:
     _validate.check_threshold(_FN, "noise_multiplier", noise_multiplier)
-    if (not _validate.is_traced(max_norm)
-        and not np.isfinite(float(np.asarray(max_norm)))):
+    if not _validate.is_traced(max_norm) and not np.isfinite(
+      float(np.asarray(max_norm))
+    ):
       raise ValueError(
-          f"{_FN}: noise_multiplier needs a finite max_norm (the noise std is"
-          f" noise_multiplier * max_norm), got max_norm={max_norm!r}.")
+        f"{_FN}: noise_multiplier needs a finite max_norm (the noise std is"
+        f" noise_multiplier * max_norm), got max_norm={max_norm!r}."
+      )
   if target_quantile is not None:
-    _validate.check_in_range(_FN, "target_quantile", target_quantile, 0.0,
-                             1.0, low_open=False, high_open=False)
+    _validate.check_in_range(
+      _FN,
+      "target_quantile",
+      target_quantile,
+      0.0,
+      1.0,
+      low_open=False,
+      high_open=False,
+    )
   _validate.check_threshold(_FN, "quantile_lr", quantile_lr)
   _check_seed(seed)
 
   def init_fn(params):
     del params
     return ClipPerExampleState(
-        per_example_max_norm=jnp.asarray(max_norm).astype(jnp.float32),
-        num_clipped_examples=jnp.zeros((), jnp.int32),
-        num_nonfinite_examples=jnp.zeros((), jnp.int32),
-        per_example_norm_mean=jnp.zeros((), jnp.float32),
-        per_example_rng=jax.random.PRNGKey(seed),
+      per_example_max_norm=jnp.asarray(max_norm).astype(jnp.float32),
+      num_clipped_examples=jnp.zeros((), jnp.int32),
+      num_nonfinite_examples=jnp.zeros((), jnp.int32),
+      per_example_norm_mean=jnp.zeros((), jnp.float32),
+      per_example_rng=jax.random.PRNGKey(seed),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -225,12 +236,14 @@ def clip_per_example(
       threshold = state.per_example_max_norm
     noise_rng, next_rng = jax.random.split(state.per_example_rng)
     if not leaves:
-      return updates, state._replace(per_example_max_norm=threshold,
-                                     per_example_rng=next_rng)
+      return updates, state._replace(
+        per_example_max_norm=threshold, per_example_rng=next_rng
+      )
     batch = _batch_size(leaves)
 
     norms = jax.vmap(lambda ex: _norms.global_norm_from(ex, 2, axis_name))(
-        leaves)
+      leaves
+    )
     finite = jnp.isfinite(norms)
     scale, clipped = _norms.clip_scale(norms, threshold)
     # Excluded examples contribute an exact zero: zero both factors, so the
@@ -239,8 +252,7 @@ def clip_per_example(
 
     if noise_multiplier is not None:
       if axis_name is not None:
-        noise_rng = jax.random.fold_in(noise_rng,
-                                       jax.lax.axis_index(axis_name))
+        noise_rng = jax.random.fold_in(noise_rng, jax.lax.axis_index(axis_name))
       noise_keys = list(jax.random.split(noise_rng, len(leaves)))
       noise_std = jnp.asarray(noise_multiplier).astype(jnp.float32) * threshold
 
@@ -263,24 +275,26 @@ def clip_per_example(
     num_finite = jnp.sum(finite, dtype=jnp.int32)
     finite_norms = jnp.where(finite, norms, jnp.zeros_like(norms))
     norm_mean = jnp.sum(finite_norms) / jnp.maximum(num_finite, 1).astype(
-        norms.dtype)
+      norms.dtype
+    )
     if target_quantile is None:
       next_threshold = threshold
     else:
       num_within = jnp.sum(finite & jnp.logical_not(clipped), dtype=jnp.int32)
-      fraction = (num_within.astype(jnp.float32)
-                  / jnp.maximum(num_finite, 1).astype(jnp.float32))
+      fraction = num_within.astype(jnp.float32) / jnp.maximum(
+        num_finite, 1
+      ).astype(jnp.float32)
       gamma = jnp.asarray(target_quantile).astype(jnp.float32)
       lr = jnp.asarray(quantile_lr).astype(jnp.float32)
       adapted = threshold * jnp.exp(-lr * (fraction - gamma))
       next_threshold = jnp.where(num_finite > 0, adapted, threshold)
 
     new_state = ClipPerExampleState(
-        per_example_max_norm=next_threshold,
-        num_clipped_examples=jnp.sum(clipped & finite, dtype=jnp.int32),
-        num_nonfinite_examples=batch - num_finite,
-        per_example_norm_mean=norm_mean.astype(jnp.float32),
-        per_example_rng=next_rng,
+      per_example_max_norm=next_threshold,
+      num_clipped_examples=jnp.sum(clipped & finite, dtype=jnp.int32),
+      num_nonfinite_examples=batch - num_finite,
+      per_example_norm_mean=norm_mean.astype(jnp.float32),
+      per_example_rng=next_rng,
     )
     return jax.tree.unflatten(treedef, out), new_state
 

@@ -22,15 +22,13 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms
-from optaxclip import _stats
-from optaxclip import _validate
+from optaxclip import _norms, _stats, _validate
 
 # The rolling window of accepted norms when ``window=None`` (MaxText's
 # ``skip_step_interval``).
@@ -67,7 +65,7 @@ class SkipStepState(NamedTuple):
 
 
 def _rolling_mean_std(
-    accepted_norms: jax.Array, num_accepted: jax.Array
+  accepted_norms: jax.Array, num_accepted: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   """Population mean and std of the valid entries of the ring buffer."""
   window = accepted_norms.shape[0]
@@ -84,14 +82,14 @@ def _rolling_mean_std(
 
 
 def skip_step(
-    inner: optax.GradientTransformation,
-    *,
-    max_norm: Optional[Any] = None,
-    spike_sigmas: Optional[Any] = None,
-    window: Optional[int] = None,
-    warmup_steps: Optional[int] = None,
-    skip_nonfinite: bool = True,
-    axis_name: Optional[Any] = None,
+  inner: optax.GradientTransformation,
+  *,
+  max_norm: Any | None = None,
+  spike_sigmas: Any | None = None,
+  window: int | None = None,
+  warmup_steps: int | None = None,
+  skip_nonfinite: bool = True,
+  axis_name: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps an optimizer so that bad steps are skipped entirely.
 
@@ -210,10 +208,10 @@ def skip_step(
   fn = "skip_step"
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
-        f"{fn}: inner must be an optax.GradientTransformation (an optimizer"
-        f" such as optax.adam(1e-3) or an optax.chain), got {inner!r} of type"
-        f" {type(inner).__name__}. Pass the optimizer itself, not its factory:"
-        " skip_step(optax.adam(1e-3)), not skip_step(optax.adam)."
+      f"{fn}: inner must be an optax.GradientTransformation (an optimizer"
+      f" such as optax.adam(1e-3) or an optax.chain), got {inner!r} of type"
+      f" {type(inner).__name__}. Pass the optimizer itself, not its factory:"
+      " skip_step(optax.adam(1e-3)), not skip_step(optax.adam)."
     )
   if max_norm is not None:
     _validate.check_threshold(fn, "max_norm", max_norm)
@@ -221,27 +219,33 @@ def skip_step(
     sigmas = _validate.check_real(fn, "spike_sigmas", spike_sigmas)
     if sigmas is not None and sigmas <= 0:
       raise ValueError(
-          f"{fn}: spike_sigmas must be a positive scalar (0 < spike_sigmas <="
-          f" inf) or None to disable the spike rule, got {spike_sigmas!r}."
+        f"{fn}: spike_sigmas must be a positive scalar (0 < spike_sigmas <="
+        f" inf) or None to disable the spike rule, got {spike_sigmas!r}."
       )
-  window = DEFAULT_WINDOW if window is None else _validate.check_static_int(
-      fn, "window", window)
-  warmup_steps = window if warmup_steps is None else (
-      _validate.check_static_int(fn, "warmup_steps", warmup_steps))
+  window = (
+    DEFAULT_WINDOW
+    if window is None
+    else _validate.check_static_int(fn, "window", window)
+  )
+  warmup_steps = (
+    window
+    if warmup_steps is None
+    else (_validate.check_static_int(fn, "warmup_steps", warmup_steps))
+  )
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     dtype = _norms.tree_accumulation_dtype(params)
     zero = jnp.zeros((), jnp.int32)
     return SkipStepState(
-        inner_state=inner.init(params),
-        skip_norm=jnp.zeros((), dtype),
-        step_skipped=jnp.zeros((), jnp.bool_),
-        num_skipped=zero,
-        num_consecutive_skipped=zero,
-        accepted_norms=jnp.zeros((window,), dtype),
-        num_accepted=zero,
-        skip_threshold=jnp.full((), math.inf, dtype),
+      inner_state=inner.init(params),
+      skip_norm=jnp.zeros((), dtype),
+      step_skipped=jnp.zeros((), jnp.bool_),
+      num_skipped=zero,
+      num_consecutive_skipped=zero,
+      accepted_norms=jnp.zeros((window,), dtype),
+      num_accepted=zero,
+      skip_threshold=jnp.full((), math.inf, dtype),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -257,7 +261,8 @@ def skip_step(
       spike = mean + jnp.asarray(spike_sigmas).astype(dtype) * std
       warmed_up = state.num_accepted >= warmup_steps
       threshold = jnp.minimum(
-          threshold, jnp.where(warmed_up, spike, jnp.full_like(spike, math.inf)))
+        threshold, jnp.where(warmed_up, spike, jnp.full_like(spike, math.inf))
+      )
 
     # Only finite norms are compared: a non-finite one is skipped iff
     # skip_nonfinite (NaN compares False anyway; inf must not slip in via
@@ -267,31 +272,39 @@ def skip_step(
       skip = skip | ~finite
 
     new_updates, new_inner_state = inner.update(
-        updates, state.inner_state, params, **extra_args)
+      updates, state.inner_state, params, **extra_args
+    )
     # A select, not `updates * 0`: 0 * nan = nan.
     new_updates = jax.tree.map(
-        lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+      lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates
+    )
     new_inner_state = jax.tree.map(
-        lambda old, new: jnp.where(skip, old, new), state.inner_state,
-        new_inner_state)
+      lambda old, new: jnp.where(skip, old, new),
+      state.inner_state,
+      new_inner_state,
+    )
 
     record = ~skip & finite
     index = state.num_accepted % window
     accepted_norms = jnp.where(
-        record, state.accepted_norms.at[index].set(norm), state.accepted_norms)
+      record, state.accepted_norms.at[index].set(norm), state.accepted_norms
+    )
     zero = jnp.zeros((), jnp.int32)
     return new_updates, SkipStepState(
-        inner_state=new_inner_state,
-        skip_norm=norm,
-        step_skipped=skip,
-        num_skipped=jnp.where(skip, optax.safe_increment(state.num_skipped),
-                              state.num_skipped),
-        num_consecutive_skipped=jnp.where(
-            skip, optax.safe_increment(state.num_consecutive_skipped), zero),
-        accepted_norms=accepted_norms,
-        num_accepted=jnp.where(record, optax.safe_increment(state.num_accepted),
-                               state.num_accepted),
-        skip_threshold=threshold,
+      inner_state=new_inner_state,
+      skip_norm=norm,
+      step_skipped=skip,
+      num_skipped=jnp.where(
+        skip, optax.safe_increment(state.num_skipped), state.num_skipped
+      ),
+      num_consecutive_skipped=jnp.where(
+        skip, optax.safe_increment(state.num_consecutive_skipped), zero
+      ),
+      accepted_norms=accepted_norms,
+      num_accepted=jnp.where(
+        record, optax.safe_increment(state.num_accepted), state.num_accepted
+      ),
+      skip_threshold=threshold,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,7 +11,8 @@ a logger.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 
@@ -39,7 +40,12 @@ def _unwrap(value: Any) -> Any:
   """A field's array, unwrapping containers such as Flax ``OptArray``."""
   leaves = jax.tree.leaves(value)
   if len(leaves) == 1:
-    return leaves[0]
+    leaf = leaves[0]
+    # flax < 0.11 does not register its variables as pytrees, so the wrapper
+    # itself is the leaf; its ``value`` is the array.
+    while not isinstance(leaf, jax.Array) and hasattr(leaf, "value"):
+      leaf = leaf.value
+    return leaf
   return value
 
 

@@ -29,33 +29,35 @@ def is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
-def _as_real_scalar(fn: str, arg: str, value: Any, allowed: str) -> float | None:
+def _as_real_scalar(
+  fn: str, arg: str, value: Any, allowed: str
+) -> float | None:
   """Reads a concrete real scalar, or returns None for traced values."""
   if is_traced(value):
     return None
-  if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
+  if isinstance(value, (bool, np.bool_, str)):
     raise TypeError(
-        f"{fn}: {arg} must be a real number ({allowed}), got {value!r} of"
-        f" type {type(value).__name__}."
+      f"{fn}: {arg} must be a real number ({allowed}), got {value!r} of"
+      f" type {type(value).__name__}."
     )
   try:
     array = np.asarray(value)
   except Exception as exc:  # pragma: no cover - exotic objects
     raise TypeError(
-        f"{fn}: {arg} must be a real number ({allowed}), got {value!r}."
+      f"{fn}: {arg} must be a real number ({allowed}), got {value!r}."
     ) from exc
   if array.dtype == np.bool_ or not (
-      np.issubdtype(array.dtype, np.integer)
-      or np.issubdtype(array.dtype, np.floating)
+    np.issubdtype(array.dtype, np.integer)
+    or np.issubdtype(array.dtype, np.floating)
   ):
     raise TypeError(
-        f"{fn}: {arg} must be a real number ({allowed}), got {value!r} of"
-        f" dtype {array.dtype}."
+      f"{fn}: {arg} must be a real number ({allowed}), got {value!r} of"
+      f" dtype {array.dtype}."
     )
   if array.ndim != 0:
     raise ValueError(
-        f"{fn}: {arg} must be a scalar ({allowed}), got an array of shape"
-        f" {array.shape}."
+      f"{fn}: {arg} must be a scalar ({allowed}), got an array of shape"
+      f" {array.shape}."
     )
   as_float = float(array)
   if math.isnan(as_float):
@@ -81,8 +83,8 @@ def check_threshold(fn: str, arg: str, value: Any) -> None:
   as_float = _as_real_scalar(fn, arg, value, allowed)
   if as_float is not None and as_float < 0:
     raise ValueError(
-        f"{fn}: {arg} must be {allowed}, got {value!r}. A negative threshold"
-        " would flip the sign of the updates."
+      f"{fn}: {arg} must be {allowed}, got {value!r}. A negative threshold"
+      " would flip the sign of the updates."
     )
 
 
@@ -112,10 +114,10 @@ def canonical_ord(fn: str, ord: Any) -> float:  # pylint: disable=redefined-buil
     return 2
   if isinstance(ord, jax.Array):
     raise TypeError(
-        f"{fn}: ord must be a static Python value (1, 2 or inf), got a JAX"
-        f" array {ord!r}. Under optax.inject_hyperparams, pass"
-        f" static_args=('ord',), e.g. optax.inject_hyperparams({fn},"
-        " static_args=('ord',))(..., ord=1)."
+      f"{fn}: ord must be a static Python value (1, 2 or inf), got a JAX"
+      f" array {ord!r}. Under optax.inject_hyperparams, pass"
+      f" static_args=('ord',), e.g. optax.inject_hyperparams({fn},"
+      " static_args=('ord',))(..., ord=1)."
     )
   if isinstance(ord, str):
     if ord.strip().lower() == "inf":
@@ -130,8 +132,8 @@ def canonical_ord(fn: str, ord: Any) -> float:  # pylint: disable=redefined-buil
     if as_float == math.inf:
       return math.inf
   raise ValueError(
-      f"{fn}: ord must be one of 1, 2, jnp.inf or 'inf' (None means 2), got"
-      f" {ord!r}."
+    f"{fn}: ord must be one of 1, 2, jnp.inf or 'inf' (None means 2), got"
+    f" {ord!r}."
   )
 
 
@@ -154,24 +156,32 @@ def check_static_int(fn: str, arg: str, value: Any, *, minimum: int = 1) -> int:
   """
   if isinstance(value, jax.Array):
     raise TypeError(
-        f"{fn}: {arg} sets an array shape or a loop length and must be a"
-        f" static Python int, got a JAX array {value!r}. Under"
-        f" optax.inject_hyperparams, pass static_args=('{arg}',)."
+      f"{fn}: {arg} sets an array shape or a loop length and must be a"
+      f" static Python int, got a JAX array {value!r}. Under"
+      f" optax.inject_hyperparams, pass static_args=('{arg}',)."
     )
   if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, np.integer)
+    value, (int, np.integer)
   ):
     raise TypeError(
-        f"{fn}: {arg} must be an int >= {minimum}, got {value!r} of type"
-        f" {type(value).__name__}."
+      f"{fn}: {arg} must be an int >= {minimum}, got {value!r} of type"
+      f" {type(value).__name__}."
     )
   if value < minimum:
     raise ValueError(f"{fn}: {arg} must be an int >= {minimum}, got {value!r}.")
   return int(value)
 
 
-def check_in_range(fn: str, arg: str, value: Any, low: float, high: float, *,
-                   low_open: bool, high_open: bool) -> None:
+def check_in_range(
+  fn: str,
+  arg: str,
+  value: Any,
+  low: float,
+  high: float,
+  *,
+  low_open: bool,
+  high_open: bool,
+) -> None:
   """Checks a real scalar lies in an interval, e.g. (0, 1) or [0, 100].
 
   Args:
@@ -187,8 +197,11 @@ def check_in_range(fn: str, arg: str, value: Any, low: float, high: float, *,
     TypeError: for non-numeric values.
     ValueError: for non-scalar, NaN or out-of-range values.
   """
-  interval = (("(" if low_open else "[") + f"{low:g}, {high:g}" +
-              (")" if high_open else "]"))
+  interval = (
+    ("(" if low_open else "[")
+    + f"{low:g}, {high:g}"
+    + (")" if high_open else "]")
+  )
   allowed = f"in {interval}"
   if value is None:
     raise TypeError(f"{fn}: {arg} must be a real number {allowed}, got None.")
@@ -201,10 +214,13 @@ def check_in_range(fn: str, arg: str, value: Any, low: float, high: float, *,
     raise ValueError(f"{fn}: {arg} must be {allowed}, got {value!r}.")
 
 
-def check_choice(fn: str, arg: str, value: Any, choices: tuple[str, ...]) -> str:
+def check_choice(
+  fn: str, arg: str, value: Any, choices: tuple[str, ...]
+) -> str:
   """Checks a string option (case-insensitive) and returns it lower-cased."""
   if not isinstance(value, str) or value.lower() not in choices:
     raise ValueError(
-        f"{fn}: {arg} must be one of {', '.join(repr(c) for c in choices)},"
-        f" got {value!r}.")
+      f"{fn}: {arg} must be one of {', '.join(repr(c) for c in choices)},"
+      f" got {value!r}."
+    )
   return value.lower()

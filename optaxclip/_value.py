@@ -8,15 +8,13 @@ unlike the norm-based clippers.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms
-from optaxclip import _stats
-from optaxclip import _validate
+from optaxclip import _norms, _stats, _validate
 
 
 @_stats.register_state("clip_by_value")
@@ -33,13 +31,15 @@ class ClipByValueState(NamedTuple):
   value_clipped: jax.Array
 
 
-def _value_clipper(fn: str, max_value: Any, min_value: Any
-                   ) -> optax.GradientTransformationExtraArgs:
+def _value_clipper(
+  fn: str, max_value: Any, min_value: Any
+) -> optax.GradientTransformationExtraArgs:
   def init_fn(params):
     dtype = _norms.tree_accumulation_dtype(params)
     zero = jnp.zeros((), dtype)
-    return ClipByValueState(value_max=zero, value_min=zero,
-                            value_clipped=jnp.zeros((), jnp.bool_))
+    return ClipByValueState(
+      value_max=zero, value_min=zero, value_clipped=jnp.zeros((), jnp.bool_)
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -51,15 +51,17 @@ def _value_clipper(fn: str, max_value: Any, min_value: Any
     for leaf in leaves:
       if jnp.iscomplexobj(leaf):
         raise TypeError(
-            f"{fn}: complex leaves have no order to clamp (got a leaf of dtype"
-            f" {leaf.dtype}); clip their magnitude with clip_by_norm or"
-            " clip_by_global_norm instead.")
+          f"{fn}: complex leaves have no order to clamp (got a leaf of dtype"
+          f" {leaf.dtype}); clip their magnitude with clip_by_norm or"
+          " clip_by_global_norm instead."
+        )
       # Clamp in float32 (float64 for float64 leaves), so a bf16 bound cannot
       # round past the requested value before the comparison.
       compute = _norms.accumulation_dtype(leaf.dtype)
       hi, lo = upper.astype(compute), lower.astype(compute)
       clipped_leaves.append(
-          jnp.clip(leaf.astype(compute), lo, hi).astype(leaf.dtype))
+        jnp.clip(leaf.astype(compute), lo, hi).astype(leaf.dtype)
+      )
     # The extremes say whether (and how far) the clamp acted. A per-element
     # count would need XLA to materialise a mask the size of the gradients
     # (7x slower on CPU); two whole-tree max/min reductions through the
@@ -68,18 +70,22 @@ def _value_clipper(fn: str, max_value: Any, min_value: Any
     dtype = state.value_max.dtype
     value_max, value_min = value_max.astype(dtype), value_min.astype(dtype)
     # Written as "not within" so NaN extremes count as clipped.
-    within = ((value_max <= upper.astype(dtype))
-              & (value_min >= lower.astype(dtype)))
+    within = (value_max <= upper.astype(dtype)) & (
+      value_min >= lower.astype(dtype)
+    )
     clipped = jnp.logical_not(within)
-    return (jax.tree.unflatten(treedef, clipped_leaves),
-            ClipByValueState(value_max=value_max, value_min=value_min,
-                             value_clipped=clipped))
+    return (
+      jax.tree.unflatten(treedef, clipped_leaves),
+      ClipByValueState(
+        value_max=value_max, value_min=value_min, value_clipped=clipped
+      ),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def clip_by_value(
-    max_value: Any, *, min_value: Optional[Any] = None
+  max_value: Any, *, min_value: Any | None = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clamps every element of the updates to ``[min_value, max_value]``.
 
@@ -136,8 +142,8 @@ def clip_by_value(
     lo = _validate.check_real(fn, "min_value", min_value)
     if hi is not None and lo is not None and lo > hi:
       raise ValueError(
-          f"{fn}: min_value must be <= max_value, got min_value={min_value!r}"
-          f" and max_value={max_value!r}."
+        f"{fn}: min_value must be <= max_value, got min_value={min_value!r}"
+        f" and max_value={max_value!r}."
       )
   return _value_clipper(fn, max_value, min_value)
 

@@ -11,15 +11,13 @@ docstring of :func:`zclip` says otherwise.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms
-from optaxclip import _stats
-from optaxclip import _validate
+from optaxclip import _norms, _stats, _validate
 
 _FN = "zclip"
 DEFAULT_WARMUP_STEPS = 25
@@ -46,17 +44,17 @@ class ZClipState(NamedTuple):
 
 
 def zclip(
-    *,
-    alpha: Any = 0.97,
-    z_thresh: Any = 2.5,
-    max_norm: Optional[Any] = 1.0,
-    eps: Any = 1e-6,
-    warmup_steps: Optional[int] = None,
-    mode: str = "zscore",
-    clip_option: str = "adaptive_scaling",
-    clip_factor: Any = 1.0,
-    skip_update_on_spike: bool = False,
-    axis_name: Optional[Any] = None,
+  *,
+  alpha: Any = 0.97,
+  z_thresh: Any = 2.5,
+  max_norm: Any | None = 1.0,
+  eps: Any = 1e-6,
+  warmup_steps: int | None = None,
+  mode: str = "zscore",
+  clip_option: str = "adaptive_scaling",
+  clip_factor: Any = 1.0,
+  skip_update_on_spike: bool = False,
+  axis_name: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips global-norm spikes detected by an EMA z-score (ZClip).
 
@@ -141,29 +139,40 @@ def zclip(
     <https://arxiv.org/abs/2504.02507>`_, 2025. Peer: the authors' PyTorch
     reference ``bluorion-com/ZClip``.
   """
-  _validate.check_in_range(_FN, "alpha", alpha, 0, 1, low_open=True,
-                           high_open=True)
-  _validate.check_in_range(_FN, "z_thresh", z_thresh, 0, float("inf"),
-                           low_open=True, high_open=False)
+  _validate.check_in_range(
+    _FN, "alpha", alpha, 0, 1, low_open=True, high_open=True
+  )
+  _validate.check_in_range(
+    _FN, "z_thresh", z_thresh, 0, float("inf"), low_open=True, high_open=False
+  )
   if max_norm is not None:
     _validate.check_threshold(_FN, "max_norm", max_norm)
   _validate.check_threshold(_FN, "eps", eps)
   _validate.check_threshold(_FN, "clip_factor", clip_factor)
   mode = _validate.check_choice(_FN, "mode", mode, ("zscore", "percentile"))
-  clip_option = _validate.check_choice(_FN, "clip_option", clip_option,
-                                       ("adaptive_scaling", "mean"))
-  warmup = DEFAULT_WARMUP_STEPS if warmup_steps is None else (
-      _validate.check_static_int(_FN, "warmup_steps", warmup_steps))
+  clip_option = _validate.check_choice(
+    _FN, "clip_option", clip_option, ("adaptive_scaling", "mean")
+  )
+  warmup = (
+    DEFAULT_WARMUP_STEPS
+    if warmup_steps is None
+    else (_validate.check_static_int(_FN, "warmup_steps", warmup_steps))
+  )
 
   def init_fn(params):
     del params
     zero = jnp.zeros((), jnp.float32)
     false = jnp.zeros((), jnp.bool_)
     return ZClipState(
-        zclip_buffer=jnp.zeros((warmup,), jnp.float32),
-        zclip_count=jnp.zeros((), jnp.int32), zclip_mean=zero, zclip_var=zero,
-        zclip_norm=zero, zclip_threshold=zero, zclip_clipped=false,
-        zclip_spike=false)
+      zclip_buffer=jnp.zeros((warmup,), jnp.float32),
+      zclip_count=jnp.zeros((), jnp.int32),
+      zclip_mean=zero,
+      zclip_var=zero,
+      zclip_norm=zero,
+      zclip_threshold=zero,
+      zclip_clipped=false,
+      zclip_spike=false,
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -171,16 +180,20 @@ def zclip(
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(f32)
     g = jax.lax.stop_gradient(norm)
     finite = jnp.isfinite(g)
-    cap_fixed = (jnp.full((), jnp.inf, f32) if max_norm is None
-                 else jnp.asarray(max_norm).astype(f32))
+    cap_fixed = (
+      jnp.full((), jnp.inf, f32)
+      if max_norm is None
+      else jnp.asarray(max_norm).astype(f32)
+    )
     a = jnp.asarray(alpha).astype(f32)
     zt = jnp.asarray(z_thresh).astype(f32)
 
     # Warmup: record the norm; the step that fills the buffer starts the EMA.
     in_warmup = state.zclip_count < warmup
     slot = jnp.minimum(state.zclip_count, warmup - 1)
-    buffer = jnp.where(in_warmup & finite,
-                       state.zclip_buffer.at[slot].set(g), state.zclip_buffer)
+    buffer = jnp.where(
+      in_warmup & finite, state.zclip_buffer.at[slot].set(g), state.zclip_buffer
+    )
     fills = in_warmup & finite & (state.zclip_count + 1 == warmup)
     buffer_mean = jnp.mean(buffer)
     buffer_var = jnp.mean(jnp.square(buffer - buffer_mean))
@@ -190,8 +203,11 @@ def zclip(
     std = _norms.std_from_variance(var)
     denom = std + jnp.asarray(eps).astype(f32)
     positive = denom > 0
-    z = jnp.where(positive, (g - mean) / jnp.where(positive, denom, 1),
-                  jnp.where(g > mean, jnp.inf, 0.0).astype(f32))
+    z = jnp.where(
+      positive,
+      (g - mean) / jnp.where(positive, denom, 1),
+      jnp.where(g > mean, jnp.inf, 0.0).astype(f32),
+    )
     if mode == "zscore":
       spike = z > zt
       if clip_option == "adaptive_scaling":
@@ -211,16 +227,22 @@ def zclip(
     update_stats = finite & ~in_warmup
     if skip_update_on_spike:
       update_stats = update_stats & ~spike
-    mean = jnp.where(fills, buffer_mean,
-                     jnp.where(update_stats, new_mean, mean))
+    mean = jnp.where(
+      fills, buffer_mean, jnp.where(update_stats, new_mean, mean)
+    )
     var = jnp.where(fills, buffer_var, jnp.where(update_stats, new_var, var))
 
     scale, clipped = _norms.clip_scale(norm, cap)
     updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
     return updates, ZClipState(
-        zclip_buffer=buffer,
-        zclip_count=state.zclip_count + finite.astype(jnp.int32),
-        zclip_mean=mean, zclip_var=var, zclip_norm=g, zclip_threshold=cap,
-        zclip_clipped=clipped, zclip_spike=spike)
+      zclip_buffer=buffer,
+      zclip_count=state.zclip_count + finite.astype(jnp.int32),
+      zclip_mean=mean,
+      zclip_var=var,
+      zclip_norm=g,
+      zclip_threshold=cap,
+      zclip_clipped=clipped,
+      zclip_spike=spike,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

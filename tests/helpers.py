@@ -19,6 +19,52 @@ import optaxclip as oc
 import reference
 
 
+def _version(module) -> tuple[int, ...]:
+  return tuple(int(part) for part in
+               module.__version__.split("+")[0].split(".")[:3] if part.isdigit())
+
+
+JAX_VERSION = _version(jax)
+
+
+def optax_version() -> tuple[int, ...]:
+  import optax  # pylint: disable=g-import-not-at-top
+  return _version(optax)
+
+
+def flax_version() -> tuple[int, ...]:
+  import flax  # pylint: disable=g-import-not-at-top
+  return _version(flax)
+
+
+def nnx_optimizer_update(optimizer, model, grads):
+  """``optimizer.update`` across flax releases.
+
+  flax >= 0.11 takes ``update(model, grads)``; flax 0.10 (the floor, the last
+  release for jax 0.5) takes ``update(grads)`` and holds the model itself.
+  """
+  if flax_version() >= (0, 11):
+    return optimizer.update(model, grads)
+  return optimizer.update(grads)
+
+
+def nnx_pure(tree):
+  """``nnx.as_pure`` (flax >= 0.11), or unwrapping variables by hand."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if hasattr(nnx, "as_pure"):
+    return nnx.as_pure(tree)
+  return jax.tree.map(lambda v: v.value if isinstance(v, nnx.Variable) else v,
+                      tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def enable_x64():
+  """``jax.enable_x64`` (jax >= 0.6) or its older experimental spelling."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64 as _enable_x64  # pylint: disable=g-import-not-at-top
+  return _enable_x64(True)
+
+
 def maybe_jit(fn, use_jit: bool):
   return jax.jit(fn) if use_jit else fn
 

@@ -5,6 +5,10 @@ import json
 import math
 import pathlib
 
+import pytest
+
+import helpers
+
 _EXAMPLE = (pathlib.Path(__file__).resolve().parent.parent / "examples"
             / "exploding_gradients.py")
 
@@ -20,6 +24,8 @@ def _load():
   return module
 
 
+@pytest.mark.skipif(helpers.flax_version() < (0, 11),
+                    reason="the demo uses the flax >= 0.11 nnx.Optimizer API")
 def test_exploding_gradients_demo_writes_summary(tmp_path):
   demo = _load()
   summary = demo.main(steps=50, out=str(tmp_path),

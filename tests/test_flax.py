@@ -18,6 +18,7 @@ from flax import linen as nn
 from flax import nnx
 from flax.training import train_state
 
+import helpers
 import optaxclip as oc
 import reference
 
@@ -86,7 +87,7 @@ def _nnx_loss(model: _TinyMLP, x: jax.Array, y: jax.Array) -> jax.Array:
 @nnx.jit
 def _nnx_step(model, optimizer, x, y):
   loss, grads = nnx.value_and_grad(_nnx_loss)(model, x, y)
-  optimizer.update(model, grads)
+  helpers.nnx_optimizer_update(optimizer, model, grads)
   return loss, grads
 
 
@@ -136,7 +137,7 @@ def test_nnx_optimizer_matches_plain_optax(make_clipper, textbook_clip):
     losses.append(float(loss))
   nnx_params = _pure_params(model)
   # The optimizer state without nnx's OptArray/OptVariable wrappers.
-  nnx_opt_state = nnx.as_pure(optimizer.opt_state)
+  nnx_opt_state = helpers.nnx_pure(optimizer.opt_state)
 
   # Reference 1: the same clipper + adam with plain optax on the pure pytree
   # (no nnx.Optimizer, no nnx.State, no OptArray wrappers).

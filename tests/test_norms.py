@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 import optaxclip as oc
 from optaxclip import _norms
 import reference
@@ -88,7 +89,7 @@ def test_complex_leaves_use_modulus():
 
 
 def test_float64_leaves_accumulate_in_float64():
-  with jax.enable_x64(True):
+  with helpers.enable_x64():
     tree = {"a": jnp.array([1.0, 1e-9], jnp.float64),
             "b": jnp.array([2.0], jnp.float32)}
     got = oc.global_norm(tree)
