@@ -1,10 +1,15 @@
-# optaxclip developer commands. Every target creates .venv if it is missing.
+# optaxclip developer commands. Every target creates its virtualenv if missing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+# The floor-version suite: the oldest releases pyproject.toml allows, pinned.
+FLOOR_VENV ?= .venv-floor
+FLOOR_PY    = $(FLOOR_VENV)/bin/python
+FLOOR_PINS  = .ci/floor-constraints.txt
 MULTIDEVICE_FLAGS = --xla_force_host_platform_device_count=8
+PYTEST = -m pytest -q -p no:cacheprovider
 
-.PHONY: test demo bench docs clean
+.PHONY: test lint unit multidevice multiprocess floor package docs demo bench clean
 
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,13 +17,59 @@ $(VENV)/.installed-%: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[$*]"
 	touch $@
 
-# The whole suite: single-device tests and doctests in one process, then the
-# 8-simulated-device tests in their own process (XLA_FLAGS must be set before
-# jax is imported), then the docs site with --strict.
-test: $(VENV)/.installed-test $(VENV)/.installed-docs
-	$(PY) -m pytest -q --doctest-modules optaxclip tests --ignore=tests/multidevice
-	XLA_FLAGS=$(MULTIDEVICE_FLAGS) $(PY) -m pytest -q tests/multidevice
-	$(PY) -m mkdocs build --strict --site-dir build/site
+$(FLOOR_VENV)/.installed: pyproject.toml $(FLOOR_PINS)
+	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip install --quiet --upgrade pip
+	$(FLOOR_PY) -m pip install --quiet -c $(FLOOR_PINS) -e ".[test]"
+	touch $@
+
+# The whole suite, each part timed (CI's log shows where the minutes go):
+# static checks, single-device tests and doctests, 8 simulated devices and two
+# real processes (each in its own process: XLA_FLAGS must be set before jax is
+# imported), the single-device suite again on the floor versions, the
+# packaging check, and the docs site with --strict.
+test: lint unit multidevice multiprocess floor package docs
+
+lint: $(VENV)/.installed-lint
+	@date +"[lint] start %T"
+	$(VENV)/bin/ruff check optaxclip
+	$(VENV)/bin/ruff format --check optaxclip
+	$(VENV)/bin/mypy
+	@date +"[lint] end %T"
+
+unit: $(VENV)/.installed-test
+	@date +"[unit] start %T"
+	$(PY) $(PYTEST) --doctest-modules optaxclip tests --ignore=tests/multidevice --ignore=tests/multiprocess
+	@date +"[unit] end %T"
+
+multidevice: $(VENV)/.installed-test
+	@date +"[multidevice] start %T"
+	XLA_FLAGS=$(MULTIDEVICE_FLAGS) $(PY) $(PYTEST) tests/multidevice
+	@date +"[multidevice] end %T"
+
+multiprocess: $(VENV)/.installed-test
+	@date +"[multiprocess] start %T"
+	$(PY) $(PYTEST) tests/multiprocess
+	@date +"[multiprocess] end %T"
+
+floor: $(FLOOR_VENV)/.installed
+	@date +"[floor] start %T"
+	$(FLOOR_PY) -c "import jax, optax, flax; print('floor versions: jax', jax.__version__, 'optax', optax.__version__, 'flax', flax.__version__)"
+	$(FLOOR_PY) $(PYTEST) --doctest-modules optaxclip tests --ignore=tests/multidevice --ignore=tests/multiprocess
+	@date +"[floor] end %T"
+
+# Builds the sdist and wheel, checks their metadata, installs the wheel into a
+# fresh virtualenv (outside the checkout, so the source tree cannot be
+# imported by accident) and imports it there.
+package: $(VENV)/.installed-lint
+	@date +"[package] start %T"
+	rm -rf build/dist build/wheel-venv
+	$(PY) -m build --no-isolation --outdir build/dist . > build/package.log 2>&1 || (cat build/package.log; exit 1)
+	$(VENV)/bin/twine check --strict build/dist/*
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install --quiet build/dist/*.whl
+	cd build && wheel-venv/bin/python -c "import optaxclip as oc, jax.numpy as jnp; assert 'site-packages' in oc.__file__, oc.__file__; print('wheel imports:', oc.__file__, float(oc.global_norm([jnp.ones(4)])))"
+	@date +"[package] end %T"
 
 demo: $(VENV)/.installed-examples
 	$(PY) examples/exploding_gradients.py
@@ -30,7 +81,9 @@ bench: $(VENV)/.installed-test
 
 # The documentation site (mkdocs.yml, docs/), built with --strict into build/site.
 docs: $(VENV)/.installed-docs
+	@date +"[docs] start %T"
 	$(PY) -m mkdocs build --strict --site-dir build/site
+	@date +"[docs] end %T"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info

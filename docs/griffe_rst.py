@@ -5,6 +5,7 @@ mkdocstrings parses them:
 
 * ``:func:`x``` / ``:class:`x``` / ... -> a cross-reference when ``x`` is a
   public name (in ``optaxclip.__all__``), else an inline code span;
+* ``Title <url>`_`` hyperlinks -> Markdown links ``[Title](url)``;
 * ``:math:`x``` -> inline math ``\\(x\\)`` (pymdownx.arithmatex);
 * ``.. math::`` blocks -> ``$$`` display-math blocks;
 * ``.. warning::`` / ``.. note::`` blocks -> Material admonitions;
@@ -104,7 +105,18 @@ def _directives(text: str) -> str:
 _RETURNS_COLON = re.compile(r"^(\s*Returns:[ \t]*\n[ \t]+)([^\n:]+):[ \t]", re.M)
 
 
+# A reST hyperlink, ``Title <https://...>`_`` (possibly wrapped over lines,
+# anonymous with a double underscore), as in the References sections.
+_LINK = re.compile(r"`([^`<]+?)\s*<(https?://[^>\s]+)>`__?", re.S)
+
+
+def _link(match: re.Match[str]) -> str:
+  title = re.sub(r"\s+", " ", match.group(1)).strip()
+  return f"[{title}]({match.group(2)})"
+
+
 def rst_to_markdown(text: str) -> str:
+  text = _LINK.sub(_link, text)
   text = _ROLE.sub(_role, _directives(text))
   return _RETURNS_COLON.sub(r"\1\2 — ", text)
 
