@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Attribute names that only unwrap a container (Flax ``Variable.value``,
@@ -61,7 +62,9 @@ def check_float_leaves(fn: str, tree: Any, arg: str = "updates") -> None:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None:
       dtype = np.result_type(leaf)
-    if not np.issubdtype(dtype, np.inexact):
+    # jnp.issubdtype knows the ml_dtypes floats (bfloat16, float8_*), which
+    # numpy's own issubdtype does not count as inexact.
+    if not jnp.issubdtype(dtype, jnp.inexact):
       where = path_str(key_path) or "<root>"
       raise TypeError(
         f"{fn}: every leaf of {arg} must be a floating-point (or complex)"
@@ -335,3 +338,50 @@ def stacked_by_path(
     return int(default)
 
   return rule
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class PathValues:
+  """Per-leaf diagnostics as one flat vector that knows its leaves' paths.
+
+  States keep per-tensor statistics (``clip_by_norm``'s ``leaf_norms``) as
+  one array, so a 2000-leaf tree costs one state leaf, not 2000. The paths
+  and per-leaf layer shapes are static pytree metadata: they cost nothing at
+  run time, survive ``jit``, and let :func:`clip_stats` return the values by
+  path. A stacked leaf with ``L`` layers owns ``L`` consecutive entries.
+
+  Attributes:
+    values: the flat vector (one entry per unstacked leaf, ``prod(layer
+      shape)`` entries per stacked leaf), in ``jax.tree.leaves`` order.
+    segments: static ``(path, layer_shape)`` per leaf.
+  """
+
+  def __init__(self, values: Any, segments: tuple[tuple[str, tuple], ...]):
+    self.values = values
+    self.segments = tuple(segments)
+
+  def tree_flatten_with_keys(self):
+    return ((jax.tree_util.GetAttrKey("values"), self.values),), self.segments
+
+  def tree_flatten(self):
+    return (self.values,), self.segments
+
+  @classmethod
+  def tree_unflatten(cls, segments, children):
+    return cls(children[0], segments)
+
+  def items(self) -> list[tuple[str, Any]]:
+    """``(path, value)`` pairs: a scalar per leaf, or per-layer values."""
+    out, start = [], 0
+    for path, layer_shape in self.segments:
+      size = int(np.prod(layer_shape, dtype=np.int64))
+      chunk = self.values[start : start + size]
+      out.append((path, chunk.reshape(layer_shape)))
+      start += size
+    return out
+
+  def __len__(self) -> int:
+    return len(self.segments)
+
+  def __repr__(self) -> str:
+    return f"PathValues({self.values!r}, paths={[p for p, _ in self.segments]})"

@@ -4,6 +4,14 @@ The oldest clipping rule: every coordinate of the update is clamped to an
 interval, independently of the others (Mikolov 2012; PyTorch's
 ``clip_grad_value_``, Keras' ``clipvalue``). It changes the update's direction,
 unlike the norm-based clippers.
+
+Cost model (CPU, measured in ``benchmarks/``): the clamp is one read and one
+write of every gradient byte, exactly ``optax.clip``. Any diagnostic needs an
+extra read, because XLA's CPU backend does not fuse a reduction with an
+element-wise output of the same input (no multi-output fusion). Diagnostics are
+therefore a keyword-only option, and when on they take a single pass: one
+NaN-propagating ``(max, min)`` reduction per large leaf, plus one for the
+bucket of small leaves.
 """
 
 from __future__ import annotations
@@ -12,29 +20,102 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _validate
+from optaxclip import _norms, _stats, _tree, _validate
 
 
 @_stats.register_state("clip_by_value")
 class ClipByValueState(NamedTuple):
-  """State of :func:`clip_by_value` and :func:`clip`: what the last step did."""
+  """State of :func:`clip_by_value` (with ``diagnostics=True``, the default).
 
-  # float32 scalar: the largest element of the update before clamping (NaN if
-  # any element was NaN; 0 for an empty tree).
+  Records what the last step did; ``clip`` and ``clip_by_value(...,
+  diagnostics=False)`` record nothing and keep an ``optax.EmptyState``.
+  """
+
+  # float32 scalar (float64 for float64 trees): the largest element of the
+  # update before clamping (NaN if any element was NaN; 0 for an empty tree).
   value_max: jax.Array
   # float32 scalar: the smallest element of the update before clamping.
   value_min: jax.Array
   # bool scalar: True when some element lay outside [min_value, max_value]
-  # (or was NaN).
+  # (or was NaN), or when the bounds were invalid (the output is then NaN).
   value_clipped: jax.Array
 
 
+def _extremes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(max(x), min(x))`` in one pass over ``x``, NaN-propagating.
+
+  A variadic reduction: one read of ``x`` for both extremes, where ``jnp.max``
+  and ``jnp.min`` are two passes. XLA's vectorised CPU max/min reductions also
+  drop NaN on large inputs (jax >= 0.6); this reduction's ``maximum`` and
+  ``minimum`` keep it, so no extra pass is needed to detect NaN.
+  """
+  x = x.reshape(-1)  # a bitcast; a 1-D reduction is the fastest CPU loop
+  lowest = jnp.array(-jnp.inf, x.dtype)
+  highest = jnp.array(jnp.inf, x.dtype)
+
+  def combine(a, b):
+    return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+
+  largest, smallest = jax.lax.reduce((x, x), (lowest, highest), combine, (0,))
+  return largest, smallest
+
+
+def _tree_extremes(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The largest and smallest element of real leaves, one pass, NaN-loud.
+
+  Large leaves are reduced where they are (no copy); small ones go through
+  the library's bucket (:func:`optaxclip._norms.reduction_groups`), one copy of
+  the small leaves and one reduction instead of one per leaf.
+  """
+  groups = _norms.reduction_groups(leaves)
+  if not groups:
+    zero = jnp.zeros((), jnp.float32)
+    return zero, zero
+  dtype = _norms.widest_dtype(g.dtype for g in groups)
+  pairs = [_extremes(g) for g in groups]
+  largest = jnp.stack([hi.astype(dtype) for hi, _ in pairs])
+  smallest = jnp.stack([lo.astype(dtype) for _, lo in pairs])
+  lowest = jnp.array(-jnp.inf, dtype)
+  highest = jnp.array(jnp.inf, dtype)
+  return jax.lax.reduce(
+    (largest, smallest),
+    (lowest, highest),
+    lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
+    (0,),
+  )
+
+
+def _bounds(
+  upper: jax.Array, lower: jax.Array, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+  """The bounds in ``dtype``, both NaN when they are invalid.
+
+  Invalid means ``min_value > max_value`` (with ``min_value=None``, a negative
+  ``max_value``) or a NaN bound; construction rejects concrete invalid bounds,
+  so this only ever fires for traced ones (``inject_hyperparams``). A NaN
+  bound makes the clamp output NaN everywhere: loud, where clamping to the
+  swapped interval would silently flip the update's sign. Two scalar
+  ``where``s, fused into the clamp; no extra pass.
+  """
+  hi, lo = upper.astype(dtype), lower.astype(dtype)
+  valid = lo <= hi  # False when either bound is NaN
+  nan = jnp.array(jnp.nan, dtype)
+  return jnp.where(valid, lo, nan), jnp.where(valid, hi, nan)
+
+
+def _is_float(x: Any) -> bool:
+  return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+
+
 def _value_clipper(
-  fn: str, max_value: Any, min_value: Any
+  fn: str, max_value: Any, min_value: Any, diagnostics: bool
 ) -> optax.GradientTransformationExtraArgs:
   def init_fn(params):
+    if not diagnostics:
+      return optax.EmptyState()
     dtype = _norms.tree_accumulation_dtype(params)
     zero = jnp.zeros((), dtype)
     return ClipByValueState(
@@ -43,11 +124,17 @@ def _value_clipper(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    upper = jnp.asarray(max_value)
-    lower = -upper if min_value is None else jnp.asarray(min_value)
+    # Only non-float leaves are handed to the policy check: as of this
+    # writing _tree.check_float_leaves tests np.issubdtype(dtype, np.inexact),
+    # which is False for bfloat16 (an ml_dtypes type), so it would reject
+    # bf16 gradients. Paths are kept (float leaves become empty subtrees).
+    _tree.check_float_leaves(
+      fn, jax.tree.map(lambda x: None if _is_float(x) else x, updates)
+    )
+    if state is None:  # the state only holds diagnostics: rebuild it
+      state = init_fn(updates)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
-    clipped_leaves = []
     for leaf in leaves:
       if jnp.iscomplexobj(leaf):
         raise TypeError(
@@ -55,37 +142,63 @@ def _value_clipper(
           f" {leaf.dtype}); clip their magnitude with clip_by_norm or"
           " clip_by_global_norm instead."
         )
-      # Clamp in float32 (float64 for float64 leaves), so a bf16 bound cannot
-      # round past the requested value before the comparison.
-      compute = _norms.accumulation_dtype(leaf.dtype)
-      hi, lo = upper.astype(compute), lower.astype(compute)
-      clipped_leaves.append(
-        jnp.clip(leaf.astype(compute), lo, hi).astype(leaf.dtype)
+    upper = jnp.asarray(max_value)
+    lower = -upper if min_value is None else jnp.asarray(min_value)
+    # Clamp in float32 (float64 for float64 leaves), so a bf16 bound cannot
+    # round past the requested value before the comparison.
+    computes = {jnp.dtype(_norms.accumulation_dtype(x.dtype)) for x in leaves}
+    bounds = {dt: _bounds(upper, lower, dt) for dt in computes}
+
+    new_state = state
+    if diagnostics:
+      # The diagnostics see the values, never their derivatives (and the
+      # variadic reduction has no differentiation rule).
+      value_max, value_min = _tree_extremes(
+        [jax.lax.stop_gradient(x) for x in leaves]
       )
-    # The extremes say whether (and how far) the clamp acted. A per-element
-    # count would need XLA to materialise a mask the size of the gradients
-    # (7x slower on CPU); two whole-tree max/min reductions through the
-    # bucketed kernel cost one extra read.
-    value_max, value_min = _norms.value_range(leaves)
-    dtype = state.value_max.dtype
-    value_max, value_min = value_max.astype(dtype), value_min.astype(dtype)
-    # Written as "not within" so NaN extremes count as clipped.
-    within = (value_max <= upper.astype(dtype)) & (
-      value_min >= lower.astype(dtype)
-    )
-    clipped = jnp.logical_not(within)
-    return (
-      jax.tree.unflatten(treedef, clipped_leaves),
-      ClipByValueState(
+      dtype = state.value_max.dtype
+      value_max, value_min = value_max.astype(dtype), value_min.astype(dtype)
+      lo, hi = _bounds(upper, lower, dtype)
+      # Written as "not within" so NaN extremes (and NaN bounds) count.
+      clipped = jnp.logical_not((value_max <= hi) & (value_min >= lo))
+      new_state = ClipByValueState(
         value_max=value_max, value_min=value_min, value_clipped=clipped
-      ),
-    )
+      )
+      # When nothing lies outside the bounds the clamp is the identity, so it
+      # may as well clamp to (-inf, inf). Written this way, the clamp depends
+      # on the reductions: XLA must read each gradient for the extremes before
+      # it overwrites it, and a donated gradient is clamped in place. Without
+      # the dependency XLA copies every gradient (temp = the tree's size).
+      inf = np.inf
+      bounds = {
+        dt: (jnp.where(clipped, lo_, -inf), jnp.where(clipped, hi_, inf))
+        for dt, (lo_, hi_) in bounds.items()
+      }
+
+    clipped_leaves = []
+    for leaf in leaves:
+      lo_, hi_ = bounds[jnp.dtype(_norms.accumulation_dtype(leaf.dtype))]
+      compute = lo_.dtype
+      clipped_leaves.append(
+        jnp.clip(leaf.astype(compute), lo_, hi_).astype(leaf.dtype)
+      )
+    return jax.tree.unflatten(treedef, clipped_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_diagnostics(fn: str, diagnostics: Any) -> None:
+  if not isinstance(diagnostics, (bool, np.bool_)):
+    raise TypeError(
+      f"{fn}: diagnostics must be True or False, got {diagnostics!r}."
+    )
+
+
 def clip_by_value(
-  max_value: Any, *, min_value: Any | None = None
+  max_value: Any,
+  *,
+  min_value: Any | None = None,
+  diagnostics: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clamps every element of the updates to ``[min_value, max_value]``.
 
@@ -95,29 +208,54 @@ def clip_by_value(
   NaN elements stay NaN; ``+-inf`` elements are clamped to the bounds (as in
   PyTorch's ``clip_grad_value_``). The clamp is done in float32 for bf16/fp16
   leaves and the result is cast back, so dtypes and shapes are kept. Complex
-  leaves raise ``TypeError`` (they have no order).
+  leaves raise ``TypeError`` (they have no order); so do integer and bool
+  leaves, with the leaf's path in the message (the library-wide policy: they
+  cannot be clamped without truncation, and are usually a step counter or a
+  mask left in the tree).
 
-  The state records the pre-clip extremes ``value_max`` and ``value_min`` and
-  whether anything was clamped (``value_clipped``). It does not count the
-  clamped elements: on CPU, XLA materialises the comparison mask for such a
-  count, which made the step 7x slower in the benchmark. The extremes (and a
-  sum that detects NaN, which vectorised CPU max reductions drop) are
-  computed in one extra read of the updates; on CPU that makes this clipper
-  about 1.5-2x ``optax.clip``, which records nothing.
+  Traced bounds (``optax.inject_hyperparams``) are not checked at
+  construction. If they are invalid at run time (``max_value < 0`` with
+  ``min_value=None``, ``min_value > max_value``, or a NaN bound) every output
+  element is NaN: loud, never a silent clamp to a swapped interval (which
+  would flip the update's sign). This costs two scalar ``where``\ s.
+
+  With ``diagnostics=True`` (the default) the state records the pre-clip
+  extremes ``value_max`` and ``value_min`` and whether anything was clamped
+  (``value_clipped``). They take one extra read of the updates (one
+  NaN-propagating max/min reduction per large leaf; small leaves share one
+  bucket, a copy of their bytes): on CPU, where XLA cannot fuse a reduction
+  with the clamp, that makes the step about 1.4-1.6x ``optax.clip``, which
+  records nothing, and compiling about 2-3x slower. A donated gradient is
+  still clamped in place (no copy of large leaves). With ``diagnostics=False``
+  the transform is exactly ``optax.clip``'s clamp (same run and compile time,
+  no temporary memory) and its state is an ``optax.EmptyState``. The default
+  is on because value clipping is mostly used where gradients misbehave and a
+  silent clamp hides it; pass ``diagnostics=False`` (or use :func:`clip`) on
+  a hot path. The clamped elements are not counted: on CPU, XLA materialises
+  the comparison mask for such a count (7x slower).
+
+  ``update(updates, None)`` works (the state is only diagnostics): it is
+  rebuilt as ``init(updates)`` would.
 
   Args:
     max_value: the upper bound. With ``min_value=None`` it must be ``>= 0``
       and the interval is ``[-max_value, max_value]``.
     min_value: the lower bound; ``None`` (default) means ``-max_value``. When
       given, ``min_value <= max_value`` is required.
+    diagnostics: keyword-only; whether the state records the pre-clip extremes
+      (a :class:`ClipByValueState`) at the cost of one extra read of the
+      updates, or nothing (an ``optax.EmptyState``, as fast as ``optax.clip``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`ClipByValueState`.
+    :class:`ClipByValueState` (``optax.EmptyState`` with
+    ``diagnostics=False``).
 
   Raises:
     ValueError: for a NaN or non-scalar bound, a negative ``max_value`` without
       ``min_value``, or ``min_value > max_value``.
+    TypeError: for a ``diagnostics`` that is not a bool; in ``update``, for
+      complex, integer or bool leaves.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -145,23 +283,35 @@ def clip_by_value(
         f"{fn}: min_value must be <= max_value, got min_value={min_value!r}"
         f" and max_value={max_value!r}."
       )
-  return _value_clipper(fn, max_value, min_value)
+  _check_diagnostics(fn, diagnostics)
+  return _value_clipper(fn, max_value, min_value, bool(diagnostics))
 
 
-def clip(max_delta: Any) -> optax.GradientTransformationExtraArgs:
+def clip(
+  max_delta: Any, *, diagnostics: bool = False
+) -> optax.GradientTransformationExtraArgs:
   """Clamps every element of the updates to ``[-max_delta, max_delta]``.
 
-  A drop-in for ``optax.clip``: the same as ``clip_by_value(max_delta)``, with
-  its validation and its :class:`ClipByValueState` diagnostics.
+  A drop-in for ``optax.clip``: by default it records nothing (its state is
+  an ``optax.EmptyState``, as ``optax.clip``'s) and costs what ``optax.clip``
+  costs, in run time, compile time and memory, while adding the library's
+  validation, its int/bool-leaf ``TypeError`` and its NaN output for traced
+  invalid ``max_delta`` (see :func:`clip_by_value`). ``diagnostics=True``
+  makes it ``clip_by_value(max_delta)``, with the :class:`ClipByValueState`
+  diagnostics and their extra read of the updates.
 
   Args:
     max_delta: the largest absolute value an element may keep; ``>= 0``.
+    diagnostics: keyword-only; ``False`` (default) records nothing, ``True``
+      records the pre-clip extremes as :func:`clip_by_value` does.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Raises:
     ValueError: for a negative, NaN or non-scalar ``max_delta``.
+    TypeError: for a ``diagnostics`` that is not a bool; in ``update``, for
+      complex, integer or bool leaves.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -174,4 +324,5 @@ def clip(max_delta: Any) -> optax.GradientTransformationExtraArgs:
     Peer: ``optax.clip``.
   """
   _validate.check_threshold("clip", "max_delta", max_delta)
-  return _value_clipper("clip", max_delta, None)
+  _check_diagnostics("clip", diagnostics)
+  return _value_clipper("clip", max_delta, None, bool(diagnostics))
