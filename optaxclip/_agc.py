@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _validate
+from optaxclip import _norms, _stats, _tree, _validate
 
 _FN = "adaptive_grad_clip"
 
@@ -50,6 +50,11 @@ def _is_axis_spec(value: Any) -> bool:
     isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
     for a in value
   )
+
+
+def _is_array_leaf(x: Any) -> bool:
+  """Whether ``x`` is one leaf, not a subtree (with leaves of its own)."""
+  return jax.tree_util.treedef_is_leaf(jax.tree.structure(x)) and x is not None
 
 
 def default_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -83,7 +88,7 @@ def _normalize_axes(
     rule = default_unit_axes(shape)
     if rule is None:
       raise ValueError(
-        f"{_FN}: the leaf at {path} has shape {shape} (rank {len(shape)});"
+        f"{_FN}: the leaf at {path!r} has shape {shape} (rank {len(shape)});"
         " there is no default unit rule for rank >= 6. Say which axes one"
         " unit spans, for example axis=lambda path, leaf: tuple(range(leaf."
         f"ndim - 1)) if leaf.ndim >= 6 else None, or a pytree with"
@@ -94,31 +99,39 @@ def _normalize_axes(
   ndim = len(shape)
   normalized = []
   for a in axes:
-    if not -ndim <= a < max(ndim, 1):
+    if ndim == 0:
       raise ValueError(
-        f"{_FN}: axis {a} is out of range for the leaf at {path} of shape"
+        f"{_FN}: axis {a} is out of range for the leaf at {path!r} of shape"
+        " () (a scalar has no axes; it is always one unit). Give that leaf"
+        " None (the default rule) or () with a pytree or callable axis, e.g."
+        " axis=lambda path, leaf: None if leaf.ndim == 0 else"
+        f" {axes if len(axes) > 1 else axes[0]!r}."
+      )
+    if not -ndim <= a < ndim:
+      raise ValueError(
+        f"{_FN}: axis {a} is out of range for the leaf at {path!r} of shape"
         f" {shape}; allowed axes are -{ndim}..{ndim - 1}."
       )
-    normalized.append(int(a) % max(ndim, 1))
+    normalized.append(int(a) % ndim)
   return tuple(sorted(set(normalized)))
 
 
 def _resolve_axes(axis: Any, params: Any) -> list[tuple[int, ...]]:
   """One normalized axes tuple per param leaf, in jax.tree.leaves order."""
   with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [jax.tree_util.keystr(p) for p, _ in with_path]
+  paths = [_tree.path_str(p) or "<root>" for p, _ in with_path]
   leaves = [jnp.asarray(x) for _, x in with_path]
   if axis is None or _is_axis_spec(axis):
     specs = [axis] * len(leaves)
   elif callable(axis):
     specs = []
-    for (key_path, _), leaf in zip(with_path, leaves):
+    for (key_path, _), path, leaf in zip(with_path, paths, leaves):
       spec = axis(key_path, leaf)
       if not _is_axis_spec(spec):
         raise TypeError(
           f"{_FN}: the axis callable returned {spec!r} for the leaf at"
-          f" {jax.tree_util.keystr(key_path)}; it must return an int, a"
-          " tuple of ints, or None (the default rule)."
+          f" {path!r}; it must return an int, a tuple of ints, or None (the"
+          " default rule)."
         )
       specs.append(spec)
   else:
@@ -133,7 +146,7 @@ def _resolve_axes(axis: Any, params: Any) -> list[tuple[int, ...]]:
     for path, spec in zip(paths, specs):
       if not _is_axis_spec(spec):
         raise TypeError(
-          f"{_FN}: axis entry for the leaf at {path} is {spec!r}; it must"
+          f"{_FN}: axis entry for the leaf at {path!r} is {spec!r}; it must"
           " be an int, a tuple of ints, or None (the default rule)."
         )
   return [
@@ -196,12 +209,19 @@ def adaptive_grad_clip(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
-    :class:`AdaptiveGradClipState`. ``update`` requires ``params``.
+    :class:`AdaptiveGradClipState`. ``update`` requires ``params``, with the
+    gradients' tree structure and, leaf by leaf, their exact shapes (no
+    broadcasting). The state only records what the step did, so
+    ``update(grads, None, params)`` works and returns a fresh state.
 
   Raises:
+    TypeError: in ``update``, for an integer or bool leaf of the gradients or
+      the params (the library-wide policy), naming the leaf's path.
     ValueError: for a negative, NaN or non-scalar ``clipping`` or ``eps``, a
       malformed ``axis``; at trace time, for a rank >= 6 leaf without axes,
-      an out-of-range axis, or a missing ``params``.
+      an out-of-range axis (any explicit axis on a scalar leaf), a missing
+      ``params``, or ``params`` whose structure or a leaf's shape differs
+      from the gradients'.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -240,15 +260,38 @@ def adaptive_grad_clip(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    # The state only records what this step did: state=None is fine.
     del state, extra_args
+    _tree.check_float_leaves(_FN, updates)
     if params is None:
       raise ValueError(
         f"{_FN}: update needs params (the unit norms of the parameters set"
         " each unit's threshold); call tx.update(grads, state, params)."
       )
+    _tree.check_float_leaves(_FN, params, "params")
     grads, treedef = jax.tree.flatten(updates)
-    param_leaves = treedef.flatten_up_to(params)
+    try:
+      param_leaves = treedef.flatten_up_to(params)
+      if not all(map(_is_array_leaf, param_leaves)):
+        raise ValueError("params are deeper than the gradients")
+    except (ValueError, TypeError) as exc:
+      raise ValueError(
+        f"{_FN}: params must have the structure of the gradients (one"
+        " parameter per gradient leaf, the same containers and keys);"
+        f" gradients are {treedef}, params are {jax.tree.structure(params)}."
+      ) from exc
     axes_list = _resolve_axes(axis, params)
+    paths = [
+      _tree.path_str(key_path) or "<root>"
+      for key_path, _ in jax.tree_util.tree_leaves_with_path(updates)
+    ]
+    for path, g, p in zip(paths, grads, param_leaves):
+      if np.shape(g) != np.shape(p):
+        raise ValueError(
+          f"{_FN}: the gradient at {path!r} has shape {np.shape(g)} but its"
+          f" parameter has shape {np.shape(p)}; they must be equal (each"
+          " unit is clipped against its own weights, never a broadcast)."
+        )
     new_grads, clipped_masks, num_units = [], [], 0
     for g, p, axes in zip(grads, param_leaves, axes_list):
       g, p = jnp.asarray(g), jnp.asarray(p)

@@ -27,10 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _validate
+from optaxclip import _norms, _stats, _tree, _validate
 
 _FN = "clip_per_example"
 _REDUCTIONS = ("mean", "sum")
+# Bounds of the adaptive threshold C: the smallest normal and the largest
+# finite float32 (see the ``target_quantile`` docs).
+_C_FLOOR = np.float32(np.finfo(np.float32).tiny)
+_C_CEILING = np.float32(np.finfo(np.float32).max)
 
 
 @_stats.register_state("clip_per_example")
@@ -75,6 +79,37 @@ def _batch_size(leaves: list[jax.Array]) -> int:
       f" jax.vmap(jax.grad(loss)); got leaf shapes {shapes}."
     )
   return sizes.pop()
+
+
+def _check_against_params(updates: Any, params: Any) -> None:
+  """Each per-example leaf must be its parameter's shape behind a batch axis.
+
+  Without this check a gradient that was never vmapped -- e.g. a ``(64, 10)``
+  mean gradient of a one-leaf model with ``(64, 10)`` weights -- would be
+  read as 64 examples of shape ``(10,)`` and silently clipped row by row.
+  """
+  treedef = jax.tree.structure(updates)
+  try:
+    param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
+  except (ValueError, TypeError) as exc:
+    raise ValueError(
+      f"{_FN}: params must have the structure of the per-example gradients"
+      f" (one parameter per gradient leaf); gradients are {treedef}, params"
+      f" are {jax.tree.structure(params)}."
+    ) from exc
+  with_path = jax.tree_util.tree_leaves_with_path(updates)
+  for (key_path, x), p in zip(with_path, param_leaves):
+    x_shape, p_shape = tuple(np.shape(x)), tuple(np.shape(p))
+    if len(x_shape) != len(p_shape) + 1 or x_shape[1:] != p_shape:
+      path = _tree.path_str(key_path) or "<root>"
+      raise ValueError(
+        f"{_FN}: the per-example gradients at {path!r} have shape {x_shape},"
+        f" but their parameter has shape {p_shape}: expected (batch,) +"
+        f" {p_shape}, a leading batch axis followed by the parameter's"
+        " shape. Compute per-example gradients with"
+        " jax.vmap(jax.grad(loss), in_axes=(None, 0)), not jax.grad of the"
+        " batch loss."
+      )
 
 
 def _sum_dtype(dtype: Any) -> jnp.dtype:
@@ -143,7 +178,29 @@ def clip_per_example(
   where :math:`\bar b` is the fraction of the finite examples whose norm is
   at most the :math:`C` used in this step and :math:`\eta` is
   ``quantile_lr``. A batch with no finite example leaves :math:`C` unchanged.
-  The estimate of :math:`\bar b` is not privatised.
+  The estimate of :math:`\bar b` is not privatised. In exact arithmetic the
+  update can never reach 0 or inf; in float32 it could (about 1000 steps of
+  all-zero gradients underflow :math:`C = 1` to 0 with ``target_quantile=0.5``
+  and the default ``quantile_lr``, after which every update would be zero
+  forever), so after each update :math:`C` is kept in ``[1.18e-38, 3.4e38]``
+  (float32's smallest normal and largest finite values), from where it can
+  adapt back. A ``max_norm`` of 0 or inf
+  thus starts at the floor or the ceiling after the first step. A traced
+  (``inject_hyperparams``) ``target_quantile`` outside [0, 1] or negative
+  ``quantile_lr`` makes :math:`C` NaN, and so every later update: loud.
+
+  **Batches.** Shapes are static, so these checks run at trace time: every
+  leaf needs the same leading batch size; with ``params`` passed to
+  ``update``, every leaf must be its parameter's shape behind one leading
+  batch axis (a gradient that was never ``vmap``-ed raises a ``ValueError``
+  naming the leaf instead of being read as a batch); an empty batch (size 0)
+  raises a ``ValueError`` with ``reduce="mean"`` (there is no mean of no
+  examples) and gives zeros (plus noise) with ``reduce="sum"``.
+
+  **Policies.** Integer and bool leaves raise a ``TypeError`` naming the
+  leaf's path. ``update(updates, None)`` raises a ``ValueError``: the state
+  carries history (the noise PRNG key, which must advance every step, and
+  the adaptive threshold), so call ``init`` first.
 
   Args:
     max_norm: the per-example threshold :math:`C` (initial value when
@@ -170,7 +227,10 @@ def clip_per_example(
       ``reduce``, a negative ``noise_multiplier`` (or one with an infinite
       ``max_norm``), ``target_quantile`` outside [0, 1], a negative
       ``quantile_lr`` or a non-integer ``seed``; at trace time, when the
-      leaves of ``updates`` do not share one leading batch size.
+      leaves of ``updates`` do not share one leading batch size, do not
+      match ``params`` (when given) behind a batch axis, or the batch is
+      empty with ``reduce="mean"``; for ``state=None``.
+    TypeError: at trace time, for an integer or bool leaf of ``updates``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -226,7 +286,13 @@ def clip_per_example(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    _tree.check_float_leaves(_FN, updates)
+    # The state carries the noise PRNG key (split every step) and the
+    # adaptive threshold: history that init cannot rebuild.
+    _tree.require_state(_FN, state)
+    if params is not None:
+      _check_against_params(updates, params)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
     if target_quantile is None:
@@ -240,6 +306,13 @@ def clip_per_example(
         per_example_max_norm=threshold, per_example_rng=next_rng
       )
     batch = _batch_size(leaves)
+    if batch == 0 and reduce == "mean":
+      raise ValueError(
+        f"{_FN}: the batch is empty (leading axis of size 0), and"
+        ' reduce="mean" would divide by 0. Skip empty batches, or use'
+        ' reduce="sum" and divide by the expected batch size yourself (as'
+        " DP-SGD with Poisson sampling does)."
+      )
 
     norms = jax.vmap(lambda ex: _norms.global_norm_from(ex, 2, axis_name))(
       leaves
@@ -287,7 +360,20 @@ def clip_per_example(
       gamma = jnp.asarray(target_quantile).astype(jnp.float32)
       lr = jnp.asarray(quantile_lr).astype(jnp.float32)
       adapted = threshold * jnp.exp(-lr * (fraction - gamma))
-      next_threshold = jnp.where(num_finite > 0, adapted, threshold)
+      # exp() > 0, so the exact update never reaches 0 or inf, but float32
+      # can: ~1000 steps of zero gradients underflow C to 0, where it stays
+      # forever (0 * exp(...) = 0) and every later update is zero; an
+      # infinite C would never come down. Keep C in [tiny, max] of float32.
+      # An invalid C (NaN, or negative from a traced max_norm) is kept as
+      # is, so every step stays loudly NaN rather than silently repaired.
+      adapted = jnp.clip(adapted, _C_FLOOR, _C_CEILING)
+      # Traced hyperparameters skip construction-time checks: a target
+      # quantile outside [0, 1] or a negative rate would silently drive C to
+      # a bound, so they make C NaN instead (every later update NaN: loud).
+      valid_rule = (gamma >= 0) & (gamma <= 1) & (lr >= 0)
+      adapted = jnp.where(valid_rule, adapted, jnp.full_like(adapted, jnp.nan))
+      valid = threshold >= 0
+      next_threshold = jnp.where(valid & (num_finite > 0), adapted, threshold)
 
     new_state = ClipPerExampleState(
       per_example_max_norm=next_threshold,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _validate
+from optaxclip import _norms, _stats, _tree, _validate
 
 # The rolling window of accepted norms when ``window=None`` (MaxText's
 # ``skip_step_interval``).
@@ -140,7 +140,18 @@ def skip_step(
     the rolling history, which they would poison for ``window`` steps;
   * the spike rule is active once ``warmup_steps`` norms have been accepted
     (not after ``warmup_steps`` steps), and its statistics cover the
-    ``min(num_accepted, window)`` most recent accepted norms.
+    ``min(num_accepted, window)`` most recent accepted norms;
+  * a finite step is accepted only when ``norm <= threshold`` holds, so an
+    invalid *traced* threshold fails safe: a ``max_norm`` schedule (under
+    ``optax.inject_hyperparams``) that turns NaN or negative, or a traced
+    ``spike_sigmas`` that turns NaN, skips every step (the invalid value is
+    visible in ``skip_threshold`` and ``num_consecutive_skipped`` grows)
+    rather than accepting steps the cap was meant to stop. Concrete invalid
+    values are rejected at construction;
+  * integer and bool gradient leaves raise a ``TypeError`` naming the leaf's
+    path (the library-wide policy); ``update(updates, None)`` raises a
+    ``ValueError`` (the state carries the inner optimizer's state and the
+    norm history: call ``init`` first).
 
   .. warning::
     Because only accepted norms enter the history, a *lasting* upward shift
@@ -173,10 +184,13 @@ def skip_step(
     :class:`SkipStepState`.
 
   Raises:
-    TypeError: if ``inner`` is not a ``GradientTransformation``, or ``window``
-      / ``warmup_steps`` is not a static int.
+    TypeError: if ``inner`` is not a ``GradientTransformation`` (for
+      ``optax.MultiSteps``, pass ``.gradient_transformation()``), or
+      ``window`` / ``warmup_steps`` is not a static int; in ``update``, for
+      an integer or bool gradient leaf.
     ValueError: for a negative or NaN ``max_norm``, a non-positive or NaN
-      ``spike_sigmas``, or ``window`` / ``warmup_steps`` below 1.
+      ``spike_sigmas``, or ``window`` / ``warmup_steps`` below 1; in
+      ``update``, for ``state=None``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -207,6 +221,15 @@ def skip_step(
   """
   fn = "skip_step"
   if not isinstance(inner, optax.GradientTransformation):
+    if callable(getattr(inner, "gradient_transformation", None)):
+      # optax.MultiSteps (and look-alikes) is an object holding an optimizer;
+      # the GradientTransformation is what its method returns.
+      raise TypeError(
+        f"{fn}: inner must be an optax.GradientTransformation, got an"
+        f" instance of {type(inner).__name__}, which is not one but builds"
+        " one: pass inner.gradient_transformation(), e.g."
+        " skip_step(optax.MultiSteps(opt, k).gradient_transformation())."
+      )
     raise TypeError(
       f"{fn}: inner must be an optax.GradientTransformation (an optimizer"
       f" such as optax.adam(1e-3) or an optax.chain), got {inner!r} of type"
@@ -249,6 +272,8 @@ def skip_step(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    _tree.check_float_leaves(fn, updates)
+    _tree.require_state(fn, state)
     dtype = state.skip_norm.dtype
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(dtype)
     finite = jnp.isfinite(norm)
@@ -265,9 +290,13 @@ def skip_step(
       )
 
     # Only finite norms are compared: a non-finite one is skipped iff
-    # skip_nonfinite (NaN compares False anyway; inf must not slip in via
-    # max_norm when the user asked for non-finite steps to go through).
-    skip = finite & (norm > threshold)
+    # skip_nonfinite (inf must not slip in via max_norm when the user asked
+    # for non-finite steps to go through). A finite step is accepted only if
+    # `norm <= threshold` *holds*: a NaN threshold (a traced max_norm or
+    # spike_sigmas gone NaN) compares False and skips, where `norm >
+    # threshold` would have accepted everything. A negative threshold skips
+    # every step too (norms are >= 0).
+    skip = finite & jnp.logical_not(norm <= threshold)
     if skip_nonfinite:
       skip = skip | ~finite
 

@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # The norm orders every clipper understands, in their canonical spelling.
@@ -27,6 +28,22 @@ SUPPORTED_ORDS = (1, 2, math.inf)
 def is_traced(value: Any) -> bool:
   """Whether ``value`` is a tracer whose value cannot be read at trace time."""
   return isinstance(value, jax.core.Tracer)
+
+
+def is_real_dtype(dtype: Any) -> bool:
+  """Whether ``dtype`` is a real integer or floating-point dtype.
+
+  Uses ``jnp.issubdtype``, which knows the ``ml_dtypes`` extension types
+  (``bfloat16``, the float8 family, int4) that ``np.issubdtype`` files under
+  neither integer nor floating. Booleans and complex dtypes are not real
+  numbers here.
+  """
+  dtype = np.dtype(dtype)
+  if dtype == np.bool_:
+    return False
+  return bool(
+    jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+  )
 
 
 def _as_real_scalar(
@@ -46,10 +63,7 @@ def _as_real_scalar(
     raise TypeError(
       f"{fn}: {arg} must be a real number ({allowed}), got {value!r}."
     ) from exc
-  if array.dtype == np.bool_ or not (
-    np.issubdtype(array.dtype, np.integer)
-    or np.issubdtype(array.dtype, np.floating)
-  ):
+  if not is_real_dtype(array.dtype):
     raise TypeError(
       f"{fn}: {arg} must be a real number ({allowed}), got {value!r} of"
       f" dtype {array.dtype}."

@@ -84,9 +84,12 @@ def test_state_none_rebuilds_a_diagnostic_state(name, use_jit):
   rng = np.random.default_rng(1)
   tx = _DIAGNOSTIC_ONLY[name]()
   grads, params = _grads(name, rng), _params(rng)
-  want = tx.update(grads, tx.init(params), params)
-  got = maybe_jit(tx.update, use_jit)(grads, None, params)
-  chex.assert_trees_all_equal(got, want)
+  update = maybe_jit(tx.update, use_jit)
+  want = update(grads, tx.init(params), params)
+  got = update(grads, None, params)
+  # Two programs (the state is an input in one, rebuilt in the other) may
+  # round differently in the last place.
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(_WITH_HISTORY))

@@ -254,9 +254,12 @@ def test_clip_stats_shows_fields():
   _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)
   stats = oc.clip_stats(state)
   for field in ("skip_norm", "step_skipped", "num_skipped",
-                "num_consecutive_skipped", "accepted_norms", "num_accepted",
-                "skip_threshold"):
+                "num_consecutive_skipped", "num_accepted", "skip_threshold"):
     assert f"skip_step/{field}" in stats
+  # The ring buffer is a history, not a number to log: only on request.
+  assert "skip_step/accepted_norms" not in stats
+  assert "skip_step/accepted_norms" in oc.clip_stats(state,
+                                                     include_history=True)
   assert float(stats["skip_step/skip_norm"]) == 5.0
   assert bool(stats["skip_step/step_skipped"])
   assert int(stats["skip_step/num_skipped"]) == 1
