@@ -11,10 +11,12 @@ a logger.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import jax
+
+from optaxclip import _tree
 
 _StateT = TypeVar("_StateT")
 
@@ -36,6 +38,27 @@ def _is_clip_state(node: Any) -> bool:
   return type(node) in _STATE_PREFIXES
 
 
+# Fields that hold histories or randomness rather than a number worth logging:
+# ring buffers of past norms and PRNG keys. Field names are unique across the
+# library (DESIGN §4), so one table serves every state.
+# ``clip_stats(..., include_history=True)`` returns them too.
+HISTORY_FIELDS = frozenset(
+  {
+    "autoclip_history",  # autoclip: ring buffer of past global norms
+    "zclip_buffer",  # zclip: warmup buffer of norms
+    "accepted_norms",  # skip_step: window of accepted norms
+    "loss_history",  # skip_step: window of accepted losses
+    "per_example_rng",  # clip_per_example: the noise PRNG key
+  }
+)
+
+
+def _is_hyperparams_state(node: Any) -> bool:
+  """An ``optax.inject_hyperparams`` state (stateless or stateful variant)."""
+  fields = getattr(type(node), "_fields", ())
+  return "hyperparams" in fields and "inner_state" in fields
+
+
 def _unwrap(value: Any) -> Any:
   """A field's array, unwrapping containers such as Flax ``OptArray``."""
   leaves = jax.tree.leaves(value)
@@ -49,7 +72,9 @@ def _unwrap(value: Any) -> Any:
   return value
 
 
-def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
+def clip_stats(
+  opt_state: Any, *, include_history: bool = False
+) -> dict[str, jax.Array]:
   """Collects every optaxclip clipper's diagnostics from an optimizer state.
 
   Walks the whole state in pytree order and returns one entry per field of
@@ -57,13 +82,29 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
   ``"clip_by_global_norm/global_norm"``. When a state holds several clippers
   of the same kind, the second is keyed ``"<factory>_1/<field>"``, the third
   ``"<factory>_2/<field>"``, and so on, in pytree-flattening order (for
-  ``optax.chain``, the order of the chain). Values are plain ``jax.Array``s:
-  Flax ``nnx.Optimizer`` variable wrappers (``OptArray``) are unwrapped. The
-  function only reads the state, so it costs nothing inside a jitted step and
-  can be called on the host after it.
+  ``optax.chain``, the order of the chain).
+
+  What is returned is what a logger wants:
+
+  * Per-leaf diagnostics that know their leaves' paths (``record_norms``,
+    and the per-tensor vectors of ``clip_by_norm``, ``clip_by_block_rms``
+    and ``adagc``) are returned per path: ``"record_norms/blocks/fc/kernel"``,
+    ``"clip_by_norm/leaf_norms/blocks/fc/kernel"`` (a vector of per-layer
+    values for a stacked leaf).
+  * Hyperparameters injected with ``optax.inject_hyperparams`` around a
+    clipper appear under that clipper's prefix, e.g.
+    ``"clip_by_global_norm/max_norm"``, so a scheduled threshold is logged
+    beside the norm it was compared with.
+  * Histories and randomness (ring buffers of past norms, PRNG keys) are left
+    out unless ``include_history=True``.
+
+  Values are plain ``jax.Array``s: Flax ``nnx.Optimizer`` variable wrappers
+  (``OptArray``) are unwrapped. The function only reads the state, so it
+  costs nothing inside a jitted step and can be called on the host after it.
 
   Args:
     opt_state: any optimizer state (or ``nnx.Optimizer.opt_state``).
+    include_history: also return history buffers and PRNG keys.
 
   Returns:
     A flat ``dict[str, jax.Array]``; empty if the state holds no optaxclip
@@ -87,31 +128,71 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     logging; this gathers the same information from a whole optax state.
   """
   stats: dict[str, jax.Array] = {}
-  _collect(opt_state, stats, {})
+  _collect(opt_state, stats, {}, include_history)
   return stats
 
 
-def _collect(tree: Any, stats: dict[str, jax.Array], seen: dict[str, int]):
+def _key_prefix(node: Any, seen: dict[str, int]) -> str:
+  prefix = _STATE_PREFIXES[type(node)]
+  index = seen.get(prefix, 0)
+  seen[prefix] = index + 1
+  return prefix if index == 0 else f"{prefix}_{index}"
+
+
+def _is_prng_key(value: Any) -> bool:
+  dtype = getattr(value, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _collect(
+  tree: Any,
+  stats: dict[str, jax.Array],
+  seen: dict[str, int],
+  include_history: bool,
+) -> None:
   """Adds the fields of every clipper state in ``tree`` to ``stats``.
 
   A field holding a whole state (``skip_step``'s wrapped optimizer) is
   searched in turn, after the fields of the state that holds it.
   """
   nested = []
-  for node in jax.tree.leaves(tree, is_leaf=_is_clip_state):
+  is_node = lambda n: _is_clip_state(n) or _is_hyperparams_state(n)
+  for node in jax.tree.leaves(tree, is_leaf=is_node):
+    if _is_hyperparams_state(node):
+      inner = node.inner_state
+      if _is_clip_state(inner):
+        # The injected values belong to the clipper they were injected into;
+        # its prefix is the one the next _key_prefix call hands out.
+        prefix = _STATE_PREFIXES[type(inner)]
+        index = seen.get(prefix, 0)
+        key_prefix = prefix if index == 0 else f"{prefix}_{index}"
+        for name, value in node.hyperparams.items():
+          stats[f"{key_prefix}/{name}"] = _unwrap(value)
+      # In place, not deferred: the inner clipper takes its prefix now, in
+      # pytree order, before any clipper that follows it.
+      _collect(inner, stats, seen, include_history)
+      continue
     if not _is_clip_state(node):
       continue
-    prefix = _STATE_PREFIXES[type(node)]
-    index = seen.get(prefix, 0)
-    seen[prefix] = index + 1
-    key_prefix = prefix if index == 0 else f"{prefix}_{index}"
-    for field, value in zip(node._fields, node):
-      inner = jax.tree.leaves(value, is_leaf=_is_clip_state)
-      if isinstance(value, (tuple, list, dict)):
+    key_prefix = _key_prefix(node, seen)
+    for field, value in zip(node._fields, node, strict=True):
+      if field in HISTORY_FIELDS and not include_history:
+        continue
+      inner_leaves = jax.tree.leaves(value, is_leaf=is_node)
+      if any(is_node(x) for x in inner_leaves):
         nested.append(value)  # a wrapped optimizer's state, not a statistic
-      elif len(inner) == 1 and not _is_clip_state(inner[0]):
-        stats[f"{key_prefix}/{field}"] = _unwrap(value)
-      elif inner:
+      elif isinstance(value, _tree.PathValues):
+        for path, entry in value.items():
+          stats[f"{key_prefix}/{field}/{path}"] = entry
+      elif isinstance(value, Mapping):
+        for path, entry in value.items():
+          stats[f"{key_prefix}/{path}"] = _unwrap(entry)
+      elif isinstance(value, (tuple, list)):
         nested.append(value)
+      elif len(inner_leaves) == 1:
+        leaf = _unwrap(value)
+        if _is_prng_key(leaf) and not include_history:
+          continue
+        stats[f"{key_prefix}/{field}"] = leaf
   for value in nested:
-    _collect(value, stats, seen)
+    _collect(value, stats, seen, include_history)
