@@ -3,6 +3,7 @@
 from optaxclip._adagc import AdaGCState, adagc
 from optaxclip._agc import AdaptiveGradClipState, adaptive_grad_clip
 from optaxclip._autoclip import AutoClipState, autoclip
+from optaxclip._monitor import RecordNormsState, record_norms, tree_norms
 from optaxclip._norm_clip import (
   ClipByBlockRmsState,
   ClipByGlobalNormState,
@@ -15,6 +16,7 @@ from optaxclip._norms import global_norm
 from optaxclip._per_example import ClipPerExampleState, clip_per_example
 from optaxclip._skip import SkipStepState, skip_step
 from optaxclip._stats import clip_stats
+from optaxclip._tree import stacked_by_path
 from optaxclip._value import ClipByValueState, clip, clip_by_value
 from optaxclip._zclip import ZClipState, zclip
 
@@ -29,6 +31,7 @@ __all__ = (
   "ClipByNormState",
   "ClipByValueState",
   "ClipPerExampleState",
+  "RecordNormsState",
   "SkipStepState",
   "ZClipState",
   "adagc",
@@ -42,6 +45,9 @@ __all__ = (
   "clip_per_example",
   "clip_stats",
   "global_norm",
+  "record_norms",
   "skip_step",
+  "stacked_by_path",
+  "tree_norms",
   "zclip",
 )

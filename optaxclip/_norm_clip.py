@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _validate
+from optaxclip import _norms, _stats, _tree, _validate
 
 
 @_stats.register_state("clip_by_global_norm")
@@ -36,9 +36,15 @@ class ClipByGlobalNormState(NamedTuple):
 
 @_stats.register_state("clip_by_norm")
 class ClipByNormState(NamedTuple):
-  """State of :func:`clip_by_norm`: what the last step did, per tensor."""
+  """State of :func:`clip_by_norm`: what the last step did, per tensor.
 
-  # float32[num_leaves], in jax.tree.leaves order: each tensor's pre-clip norm.
+  For a tree without leaves (e.g. an empty ``optax.multi_transform`` group)
+  ``leaf_norms`` is the placeholder ``[0.]`` of shape ``(1,)`` -- the norm of
+  the empty tree -- because checkpointers (orbax) refuse zero-size arrays.
+  """
+
+  # float32[max(num_leaves, 1)], in jax.tree.leaves order: each tensor's
+  # pre-clip norm ([0.] placeholder for a tree without leaves).
   leaf_norms: jax.Array
   # int32 scalar: how many tensors were rescaled.
   num_clipped_leaves: jax.Array
@@ -46,9 +52,14 @@ class ClipByNormState(NamedTuple):
 
 @_stats.register_state("clip_by_block_rms")
 class ClipByBlockRmsState(NamedTuple):
-  """State of :func:`clip_by_block_rms`: what the last step did, per tensor."""
+  """State of :func:`clip_by_block_rms`: what the last step did, per tensor.
 
-  # float32[num_leaves], in jax.tree.leaves order: each tensor's pre-clip RMS.
+  For a tree without leaves ``block_rms`` is the placeholder ``[0.]`` of shape
+  ``(1,)``, because checkpointers (orbax) refuse zero-size arrays.
+  """
+
+  # float32[max(num_leaves, 1)], in jax.tree.leaves order: each tensor's
+  # pre-clip RMS ([0.] placeholder for a tree without leaves).
   block_rms: jax.Array
   # int32 scalar: how many tensors were rescaled.
   num_clipped_blocks: jax.Array
@@ -69,8 +80,34 @@ def _count(clipped: list[jax.Array]) -> jax.Array:
 
 def _stack(values: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
   if not values:
-    return jnp.zeros((0,), dtype)
+    # The placeholder of an empty tree: orbax cannot save zero-size arrays.
+    return jnp.zeros((1,), dtype)
   return jnp.stack([v.astype(dtype) for v in values])
+
+
+def _per_leaf_size(num_leaves: int) -> int:
+  """The length of a per-leaf state array (1 for the empty tree's placeholder)."""
+  return max(num_leaves, 1)
+
+
+def _check_num_leaves(fn: str, field: jax.Array, num_leaves: int) -> None:
+  """A clear error when the state was initialised on a different tree.
+
+  Without it the per-leaf state would silently change shape from step to
+  step, which breaks ``lax.cond``/``lax.scan`` carries and checkpoints. A
+  one-leaf tree and the empty tree share the state shape ``(1,)``, so that
+  one mismatch is accepted (the state keeps its shape either way).
+  """
+  expected = int(field.shape[0]) if field.ndim == 1 else None
+  if expected != _per_leaf_size(num_leaves):
+    counted = "1 leaf (or 0: the empty tree's placeholder)"
+    raise ValueError(
+      f"{fn}: the state was initialised on a tree with"
+      f" {counted if expected == 1 else f'{expected} leaves'}"
+      f" (state shape {tuple(field.shape)}), but the updates have {num_leaves}"
+      " leaves. Call init on the same tree the updates have (init(params)"
+      " with params shaped like the updates)."
+    )
 
 
 def clip_by_global_norm(
@@ -93,7 +130,12 @@ def clip_by_global_norm(
   * a clipped update has norm exactly ``max_norm``; an unclipped one comes
     back bit-identical;
   * ``max_norm = 0`` gives zero updates and zero gradients give zero updates
-    (never ``0/0``); ``jax.grad`` through ``update`` is finite everywhere;
+    (never ``0/0``); ``jax.grad`` through ``update`` is finite everywhere,
+    also at tiny (1e-30) gradients and for ord 1 and inf;
+  * a finite gradient whose sum of squares overflows (elements of 1e20 in
+    float32, 1e30 in bf16) or underflows (elements of 1e-20) still gets its
+    true norm: a rare path rescales by the largest element, and costs nothing
+    when the sum is in range;
   * if the norm is inf or NaN, every element comes out NaN (loud), and the
     state shows the non-finite norm -- wrap the optimizer in
     ``optaxclip.skip_step`` to skip such steps instead;
@@ -107,6 +149,11 @@ def clip_by_global_norm(
   ``global_norm=`` (e.g. ``tx.update(g, s, p, global_norm=n)`` on a chain);
   it then skips its own reduction and trusts the given value (it must be the
   same ``ord``, and already combined across devices).
+
+  Every leaf of ``updates`` must be floating point (or complex): an integer
+  or bool leaf is a ``TypeError`` naming its path (checked at trace time, free
+  at run time). The state only records diagnostics, so ``update(updates,
+  None)`` works and equals ``update(updates, init(updates))``.
 
   Args:
     max_norm: the largest allowed global norm, a non-negative scalar (``inf``
@@ -125,6 +172,7 @@ def clip_by_global_norm(
   Raises:
     ValueError: for a negative, NaN or non-scalar ``max_norm`` or an
       unsupported ``ord``.
+    TypeError: (from ``update``) for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -158,6 +206,9 @@ def clip_by_global_norm(
 
   def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
     del params, extra_args
+    _tree.check_float_leaves(fn, updates)
+    if state is None:  # the state only records diagnostics: rebuild it
+      state = init_fn(updates)
     if global_norm is None:
       norm = _norms.global_norm_from(updates, norm_ord, axis_name)
     else:
@@ -189,6 +240,13 @@ def clip_by_norm(
   comes out all NaN; the other leaves are unaffected. The other guarantees
   are those of :func:`clip_by_global_norm`, leaf by leaf.
 
+  Every leaf of ``updates`` must be floating point (or complex): an integer
+  or bool leaf is a ``TypeError`` naming its path (checked at trace time, free
+  at run time). The state only records diagnostics, so ``update(updates,
+  None)`` works and equals ``update(updates, init(updates))``.
+  A state initialised on a tree with a different number of leaves is a
+  ``ValueError``.
+
   Args:
     max_norm: the largest allowed norm of each leaf, a non-negative scalar.
     ord: 2 (default; ``None`` means 2), 1, or ``jnp.inf``/``"inf"``.
@@ -199,11 +257,13 @@ def clip_by_norm(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`ClipByNormState` (per-leaf pre-clip norms in ``jax.tree.leaves``
-    order, and the number of clipped leaves).
+    order, and the number of clipped leaves). A state initialised on a tree
+    with a different number of leaves makes ``update`` raise ``ValueError``.
 
   Raises:
     ValueError: for a negative, NaN or non-scalar ``max_norm`` or an
       unsupported ``ord``.
+    TypeError: (from ``update``) for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -228,13 +288,17 @@ def clip_by_norm(
   def init_fn(params):
     num_leaves = len(jax.tree.leaves(params))
     return ClipByNormState(
-      leaf_norms=jnp.zeros((num_leaves,), _state_dtype(params)),
+      leaf_norms=jnp.zeros((_per_leaf_size(num_leaves),), _state_dtype(params)),
       num_clipped_leaves=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _tree.check_float_leaves(fn, updates)
+    if state is None:  # the state only records diagnostics: rebuild it
+      state = init_fn(updates)
     leaves, treedef = jax.tree.flatten(updates)
+    _check_num_leaves(fn, state.leaf_norms, len(leaves))
     leaves = [jnp.asarray(x) for x in leaves]
     norms = _norms.leaf_norms(leaves, norm_ord, axis_name)
     scales, clipped = (
@@ -266,6 +330,13 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
   blocks, no NaN at zero, NaN for a block with a non-finite RMS, and a
   ``ValueError`` for a negative threshold. An empty leaf has RMS 0.
 
+  Every leaf of ``updates`` must be floating point (or complex): an integer
+  or bool leaf is a ``TypeError`` naming its path (checked at trace time, free
+  at run time). The state only records diagnostics, so ``update(updates,
+  None)`` works and equals ``update(updates, init(updates))``.
+  A state initialised on a tree with a different number of leaves is a
+  ``ValueError``.
+
   Args:
     threshold: the largest allowed RMS of each leaf, a non-negative scalar.
 
@@ -274,7 +345,9 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
     :class:`ClipByBlockRmsState`.
 
   Raises:
-    ValueError: for a negative, NaN or non-scalar ``threshold``.
+    ValueError: for a negative, NaN or non-scalar ``threshold``; from
+      ``update``, for a state initialised on a different number of leaves.
+    TypeError: (from ``update``) for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -296,13 +369,17 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
   def init_fn(params):
     num_leaves = len(jax.tree.leaves(params))
     return ClipByBlockRmsState(
-      block_rms=jnp.zeros((num_leaves,), _state_dtype(params)),
+      block_rms=jnp.zeros((_per_leaf_size(num_leaves),), _state_dtype(params)),
       num_clipped_blocks=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _tree.check_float_leaves(fn, updates)
+    if state is None:  # the state only records diagnostics: rebuild it
+      state = init_fn(updates)
     leaves, treedef = jax.tree.flatten(updates)
+    _check_num_leaves(fn, state.block_rms, len(leaves))
     leaves = [jnp.asarray(x) for x in leaves]
     rms = _norms.leaf_rms(leaves)
     scales, clipped = (

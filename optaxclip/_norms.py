@@ -7,8 +7,15 @@ differentiability and speed are decided once:
   to float32 *before* squaring, so float16 squares cannot overflow and bf16
   sums do not lose mass; float32 accumulates in float32 and float64 in float64.
   Complex leaves use ``|x|^2 = re^2 + im^2`` in their real precision.
+* **Range.** A finite input whose sum of squares (or of magnitudes)
+  overflows to inf, or whose squares underflow, still gets its true norm: a
+  ``lax.cond`` on the accumulated scalar sends only those rare inputs to a
+  recomputation scaled by the largest element (see :func:`_rescued`); the
+  common case runs the same single reduction as before.
 * **Differentiability.** :func:`safe_sqrt` has a finite (zero) derivative at
-  0, so ``jax.grad`` through a clipper is finite at all-zero gradients.
+  0, so ``jax.grad`` through a clipper is finite at all-zero gradients, and
+  :func:`clip_scale` differentiates ``threshold / norm`` without squaring a
+  tiny norm.
 * **Orders.** ``ord`` is 2 (Euclidean), 1 (sum of magnitudes) or ``inf``
   (largest magnitude). Partial results combine by sum (1, 2) or max (inf),
   across leaves and, with ``axis_name``, across devices (``psum``/``pmax``).
@@ -39,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip import _validate
+from optaxclip import _tree, _validate
 
 # Leaves with fewer elements than this are reduced together in one bucket.
 # 2**15 float32 elements is 128 KiB: well above per-op overhead territory for
@@ -139,9 +146,13 @@ def _squares(x: jax.Array) -> jax.Array:
 
 
 def _magnitudes(x: jax.Array) -> jax.Array:
-  """``|x|`` element-wise in the accumulation dtype."""
+  """``|x|`` element-wise in the accumulation dtype.
+
+  For complex leaves this is XLA's ``abs`` (a scaled hypot: no overflow of
+  ``re^2`` at 1e20, no underflow at 1e-30, and a finite derivative at 0).
+  """
   if jnp.iscomplexobj(x):
-    return safe_sqrt(_squares(x))
+    return jnp.abs(x).astype(accumulation_dtype(x.dtype))
   return jnp.abs(x.astype(accumulation_dtype(x.dtype)))
 
 
@@ -186,6 +197,160 @@ def _cross_device(partial: jax.Array, ord: float, axis_name) -> jax.Array:  # py
 
 def _finalize(partial: jax.Array, ord: float) -> jax.Array:  # pylint: disable=redefined-builtin
   return safe_sqrt(partial) if ord == 2 else partial
+
+
+# --------------------------------------------------------------------------
+# The rare path: sums that overflow or underflow their accumulation dtype.
+#
+# A float32 gradient of four elements of 1e20 has the finite norm 2e20, but its
+# sum of squares (4e40) overflows to inf; four elements of 1e-20 have the norm
+# 2e-20, but their squares (1e-40) flush to zero. Scaling every element by the
+# largest magnitude ``m`` first makes every term <= 1 and the largest exactly
+# 1, so ``norm = m * ||x / m||`` is exact to rounding over the whole range.
+# That costs a max pass and a second sum pass, so it runs only under a
+# ``lax.cond`` on a scalar predicate that the common case never meets: the
+# fast path is the single reduction it always was, plus one scalar compare.
+#
+# The predicate is read from the *accumulated* sum (after ``psum`` across
+# devices), so every device takes the same branch and the collectives inside
+# the rare branch match. It holds when:
+#
+# * the sum is ``+inf`` (ord 1, 2): either a square overflowed (rescue) or an
+#   element is inf (the rare branch finds ``m = inf`` and returns inf, so the
+#   loud-NaN policy is unchanged). A NaN element makes the sum NaN, which
+#   fails both comparisons: NaN stays on the fast path and stays NaN.
+# * the sum of squares is below ``tiny / eps`` (ord 2): squares below
+#   ``tiny`` may have been flushed to zero, and above this bound the flushed
+#   mass (at most ``n * tiny``) is within the summation's own ``n * eps``
+#   rounding bound. An exactly zero sum lands here too: the rare branch then
+#   finds ``m = 0`` and returns 0. (An all-zero leaf therefore pays the rare
+#   branch; all-zero whole gradients are not the common case.)
+#
+# ord inf (a max) cannot overflow or underflow and has no rare path. XLA's CPU
+# backend treats subnormal inputs as zero (DAZ), so elements below ``tiny``
+# (1e-40 in float32) count as zero there on every path.
+
+
+def _rescue_limit(dtype: Any) -> float:
+  """Sums of squares below this may have lost flushed-to-zero squares."""
+  info = jnp.finfo(dtype)
+  return float(info.tiny) / float(info.eps)
+
+
+def _needs_rescue(partial: jax.Array, ord: float) -> jax.Array:  # pylint: disable=redefined-builtin
+  """Element-wise: whether a fast partial may be wrong (see above)."""
+  rare = partial == jnp.inf
+  if ord == 2:
+    rare = rare | (partial < _rescue_limit(partial.dtype))
+  return rare
+
+
+def _max_component(x: jax.Array, dtype: Any, axis, keepdims: bool):
+  """The largest ``|re|``/``|im|``/``|x|`` in ``dtype``: a scale for ``x``."""
+  if jnp.iscomplexobj(x):
+    mags = jnp.maximum(
+      jnp.abs(jnp.real(x).astype(dtype)), jnp.abs(jnp.imag(x).astype(dtype))
+    )
+  else:
+    mags = jnp.abs(x.astype(dtype))
+  return jnp.max(mags, axis=axis, keepdims=keepdims, initial=0)
+
+
+def _scaled_partial(
+  x: jax.Array,
+  divisor: jax.Array,
+  ord: float,  # pylint: disable=redefined-builtin
+  axis,
+  keepdims: bool,
+) -> jax.Array:
+  """The partial of ``x / divisor``, computed in ``divisor``'s dtype."""
+  dtype = divisor.dtype
+  if jnp.iscomplexobj(x):
+    re = jnp.real(x).astype(dtype) / divisor
+    im = jnp.imag(x).astype(dtype) / divisor
+    squares = re * re + im * im
+    terms = squares if ord == 2 else safe_sqrt(squares)
+  else:
+    y = x.astype(dtype) / divisor
+    terms = y * y if ord == 2 else jnp.abs(y)
+  return jnp.sum(terms, axis=axis, keepdims=keepdims)
+
+
+def _rescued(
+  partial: jax.Array,
+  arrays: Sequence[jax.Array],
+  ord: float,  # pylint: disable=redefined-builtin
+  *,
+  axis=None,
+  axis_name=None,
+) -> tuple[jax.Array, jax.Array]:
+  """``(scale, partial)`` with ``norm = scale * _finalize(partial)``.
+
+  On the fast path ``scale`` is 1 and ``partial`` the given one, unchanged.
+  Where :func:`_needs_rescue` holds, both are recomputed from ``arrays``
+  scaled by their largest magnitude (see the comment above).
+
+  Args:
+    partial: the fast partial(s), already combined across ``axis_name``.
+    arrays: the arrays ``partial`` was reduced from: several (reduced whole,
+      ``axis=None``) or one (reduced over ``axis`` with ``keepdims``).
+    ord: 1 or 2 (ord inf never needs this).
+    axis: the reduced axes of a single array, or None.
+    axis_name: the mapped axis ``partial`` was ``psum``-ed across.
+
+  Returns:
+    ``(scale, partial)``, both shaped and typed like ``partial``.
+  """
+  keepdims = axis is not None
+  dtype = partial.dtype
+
+  def fast(partial, arrays):
+    return jnp.ones_like(partial), partial
+
+  def rare(partial, arrays):
+    maxima = [_max_component(a, dtype, axis, keepdims) for a in arrays]
+    m = maxima[0] if len(maxima) == 1 else jnp.max(jnp.stack(maxima), axis=0)
+    if axis_name is not None:
+      m = jax.lax.pmax(m, axis_name)
+    # The scale is a constant of the rescaling, not a function of x: without
+    # it the derivative of ``m * sqrt(r(x / m))`` is the same, with more
+    # rounding.
+    m = jax.lax.stop_gradient(m)
+    usable = jnp.isfinite(m) & (m > 0)
+    divisor = jnp.where(usable, m, jnp.ones_like(m))
+    sums = [_scaled_partial(a, divisor, ord, axis, keepdims) for a in arrays]
+    rescued = sums[0] if len(sums) == 1 else sum(sums[1:], sums[0])
+    if axis_name is not None:
+      rescued = jax.lax.psum(rescued, axis_name)
+    # An inf element: the norm is inf, exactly as on the fast path.
+    rescued = jnp.where(m == jnp.inf, jnp.full_like(rescued, jnp.inf), rescued)
+    need = _needs_rescue(partial, ord)
+    return (
+      jnp.where(need, divisor, jnp.ones_like(divisor)),
+      jnp.where(need, rescued, partial),
+    )
+
+  arrays = list(arrays)
+  return jax.lax.cond(
+    jnp.any(_needs_rescue(partial, ord)), rare, fast, partial, arrays
+  )
+
+
+def _safe_norm(
+  partial: jax.Array,
+  arrays: Sequence[jax.Array],
+  ord: float,  # pylint: disable=redefined-builtin
+  *,
+  axis=None,
+  axis_name=None,
+) -> jax.Array:
+  """The finalized norm of ``partial``, rescued on the rare path."""
+  if ord == math.inf or not arrays:
+    return _finalize(partial, ord)
+  scale, partial = _rescued(
+    partial, arrays, ord, axis=axis, axis_name=axis_name
+  )
+  return scale * _finalize(partial, ord)
 
 
 def _leaves(tree: Any) -> list[jax.Array]:
@@ -328,6 +493,10 @@ def global_norm(
   float32 before squaring (so fp16 squares cannot overflow); float64 leaves
   accumulate in float64. The result is float32 unless the tree has float64
   leaves. Its gradient is finite everywhere, including at an all-zero tree.
+  A finite tree whose sum of squares overflows (float32 elements of 1e20) or
+  underflows (elements of 1e-20) still gets its true norm: only then is the
+  sum recomputed with every element divided by the largest one. An inf or NaN
+  element gives an inf or NaN norm.
 
   .. math::
     \|g\|_2 = \sqrt{\textstyle\sum_i |g_i|^2}, \quad
@@ -347,6 +516,8 @@ def global_norm(
 
   Raises:
     ValueError: for an unsupported ``ord``.
+    TypeError: for an integer or bool leaf (naming its path): gradients are
+      floating point, and such a leaf is almost always a mistake.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -362,13 +533,16 @@ def global_norm(
     <https://arxiv.org/abs/1211.5063>`_, 2013
   """
   ord = _validate.canonical_ord("global_norm", ord)
+  _tree.check_float_leaves("global_norm", tree, "tree")
   return global_norm_from(tree, ord, axis_name)
 
 
 def global_norm_from(tree: Any, ord: float, axis_name=None) -> jax.Array:  # pylint: disable=redefined-builtin
   """:func:`global_norm` for an already validated ``ord`` (internal)."""
-  partial = global_norm_partial(_leaves(tree), ord)
-  return _finalize(_cross_device(partial, ord, axis_name), ord)
+  groups = reduction_groups(_leaves(tree))
+  partial = _combine([_partial(g, ord) for g in groups], ord)
+  partial = _cross_device(partial, ord, axis_name)
+  return _safe_norm(partial, groups, ord, axis_name=axis_name)
 
 
 def leaf_norms(
@@ -398,17 +572,72 @@ def leaf_norms(
       jnp.stack([p.astype(dtype) for p in partials]), ord, axis_name
     )
     partials = [stacked[i].astype(p.dtype) for i, p in enumerate(partials)]
-  return [_finalize(p, ord) for p in partials]
+  return [
+    _safe_norm(p, [x] if x.size else [], ord, axis_name=axis_name)
+    for p, x in zip(partials, leaves)
+  ]
+
+
+def slice_norms(
+  leaves: Sequence[jax.Array],
+  counts: Sequence[int],
+  ord: float,  # pylint: disable=redefined-builtin
+) -> list[jax.Array]:
+  """Per-layer norms: each leaf reduced over all but its leading ``count`` axes.
+
+  ``counts[i] == 0`` gives the leaf's norm (a scalar, as
+  :func:`leaf_norms`); ``counts[i] == k`` gives an array of shape
+  ``leaf.shape[:k]`` whose entry ``j`` is the norm of the slice ``leaf[j]``:
+  exactly what :func:`leaf_norms` returns for that slice on its own,
+  overflow/underflow rescue included (the rescue reduces over the same axes,
+  so a rescued layer does not change its neighbours).
+
+  Args:
+    leaves: the arrays.
+    counts: leading stacked axes per leaf (validated by the caller).
+    ord: 1, 2 or ``math.inf`` (already validated).
+
+  Returns:
+    One array per leaf, shaped ``leaf.shape[:count]``, in the leaf's
+    accumulation dtype.
+  """
+  unstacked = [i for i, k in enumerate(counts) if k == 0]
+  out: list[jax.Array | None] = [None] * len(leaves)
+  for i, norm in zip(
+    unstacked, leaf_norms([leaves[i] for i in unstacked], ord), strict=True
+  ):
+    out[i] = norm
+  for i, (x, k) in enumerate(zip(leaves, counts, strict=True)):
+    if k == 0:
+      continue
+    axes = tuple(range(k, x.ndim))
+    dtype = accumulation_dtype(x.dtype)
+    if x.size == 0:
+      out[i] = jnp.zeros(x.shape[:k], dtype)
+    elif not axes:  # every axis indexes layers: each element is a slice
+      out[i] = _finalize(_partial(x[..., None], ord, axis=-1), ord)
+    elif ord == math.inf:
+      out[i] = _partial(x, ord, axis=axes)
+    else:
+      partial = _partial(x, ord, axis=axes)[(...,) + (None,) * len(axes)]
+      out[i] = _safe_norm(partial, [x], ord, axis=axes).reshape(x.shape[:k])
+  return [n for n in out if n is not None]
 
 
 def leaf_rms(leaves: Sequence[jax.Array]) -> list[jax.Array]:
-  """Root-mean-square of each leaf, ``sqrt(sum |x|^2 / size)``; 0 if empty."""
-  return [
-    safe_sqrt(_partial(x, 2) / max(x.size, 1))
-    if x.size
-    else jnp.zeros((), accumulation_dtype(x.dtype))
-    for x in leaves
-  ]
+  """Root-mean-square of each leaf, ``sqrt(sum |x|^2 / size)``; 0 if empty.
+
+  Overflowing or underflowing sums of squares are rescued as in
+  :func:`global_norm` (``rms = m * sqrt(sum |x/m|^2 / size)``).
+  """
+  out = []
+  for x in leaves:
+    if not x.size:
+      out.append(jnp.zeros((), accumulation_dtype(x.dtype)))
+      continue
+    scale, partial = _rescued(_partial(x, 2), [x], 2)
+    out.append(scale * safe_sqrt(partial / x.size))
+  return out
 
 
 def unit_norms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -425,7 +654,10 @@ def unit_norms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   Returns:
     The unit norms in ``x``'s accumulation dtype, with ``axes`` kept as 1.
   """
-  return safe_sqrt(jnp.sum(_squares(x), axis=axes, keepdims=True))
+  partial = jnp.sum(_squares(x), axis=axes, keepdims=True)
+  if not x.size:
+    return safe_sqrt(partial)
+  return _safe_norm(partial, [x], 2, axis=axes)
 
 
 def count_true(masks: Sequence[jax.Array]) -> jax.Array:
@@ -440,21 +672,44 @@ def count_true(masks: Sequence[jax.Array]) -> jax.Array:
   return jnp.sum(jnp.stack([jnp.sum(g) for g in groups])).astype(jnp.int32)
 
 
+@jax.custom_jvp
+def _ratio(threshold: jax.Array, norm: jax.Array) -> jax.Array:
+  """``threshold / norm`` whose derivative never squares ``norm``.
+
+  The built-in rule for a quotient, ``-threshold * dnorm / norm**2``,
+  underflows ``norm**2`` to 0 at ``norm = 2e-30`` (float32) and gives
+  ``inf * 0 = NaN``; ``(dthreshold - q * dnorm) / norm`` with ``q <= 1`` does
+  not.
+  """
+  return threshold / norm
+
+
+@_ratio.defjvp
+def _ratio_jvp(primals, tangents):
+  (threshold, norm), (dthreshold, dnorm) = primals, tangents
+  q = threshold / norm
+  return q, (dthreshold - q * dnorm) / norm
+
+
 def clip_scale(norm: jax.Array, threshold: Any) -> tuple[jax.Array, jax.Array]:
   """The factor that brings ``norm`` down to ``threshold``, and whether it did.
 
   The rule of every norm-based clipper (DESIGN §3):
 
-  * ``1`` when ``norm <= threshold`` (so the leaves come back bit-identical);
+  * ``1`` when ``0 < threshold`` and ``norm <= threshold`` (so the leaves come
+    back bit-identical);
   * ``threshold / norm`` otherwise (so the result has norm ``threshold``, not
     ``threshold - eps``);
+  * ``0`` when ``threshold == 0``, whatever the (finite) norm: zero updates,
+    even for elements too small to register in the norm (a 1e-40 subnormal
+    counts as 0 on XLA's CPU backend);
   * NaN when ``norm`` is inf/NaN or the threshold is negative or NaN (a traced
     value that skipped construction-time validation): loud, never silently
     finite or zero.
 
-  ``norm = 0`` and ``threshold = 0`` give 1 (zeros stay zeros), and the
-  derivative is finite everywhere: the division only ever sees
-  ``norm > threshold >= 0``.
+  ``norm = 0`` never divides, and the derivative is finite everywhere: the
+  division only ever sees ``norm > threshold >= 0``, and its derivative is
+  taken without squaring ``norm`` (which underflows at tiny norms).
 
   Args:
     norm: scalar or array of norms.
@@ -466,19 +721,29 @@ def clip_scale(norm: jax.Array, threshold: Any) -> tuple[jax.Array, jax.Array]:
   """
   threshold = jnp.asarray(threshold).astype(norm.dtype)
   within = norm <= threshold
+  keep = within & (threshold > 0)
   safe_norm = jnp.where(within, jnp.ones_like(norm), norm)
-  scale = jnp.where(within, jnp.ones_like(norm), threshold / safe_norm)
+  scale = jnp.where(keep, jnp.ones_like(norm), _ratio(threshold, safe_norm))
   valid = jnp.isfinite(norm) & (threshold >= 0)
   scale = jnp.where(valid, scale, jnp.full_like(scale, jnp.nan))
   return scale, jnp.logical_not(within)
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
-  """``x * scale`` in at least float32, returned in ``x``'s dtype and shape."""
+  """``x * scale`` in at least float32, returned in ``x``'s dtype and shape.
+
+  Where ``scale`` is exactly 1 the elements of ``x`` are *selected*, not
+  multiplied: ``x * 1`` flushes subnormals to zero on backends that do, so an
+  unclipped leaf would not come back bit-identical. The select fuses into the
+  multiply (no extra pass over ``x``).
+  """
   x = jnp.asarray(x)
   if jnp.issubdtype(x.dtype, jnp.complexfloating) or (
     jnp.issubdtype(x.dtype, jnp.floating) and x.dtype not in _LOW_PRECISION
   ):
-    return x * scale.astype(x.dtype)
-  # bf16/fp16 (and integers): multiply in float32, round once on the way back.
-  return (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
+    scaled = x * scale.astype(x.dtype)
+  else:
+    # bf16/fp16 (and integers): multiply in float32, round once on the way
+    # back.
+    scaled = (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
+  return jnp.where(scale == 1, x, scaled)

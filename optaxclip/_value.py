@@ -106,10 +106,6 @@ def _bounds(
   return jnp.where(valid, lo, nan), jnp.where(valid, hi, nan)
 
 
-def _is_float(x: Any) -> bool:
-  return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
-
-
 def _value_clipper(
   fn: str, max_value: Any, min_value: Any, diagnostics: bool
 ) -> optax.GradientTransformationExtraArgs:
@@ -124,13 +120,7 @@ def _value_clipper(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    # Only non-float leaves are handed to the policy check: as of this
-    # writing _tree.check_float_leaves tests np.issubdtype(dtype, np.inexact),
-    # which is False for bfloat16 (an ml_dtypes type), so it would reject
-    # bf16 gradients. Paths are kept (float leaves become empty subtrees).
-    _tree.check_float_leaves(
-      fn, jax.tree.map(lambda x: None if _is_float(x) else x, updates)
-    )
+    _tree.check_float_leaves(fn, updates)
     if state is None:  # the state only holds diagnostics: rebuild it
       state = init_fn(updates)
     leaves, treedef = jax.tree.flatten(updates)

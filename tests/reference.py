@@ -136,12 +136,19 @@ def zclip(norms, *, alpha=0.97, z_thresh=2.5, max_norm=1.0, eps=1e-6,
 
   Returns per step (cap, spike, mean, var): the global norm each step is
   clipped to (inf for none), whether it was a spike, and the statistics after
-  the step. Non-finite norms are skipped (optaxclip's policy).
+  the step. Non-finite norms are skipped, and zero norms are no
+  observations: they pass unclipped and are neither recorded nor fed to the
+  statistics; nor is a spike threshold of 0 (optaxclip's policies).
   """
   buffer, mean, var, initialized, out = [], None, None, False, []
   for g in norms:
     if not math.isfinite(g):
       out.append((math.inf, False, mean, var))
+      continue
+    if g == 0:
+      cap = math.inf if max_norm is None else max_norm
+      out.append((cap if not initialized else min(0.0, cap), False, mean,
+                  var))
       continue
     if not initialized:
       buffer.append(g)
@@ -167,7 +174,7 @@ def zclip(norms, *, alpha=0.97, z_thresh=2.5, max_norm=1.0, eps=1e-6,
           spike_value = mean
     adaptive = g if spike_value is None else spike_value
     cap = adaptive if max_norm is None else min(adaptive, max_norm)
-    if not (spike_value is not None and skip_update_on_spike):
+    if not (spike_value is not None and skip_update_on_spike) and adaptive > 0:
       mean = alpha * mean + (1 - alpha) * adaptive
       var = alpha * var + (1 - alpha) * (adaptive - mean) ** 2
     out.append((cap, spike_value is not None, mean, var))
@@ -206,7 +213,7 @@ def adagc_reference(grad_seq, beta, lambda_rel, lambda_abs, warmup_steps, eps):
     tensor), ``global_norm`` (floats) and ``num_clipped`` (ints).
   """
   num_leaves = len(grad_seq[0])
-  gamma = [None] * num_leaves  # None: no finite observation yet
+  gamma = [None] * num_leaves  # None: no finite, nonzero observation yet
   history = {k: [] for k in ("outputs", "gamma", "norms", "thresholds",
                              "global_norm", "num_clipped")}
   for step, grads in enumerate(grad_seq, start=1):
@@ -224,7 +231,7 @@ def adagc_reference(grad_seq, beta, lambda_rel, lambda_abs, warmup_steps, eps):
         thresholds.append(lambda_abs)
         num_clipped += int(clipped)
         hat_norm = _adagc_norm(g_hat)
-        if math.isfinite(hat_norm):
+        if math.isfinite(hat_norm) and hat_norm > 0:  # zero: no observation
           gamma[i] = hat_norm if gamma[i] is None else min(gamma[i], hat_norm)
     else:
       for i, g in enumerate(grads):
@@ -238,7 +245,7 @@ def adagc_reference(grad_seq, beta, lambda_rel, lambda_abs, warmup_steps, eps):
         thresholds.append(threshold)
         num_clipped += int(not norms[i] <= threshold)
         hat_norm = _adagc_norm(g_hat)
-        if math.isfinite(hat_norm):
+        if math.isfinite(hat_norm) and hat_norm > 0:  # zero: no observation
           if gamma[i] is None:
             gamma[i] = hat_norm
           else:
