@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaxclip import _norms, _stats, _tree, _validate
@@ -38,15 +39,22 @@ class ClipByGlobalNormState(NamedTuple):
 class ClipByNormState(NamedTuple):
   """State of :func:`clip_by_norm`: what the last step did, per tensor.
 
-  For a tree without leaves (e.g. an empty ``optax.multi_transform`` group)
-  ``leaf_norms`` is the placeholder ``[0.]`` of shape ``(1,)`` -- the norm of
-  the empty tree -- because checkpointers (orbax) refuse zero-size arrays.
+  ``leaf_norms`` is a :class:`~optaxclip._tree.PathValues`: one flat float
+  vector (a pytree leaf, so it checkpoints like any array) whose entries are
+  the pre-clip norms of every slice, leaf after leaf in ``jax.tree.leaves``
+  order, with the leaves' paths as static metadata. An unstacked leaf has one
+  entry; a stacked leaf (``stacked=``) or a leaf clipped along ``axis=`` has
+  one entry per slice. ``clip_stats`` returns them per path
+  (``"clip_by_norm/leaf_norms/blocks/fc/kernel"``). For a tree without
+  leaves (an empty ``optax.multi_transform`` group) the vector is the
+  placeholder ``[0.]``, because checkpointers (orbax) refuse zero-size
+  arrays.
   """
 
-  # float32[max(num_leaves, 1)], in jax.tree.leaves order: each tensor's
-  # pre-clip norm ([0.] placeholder for a tree without leaves).
-  leaf_norms: jax.Array
-  # int32 scalar: how many tensors were rescaled.
+  # PathValues of float32[max(num_slices, 1)] (float64 for float64 params):
+  # every slice's pre-clip norm.
+  leaf_norms: _tree.PathValues
+  # int32 scalar: how many tensors (slices, for stacked leaves) were rescaled.
   num_clipped_leaves: jax.Array
 
 
@@ -54,14 +62,14 @@ class ClipByNormState(NamedTuple):
 class ClipByBlockRmsState(NamedTuple):
   """State of :func:`clip_by_block_rms`: what the last step did, per tensor.
 
-  For a tree without leaves ``block_rms`` is the placeholder ``[0.]`` of shape
-  ``(1,)``, because checkpointers (orbax) refuse zero-size arrays.
+  ``block_rms`` is laid out as :class:`ClipByNormState`'s ``leaf_norms``:
+  one entry per block (per layer for stacked leaves), paths as static
+  metadata, ``[0.]`` for a tree without leaves.
   """
 
-  # float32[max(num_leaves, 1)], in jax.tree.leaves order: each tensor's
-  # pre-clip RMS ([0.] placeholder for a tree without leaves).
-  block_rms: jax.Array
-  # int32 scalar: how many tensors were rescaled.
+  # PathValues of float32[max(num_blocks, 1)]: every block's pre-clip RMS.
+  block_rms: _tree.PathValues
+  # int32 scalar: how many blocks were rescaled.
   num_clipped_blocks: jax.Array
 
 
@@ -75,38 +83,113 @@ def _state_dtype(params: Any) -> jnp.dtype:
 def _count(clipped: list[jax.Array]) -> jax.Array:
   if not clipped:
     return jnp.zeros((), jnp.int32)
-  return jnp.sum(jnp.stack(clipped), dtype=jnp.int32)
+  return jnp.sum(
+    jnp.stack([jnp.sum(c, dtype=jnp.int32) for c in clipped]), dtype=jnp.int32
+  )
 
 
-def _stack(values: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
+def _is_axes_entry(x: Any) -> bool:
+  if x is None:
+    return True
+  if isinstance(x, (bool, np.bool_)):
+    return False
+  if isinstance(x, (int, np.integer)):
+    return True
+  return isinstance(x, (tuple, list)) and all(
+    isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+    for a in x
+  )
+
+
+def _check_axis_arg(fn: str, axis: Any) -> None:
+  if isinstance(axis, (bool, np.bool_, float, str)) or (
+    isinstance(axis, (tuple, list)) and not _is_axes_entry(axis)
+  ):
+    raise TypeError(
+      f"{fn}: axis must be None, an int, a tuple of ints, a callable"
+      f" (path, leaf) -> axes, or a pytree of those; got {axis!r}."
+    )
+
+
+def _slice_layout(
+  fn: str, tree: Any, stacked: Any, axis: Any
+) -> tuple[list[tuple[int, ...]], tuple[tuple[str, tuple], ...]]:
+  """Per leaf: the reduced axes, and the static ``(path, slice shape)``.
+
+  ``stacked`` leading axes index layers; ``axis`` (relative to one layer's
+  slice, as TF's ``clip_by_norm(t, c, axes)``) names the reduced axes, by
+  default all of the slice's axes.
+  """
+  with_path = jax.tree_util.tree_leaves_with_path(tree)
+  counts = _tree.stack_counts(fn, stacked, tree)
+  specs = (
+    [None] * len(with_path)
+    if axis is None
+    else _tree.per_leaf_entries(
+      fn,
+      "axis",
+      axis,
+      tree,
+      _is_axes_entry,
+      "an int, a tuple of ints, or None (every axis of the slice)",
+    )
+  )
+  reduced, segments = [], []
+  for (key_path, leaf), count, spec in zip(
+    with_path, counts, specs, strict=True
+  ):
+    shape = tuple(np.shape(leaf))
+    ndim = len(shape)
+    slice_ndim = ndim - count
+    if spec is None:
+      axes = tuple(range(count, ndim))
+    else:
+      spec = (spec,) if isinstance(spec, (int, np.integer)) else tuple(spec)
+      for a in spec:
+        if not -slice_ndim <= a < slice_ndim:
+          raise ValueError(
+            f"{fn}: axis {a} is out of range for the leaf at"
+            f" {_tree.path_str(key_path)!r} of shape {shape} (stacked"
+            f" leading axes: {count}); allowed axes of one slice are"
+            f" {-slice_ndim}..{slice_ndim - 1}."
+          )
+      axes = tuple(sorted({count + int(a) % slice_ndim for a in spec}))
+    reduced.append(axes)
+    kept = tuple(d for a, d in enumerate(shape) if a not in axes)
+    segments.append((_tree.path_str(key_path), kept))
+  return reduced, tuple(segments)
+
+
+def _path_values(
+  values: list[jax.Array], segments: tuple, dtype: jnp.dtype
+) -> _tree.PathValues:
   if not values:
     # The placeholder of an empty tree: orbax cannot save zero-size arrays.
-    return jnp.zeros((1,), dtype)
-  return jnp.stack([v.astype(dtype) for v in values])
+    return _tree.PathValues(jnp.zeros((1,), dtype), segments)
+  flat = jnp.concatenate([v.astype(dtype).reshape(-1) for v in values])
+  return _tree.PathValues(flat, segments)
 
 
-def _per_leaf_size(num_leaves: int) -> int:
-  """The length of a per-leaf state array (1 for the empty tree's placeholder)."""
-  return max(num_leaves, 1)
+def _zero_values(segments: tuple, dtype: jnp.dtype) -> _tree.PathValues:
+  size = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in segments)
+  return _tree.PathValues(jnp.zeros((max(size, 1),), dtype), segments)
 
 
-def _check_num_leaves(fn: str, field: jax.Array, num_leaves: int) -> None:
+def _check_layout(fn: str, field: Any, segments: tuple) -> None:
   """A clear error when the state was initialised on a different tree.
 
-  Without it the per-leaf state would silently change shape from step to
-  step, which breaks ``lax.cond``/``lax.scan`` carries and checkpoints. A
-  one-leaf tree and the empty tree share the state shape ``(1,)``, so that
-  one mismatch is accepted (the state keeps its shape either way).
+  Without it the per-slice state would silently change shape from step to
+  step, which breaks ``lax.cond``/``lax.scan`` carries and checkpoints.
   """
-  expected = int(field.shape[0]) if field.ndim == 1 else None
-  if expected != _per_leaf_size(num_leaves):
-    counted = "1 leaf (or 0: the empty tree's placeholder)"
+  known = getattr(field, "segments", None)
+  if known is not None and tuple(known) != segments:
     raise ValueError(
-      f"{fn}: the state was initialised on a tree with"
-      f" {counted if expected == 1 else f'{expected} leaves'}"
-      f" (state shape {tuple(field.shape)}), but the updates have {num_leaves}"
-      " leaves. Call init on the same tree the updates have (init(params)"
-      " with params shaped like the updates)."
+      f"{fn}: the state was initialised on a tree with {len(known)} leaves"
+      f" (paths and slice shapes {list(known)[:4]}"
+      f"{'...' if len(known) > 4 else ''}), but the updates have"
+      f" {len(segments)} leaves ({list(segments)[:4]}"
+      f"{'...' if len(segments) > 4 else ''}). Call init on the same tree the"
+      " updates have (init(params) with params shaped like the updates)."
     )
 
 
@@ -228,6 +311,8 @@ def clip_by_norm(
   *,
   ord: Any | None = None,  # pylint: disable=redefined-builtin
   axis_name: Any | None = None,
+  stacked: Any = None,
+  axis: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each tensor (leaf) separately so its norm is at most ``max_norm``.
 
@@ -244,15 +329,32 @@ def clip_by_norm(
   or bool leaf is a ``TypeError`` naming its path (checked at trace time, free
   at run time). The state only records diagnostics, so ``update(updates,
   None)`` works and equals ``update(updates, init(updates))``.
-  A state initialised on a tree with a different number of leaves is a
-  ``ValueError``.
+  A state initialised on a different tree is a ``ValueError``.
+
+  **Stacked layers.** Scanned/vmapped layers keep every layer in one leaf
+  with leading layer axes (``(num_layers, in, out)``). With ``stacked=`` each
+  layer's slice is clipped as a tensor of its own -- exactly what this
+  transform gives on the unstacked slices -- and ``leaf_norms`` holds one
+  norm per layer. ``stacked`` is an int for every leaf, a callable
+  ``(path, leaf) -> int`` (paths are normalised, see
+  :func:`optaxclip.stacked_by_path`), or a pytree of ints (a dict, an
+  ``nnx.State``, an Equinox module).
+
+  **TF axes.** ``axis=`` reduces each norm over the given axes only, as
+  ``tf.clip_by_norm(t, c, axes)``: every other axis indexes a separate
+  slice with its own norm (``axis=0`` on an ``(in, out)`` kernel clips each
+  output column). Axes count within one layer's slice when ``stacked`` is
+  also given. Like ``stacked``, it may be an int/tuple for every leaf, a
+  callable or a pytree.
 
   Args:
-    max_norm: the largest allowed norm of each leaf, a non-negative scalar.
+    max_norm: the largest allowed norm of each leaf (slice), a non-negative
+      scalar.
     ord: 2 (default; ``None`` means 2), 1, or ``jnp.inf``/``"inf"``.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis across which each
-      tensor is split; per-leaf partial norms are combined across it in one
-      collective.
+      tensor is split; per-leaf partial norms are combined across it.
+    stacked: leading axes of a leaf that index layers (default ``None``: 0).
+    axis: axes each norm is taken over (default ``None``: all of a slice's).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -273,8 +375,13 @@ def clip_by_norm(
     >>> updates, state = tx.update(grads, tx.init(grads))
     >>> updates["a"], updates["b"]
     (Array([0.6, 0.8], dtype=float32), Array([0.5], dtype=float32))
-    >>> state.leaf_norms, int(state.num_clipped_leaves)
+    >>> state.leaf_norms.values, int(state.num_clipped_leaves)
     (Array([5. , 0.5], dtype=float32), 1)
+    >>> stack = {"blocks": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+    >>> updates, _ = oc.clip_by_norm(1.0, stacked=1).update(stack, None)
+    >>> updates["blocks"]
+    Array([[0.6, 0.8],
+           [0.3, 0.4]], dtype=float32)
 
   References:
     Peers: TensorFlow ``tf.clip_by_norm``, Keras optimizers' ``clipnorm``.
@@ -284,11 +391,13 @@ def clip_by_norm(
   fn = "clip_by_norm"
   _validate.check_threshold(fn, "max_norm", max_norm)
   norm_ord = _validate.canonical_ord(fn, ord)
+  _tree.check_stacked(fn, stacked)
+  _check_axis_arg(fn, axis)
 
   def init_fn(params):
-    num_leaves = len(jax.tree.leaves(params))
+    _, segments = _slice_layout(fn, params, stacked, axis)
     return ClipByNormState(
-      leaf_norms=jnp.zeros((_per_leaf_size(num_leaves),), _state_dtype(params)),
+      leaf_norms=_zero_values(segments, _state_dtype(params)),
       num_clipped_leaves=jnp.zeros((), jnp.int32),
     )
 
@@ -297,25 +406,39 @@ def clip_by_norm(
     _tree.check_float_leaves(fn, updates)
     if state is None:  # the state only records diagnostics: rebuild it
       state = init_fn(updates)
+    reduced, segments = _slice_layout(fn, updates, stacked, axis)
+    _check_layout(fn, state.leaf_norms, segments)
     leaves, treedef = jax.tree.flatten(updates)
-    _check_num_leaves(fn, state.leaf_norms, len(leaves))
     leaves = [jnp.asarray(x) for x in leaves]
-    norms = _norms.leaf_norms(leaves, norm_ord, axis_name)
-    scales, clipped = (
-      zip(*[_norms.clip_scale(n, max_norm) for n in norms])
-      if norms
-      else ((), ())
-    )
+    if all(axes == tuple(range(x.ndim)) for x, axes in zip(leaves, reduced)):
+      # Whole-leaf norms: one collective for all leaves under axis_name.
+      norms = _norms.leaf_norms(leaves, norm_ord, axis_name)
+      norms = [
+        jnp.reshape(n, (1,) * x.ndim)
+        for n, x in zip(norms, leaves, strict=True)
+      ]
+    else:
+      norms = [
+        _norms.axes_norms(x, axes, norm_ord, axis_name)
+        for x, axes in zip(leaves, reduced, strict=True)
+      ]
+    scales, clipped = [], []
+    for n in norms:
+      scale, was_clipped = _norms.clip_scale(n, max_norm)
+      scales.append(scale)
+      clipped.append(was_clipped)
     new_leaves = [_norms.scale_leaf(x, s) for x, s in zip(leaves, scales)]
     return jax.tree.unflatten(treedef, new_leaves), ClipByNormState(
-      leaf_norms=_stack(list(norms), state.leaf_norms.dtype),
-      num_clipped_leaves=_count(list(clipped)),
+      leaf_norms=_path_values(norms, segments, state.leaf_norms.dtype),
+      num_clipped_leaves=_count(clipped),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
+def clip_by_block_rms(
+  threshold: Any, *, stacked: Any = None
+) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each tensor (block) so its root-mean-square is at most ``threshold``.
 
   .. math::
@@ -334,11 +457,17 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
   or bool leaf is a ``TypeError`` naming its path (checked at trace time, free
   at run time). The state only records diagnostics, so ``update(updates,
   None)`` works and equals ``update(updates, init(updates))``.
-  A state initialised on a tree with a different number of leaves is a
-  ``ValueError``.
+  A state initialised on a different tree is a ``ValueError``.
+
+  With ``stacked=`` (leading axes that index layers, as in
+  :func:`clip_by_norm`), every layer's slice is a block of its own: the
+  result equals this transform applied to each unstacked slice, and
+  ``block_rms`` holds one RMS per layer.
 
   Args:
     threshold: the largest allowed RMS of each leaf, a non-negative scalar.
+    stacked: leading axes of a leaf that index layers (default ``None``: 0):
+      an int, a callable ``(path, leaf) -> int`` or a pytree of ints.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -357,7 +486,7 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
     >>> updates, state = tx.update(grads, tx.init(grads))
     >>> updates["w"], updates["b"]
     (Array([ 1., -1.], dtype=float32), Array([0.5], dtype=float32))
-    >>> state.block_rms
+    >>> state.block_rms.values
     Array([0.5, 2. ], dtype=float32)
 
   References:
@@ -365,11 +494,12 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
   """
   fn = "clip_by_block_rms"
   _validate.check_threshold(fn, "threshold", threshold)
+  _tree.check_stacked(fn, stacked)
 
   def init_fn(params):
-    num_leaves = len(jax.tree.leaves(params))
+    _, segments = _slice_layout(fn, params, stacked, None)
     return ClipByBlockRmsState(
-      block_rms=jnp.zeros((_per_leaf_size(num_leaves),), _state_dtype(params)),
+      block_rms=_zero_values(segments, _state_dtype(params)),
       num_clipped_blocks=jnp.zeros((), jnp.int32),
     )
 
@@ -378,17 +508,29 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformationExtraArgs:
     _tree.check_float_leaves(fn, updates)
     if state is None:  # the state only records diagnostics: rebuild it
       state = init_fn(updates)
+    reduced, segments = _slice_layout(fn, updates, stacked, None)
+    _check_layout(fn, state.block_rms, segments)
     leaves, treedef = jax.tree.flatten(updates)
-    _check_num_leaves(fn, state.block_rms, len(leaves))
     leaves = [jnp.asarray(x) for x in leaves]
-    rms = _norms.leaf_rms(leaves)
-    scales, clipped = (
-      zip(*[_norms.clip_scale(r, threshold) for r in rms]) if rms else ((), ())
-    )
+    rms = []
+    for x, axes, whole in zip(
+      leaves, reduced, _norms.leaf_rms(leaves), strict=True
+    ):
+      if axes == tuple(range(x.ndim)):
+        rms.append(jnp.reshape(whole, (1,) * x.ndim))
+      else:
+        size = max(int(np.prod([x.shape[a] for a in axes], dtype=np.int64)), 1)
+        norms = _norms.axes_norms(x, axes, 2)
+        rms.append(norms / np.sqrt(size).astype(norms.dtype))
+    scales, clipped = [], []
+    for r in rms:
+      scale, was_clipped = _norms.clip_scale(r, threshold)
+      scales.append(scale)
+      clipped.append(was_clipped)
     new_leaves = [_norms.scale_leaf(x, s) for x, s in zip(leaves, scales)]
     return jax.tree.unflatten(treedef, new_leaves), ClipByBlockRmsState(
-      block_rms=_stack(list(rms), state.block_rms.dtype),
-      num_clipped_blocks=_count(list(clipped)),
+      block_rms=_path_values(rms, segments, state.block_rms.dtype),
+      num_clipped_blocks=_count(clipped),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -624,6 +624,43 @@ def slice_norms(
   return [n for n in out if n is not None]
 
 
+def axes_norms(
+  x: jax.Array,
+  axes: tuple[int, ...],
+  ord: float,  # pylint: disable=redefined-builtin
+  axis_name=None,
+) -> jax.Array:
+  """Norms of ``x`` over ``axes``, kept as size-1 axes (broadcast-ready).
+
+  Every slice of ``x`` that the other axes index gets its own norm, with the
+  library's numerics (accumulation dtype, overflow/underflow rescue, NaN for
+  a non-finite slice). ``axes=()`` makes every element its own slice (its
+  magnitude); an empty ``x`` has zero norms.
+
+  Args:
+    x: an array.
+    axes: the reduced axes (non-negative, sorted).
+    ord: 1, 2 or ``math.inf`` (already validated).
+    axis_name: combine partials across this mapped axis (a tensor split
+      across devices).
+
+  Returns:
+    The norms in ``x``'s accumulation dtype, shaped like ``x`` with ``axes``
+    set to 1.
+  """
+  dtype = accumulation_dtype(x.dtype)
+  kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+  if x.size == 0:
+    return jnp.zeros(kept, dtype)
+  if not axes:
+    return _finalize(_partial(x[..., None], ord, axis=-1), ord)
+  partial = jnp.expand_dims(_partial(x, ord, axis=axes), axes)
+  partial = _cross_device(partial, ord, axis_name)
+  if ord == math.inf:
+    return partial
+  return _safe_norm(partial, [x], ord, axis=axes, axis_name=axis_name)
+
+
 def leaf_rms(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   """Root-mean-square of each leaf, ``sqrt(sum |x|^2 / size)``; 0 if empty.
 

@@ -108,12 +108,19 @@ def normalize_key_path(key_path: Any) -> tuple[Any, ...]:
 
 
 def _is_wrapped_leaf(x: Any) -> bool:
-  # flax < 0.11 variables are not pytrees: the wrapper itself is a leaf.
-  return (
-    not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))
-    and hasattr(x, "value")
-    and type(x).__name__ != "Tracer"
-  )
+  """A variable wrapper that jax flattens as a leaf (flax < 0.11).
+
+  Newer flax variables are pytrees (their array is a child), so they never
+  reach here as leaves; the class-level ``value`` check avoids touching the
+  (deprecated) ``.value`` property of those.
+  """
+  if x is None or isinstance(
+    x, (jax.Array, np.ndarray, np.generic, int, float, complex)
+  ):
+    return False
+  if not hasattr(type(x), "value"):
+    return False
+  return jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
 
 
 def _unwrap(x: Any) -> Any:
@@ -382,6 +389,30 @@ class PathValues:
 
   def __len__(self) -> int:
     return len(self.segments)
+
+  # Array-like conveniences for the flat vector (np.asarray(state.leaf_norms)).
+  @property
+  def dtype(self) -> Any:
+    return self.values.dtype
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.values.shape)
+
+  @property
+  def size(self) -> int:
+    return int(self.values.size)
+
+  @property
+  def ndim(self) -> int:
+    return int(self.values.ndim)
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    del copy
+    return np.asarray(self.values, dtype=dtype)
+
+  def __getitem__(self, index: Any) -> Any:
+    return self.values[index]
 
   def __repr__(self) -> str:
     return f"PathValues({self.values!r}, paths={[p for p, _ in self.segments]})"

@@ -30,9 +30,11 @@ def test_keys_are_unambiguous_with_two_clippers_of_one_kind():
       "clip_by_global_norm/global_norm_clipped",
       "clip_by_global_norm_1/global_norm",
       "clip_by_global_norm_1/global_norm_clipped",
-      "clip_by_norm/leaf_norms",
+      "clip_by_norm/leaf_norms/b",
+      "clip_by_norm/leaf_norms/w",
       "clip_by_norm/num_clipped_leaves",
-      "clip_by_block_rms/block_rms",
+      "clip_by_block_rms/block_rms/b",
+      "clip_by_block_rms/block_rms/w",
       "clip_by_block_rms/num_clipped_blocks",
   }
   assert all(isinstance(v, jax.Array) for v in stats.values())
@@ -48,7 +50,8 @@ def test_keys_are_unambiguous_with_two_clippers_of_one_kind():
                              n1, rtol=1e-6)
   assert bool(stats["clip_by_global_norm_1/global_norm_clipped"])
   # After the second clip the tree has norm 1: every leaf norm <= 1.
-  leaf_norms = np.asarray(stats["clip_by_norm/leaf_norms"])
+  leaf_norms = np.asarray([stats["clip_by_norm/leaf_norms/b"],
+                           stats["clip_by_norm/leaf_norms/w"]])
   np.testing.assert_allclose(np.sqrt(np.sum(leaf_norms**2)), 1.0, rtol=1e-6)
 
 

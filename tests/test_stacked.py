@@ -1,0 +1,197 @@
+"""Stacked (scanned) layers: a stacked leaf is clipped as its layer slices.
+
+For every per-tensor transform, the update of a tree whose blocks are
+stacked along a leading layer axis must equal the same transform applied to
+the unstacked tree (one leaf per layer), slice by slice; and the diagnostics
+become per-layer. TF-style ``axis=`` is checked against a float64 NumPy
+transcription of ``tf.clip_by_norm``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optaxclip as oc
+from helpers import maybe_jit
+
+LAYERS = 4
+
+
+def _stacked_tree(rng, dtype=jnp.float32):
+  def arr(*shape, scale=1.0):
+    return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+  # Layer 1 is much larger than the others, so some layers clip and some
+  # do not: a whole-stack norm would clip all of them alike.
+  kernel = np.array(arr(LAYERS, 6, 5), np.float32)
+  kernel[1] *= 20.0
+  return {
+    "blocks": {
+      "fc": {"kernel": jnp.asarray(kernel, dtype), "bias": arr(LAYERS, 5)},
+      "norm": {"scale": arr(LAYERS, 6, scale=3.0)},
+    },
+    "head": arr(6, 3),
+  }
+
+
+def _unstack(tree):
+  """The same parameters as an unstacked tree: blocks -> [layer_0, ...]."""
+  blocks = tree["blocks"]
+  return {
+    "blocks": [jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(LAYERS)],
+    "head": tree["head"],
+  }
+
+
+_CASES = {
+  "clip_by_norm": (lambda **kw: oc.clip_by_norm(5.0, **kw)),
+  "clip_by_norm_l1": (lambda **kw: oc.clip_by_norm(12.0, ord=1, **kw)),
+  "clip_by_norm_linf": (lambda **kw: oc.clip_by_norm(2.5, ord=math.inf, **kw)),
+  "clip_by_block_rms": (lambda **kw: oc.clip_by_block_rms(1.5, **kw)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["f32", "bf16"])
+def test_stacked_equals_the_per_slice_loop(name, dtype, use_jit):
+  rng = np.random.default_rng(0)
+  tree = _stacked_tree(rng, dtype)
+  stacked_tx = _CASES[name](stacked=oc.stacked_by_path({"blocks": 1}))
+  plain_tx = _CASES[name]()
+  out, state = maybe_jit(stacked_tx.update, use_jit)(tree, None)
+  want, want_state = maybe_jit(plain_tx.update, use_jit)(_unstack(tree), None)
+  # Equal up to the summation order of a batched vs a single reduction.
+  rtol = 2e-6 if dtype == jnp.float32 else 8e-3
+  chex.assert_trees_all_close(_unstack(out), want, rtol=rtol, atol=0)
+  # Diagnostics: per-layer values, equal to the unstacked per-leaf values.
+  stacked_values = dict(state[0].items())
+  plain_values = dict(want_state[0].items())
+  for leaf in ("fc/bias", "fc/kernel", "norm/scale"):
+    got = np.asarray(stacked_values[f"blocks/{leaf}"])
+    assert got.shape == (LAYERS,)
+    np.testing.assert_allclose(
+      got, [np.asarray(plain_values[f"blocks/{i}/{leaf}"])
+            for i in range(LAYERS)], rtol=2e-6)
+  assert int(state[1]) == int(want_state[1])
+  assert 0 < int(state[1]) < LAYERS * 3 + 1  # some slices clip, not all
+
+
+def test_without_stacked_the_whole_stack_is_one_tensor():
+  tree = _stacked_tree(np.random.default_rng(1))
+  whole, _ = oc.clip_by_norm(2.0).update(tree, None)
+  per_layer, _ = oc.clip_by_norm(2.0, stacked=1).update(
+    {"blocks": tree["blocks"]}, None)
+  kernel = np.asarray(tree["blocks"]["fc"]["kernel"], np.float64)
+  # Whole-stack clip: one factor for all four layers.
+  factor = 2.0 / np.linalg.norm(kernel)
+  np.testing.assert_allclose(np.asarray(whole["blocks"]["fc"]["kernel"]),
+                             kernel * factor, rtol=1e-5)
+  # Per-layer clip: each layer by its own norm, small layers untouched.
+  for i in range(LAYERS):
+    n = np.linalg.norm(kernel[i])
+    want = kernel[i] * min(1.0, 2.0 / n)
+    np.testing.assert_allclose(
+      np.asarray(per_layer["blocks"]["fc"]["kernel"][i]), want, rtol=1e-5)
+
+
+def test_stacked_pytree_form_from_an_nnx_state():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.Param(jnp.ones((3, 4, 2)))
+      self.head = nnx.Linear(2, 2, rngs=rngs)
+
+  state = nnx.state(Model(nnx.Rngs(0)), nnx.Param)
+  grads = jax.tree.map(lambda x: x * 3.0, state)
+  # A stacked spec built from the model's own state (Variable-wrapped ints).
+  spec = jax.tree.map(lambda x: 1 if x.ndim == 3 else 0, state)
+  out_tree, st = oc.clip_by_norm(1.0, stacked=spec).update(grads, None)
+  out_rule, _ = oc.clip_by_norm(
+    1.0, stacked=oc.stacked_by_path({"blocks": 1})).update(grads, None)
+  chex.assert_trees_all_equal(out_tree, out_rule)
+  got = dict(st.leaf_norms.items())
+  np.testing.assert_allclose(np.asarray(got["blocks"]),
+                             [3.0 * np.sqrt(8.0)] * 3, rtol=1e-6)
+
+
+def test_stacked_pytree_form_from_an_equinox_module():
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.PRNGKey(0))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  grads = jax.tree.map(lambda x: 10.0 * jnp.ones_like(x), params)
+  # An eqx.Module is callable: it must still be read as a pytree of counts.
+  spec = jax.tree.map(lambda x: 0, params)
+  out, st = oc.clip_by_norm(1.0, stacked=spec).update(grads, None)
+  for g in jax.tree.leaves(out):
+    np.testing.assert_allclose(float(jnp.linalg.norm(g)), 1.0, rtol=1e-5)
+  assert all(k.startswith("layers/") for k, _ in st.leaf_norms.items())
+
+
+def _tf_clip_by_norm(t, clip_norm, axes):
+  """float64 transcription of tf.clip_by_norm(t, clip_norm, axes)."""
+  t = np.asarray(t, np.float64)
+  l2 = np.sqrt(np.sum(t * t, axis=axes, keepdims=True))
+  return t * clip_norm / np.maximum(l2, clip_norm)
+
+
+@pytest.mark.parametrize("axis", [0, 1, (0, 1), -1])
+def test_axis_matches_tf_clip_by_norm(axis, use_jit):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((5, 7)) * 3.0, jnp.float32)
+  out, state = maybe_jit(oc.clip_by_norm(2.0, axis=axis).update, use_jit)(
+    {"w": x}, None)
+  want = _tf_clip_by_norm(x, 2.0, axis)
+  np.testing.assert_allclose(np.asarray(out["w"]), want, rtol=1e-5)
+  kept = tuple(d for a, d in enumerate(x.shape)
+               if a not in np.atleast_1d(np.asarray(axis)) % 2)
+  assert dict(state.leaf_norms.items())["w"].shape == kept
+
+
+def test_axis_counts_within_a_layer_when_stacked():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((3, 5, 7)) * 3.0, jnp.float32)
+  out, _ = oc.clip_by_norm(2.0, stacked=1, axis=0).update({"w": x}, None)
+  for i in range(3):
+    np.testing.assert_allclose(np.asarray(out["w"][i]),
+                               _tf_clip_by_norm(x[i], 2.0, 0), rtol=1e-5)
+
+
+def test_bad_axis_and_stacked_are_clear_errors():
+  g = {"w": jnp.ones((2, 3))}
+  with pytest.raises(ValueError, match=r"clip_by_norm: axis 2 is out of range "
+                     r"for the leaf at 'w' of shape \(2, 3\)"):
+    oc.clip_by_norm(1.0, axis=2).update(g, None)
+  with pytest.raises(TypeError, match=r"clip_by_norm: axis must be None, an "
+                     r"int"):
+    oc.clip_by_norm(1.0, axis=1.5)
+  with pytest.raises(ValueError, match=r"clip_by_block_rms: stacked must be "
+                     r">= 0"):
+    oc.clip_by_block_rms(1.0, stacked=-2)
+  with pytest.raises(ValueError, match=r"clip_by_norm: stacked=3 for the leaf "
+                     r"at 'w'"):
+    oc.clip_by_norm(1.0, stacked=3).update(g, None)
+
+
+def test_stacked_state_round_trips_and_scans():
+  tree = _stacked_tree(np.random.default_rng(5))
+  tx = oc.clip_by_norm(2.0, stacked=oc.stacked_by_path({"blocks": 1}))
+  state = tx.init(tree)
+
+  def step(state, scale):
+    _, state = tx.update(jax.tree.map(lambda g: g * scale, tree), state)
+    return state, state.num_clipped_leaves
+
+  final, counts = jax.lax.scan(step, state, jnp.array([0.01, 1.0, 100.0]))
+  assert counts.tolist()[0] == 0 and counts.tolist()[2] == 3 * LAYERS + 1
+  flat, treedef = jax.tree.flatten(final)
+  restored = jax.tree.unflatten(treedef, [np.asarray(x) for x in flat])
+  _, again = tx.update(tree, restored)
+  chex.assert_trees_all_equal_shapes_and_dtypes(again, final)
