@@ -1,7 +1,11 @@
 """optaxclip: gradient clipping for JAX, as composable optax transforms."""
 
 from optaxclip._adagc import AdaGCState, adagc
-from optaxclip._agc import AdaptiveGradClipState, adaptive_grad_clip
+from optaxclip._agc import (
+  AdaptiveGradClipState,
+  adaptive_grad_clip,
+  default_unit_axes,
+)
 from optaxclip._autoclip import AutoClipState, autoclip
 from optaxclip._monitor import RecordNormsState, record_norms, tree_norms
 from optaxclip._norm_clip import (
@@ -44,6 +48,7 @@ __all__ = (
   "clip_by_value",
   "clip_per_example",
   "clip_stats",
+  "default_unit_axes",
   "global_norm",
   "record_norms",
   "skip_step",

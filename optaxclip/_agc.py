@@ -57,8 +57,21 @@ def _is_array_leaf(x: Any) -> bool:
   return jax.tree_util.treedef_is_leaf(jax.tree.structure(x)) and x is not None
 
 
-def default_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...] | None:
-  """optax's rank rules for the axes one unit spans, or None if none applies.
+LAYOUTS = ("flax", "torch")
+
+
+def default_unit_axes(
+  shape: tuple[int, ...], layout: str = "flax"
+) -> tuple[int, ...] | None:
+  """The axes one AGC unit spans by default, or None if no rule applies.
+
+  A unit is one output neuron (one output channel for a conv): its incoming
+  weights are the slice the reduction axes span, and the remaining axes index
+  the units.
+
+  ``layout="flax"`` (the default, identical to ``optax.adaptive_grad_clip``)
+  is for kernels whose *last* axis is the output, as Flax and Haiku store
+  them:
 
   * arrays that squeeze to at most one dimension (scalars, vectors, (1, n)
     ...): the whole array is one unit;
@@ -67,15 +80,48 @@ def default_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...] | None:
   * rank 4 (conv ``HWIO``): axes (0, 1, 2), one unit per output channel;
   * rank 5 (conv3d ``DHWIO``): axes (0, 1, 2, 3).
 
+  ``layout="torch"`` is for weights whose *first* axis is the output, as
+  PyTorch and Equinox store them (``Linear`` ``(out, in)``, ``Conv``
+  ``(out, in, *kernel)``): units are rows, every axis but 0 is reduced, for
+  any rank; vectors and scalars are one unit.
+
+  Stacked (scanned) leaves are not guessed from their rank: pass
+  ``stacked=`` to :func:`adaptive_grad_clip`, and the rule is applied to one
+  layer's slice.
+
   Args:
-    shape: the leaf's shape.
+    shape: the leaf's shape (one layer's slice for stacked leaves).
+    layout: ``"flax"`` or ``"torch"``.
 
   Returns:
-    The reduction axes, or ``None`` for rank >= 6 (no rule).
+    The reduction axes, or ``None`` when no rule applies (``"flax"`` with
+    rank >= 6).
+
+  Raises:
+    ValueError: for an unknown ``layout``.
+
+  Examples:
+    >>> import optaxclip as oc
+    >>> oc.default_unit_axes((784, 128))  # Flax Dense (in, out): columns
+    (0,)
+    >>> oc.default_unit_axes((128, 784), layout="torch")  # (out, in): rows
+    (1,)
+    >>> oc.default_unit_axes((3, 3, 16, 32)), oc.default_unit_axes((128,))
+    ((0, 1, 2), (0,))
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021 (unit-wise
+    norms). Peer: ``optax.adaptive_grad_clip``'s ``unitwise_norm``.
   """
+  layout = _validate.check_choice(
+    "default_unit_axes", "layout", layout, LAYOUTS
+  )
   ndim = len(shape)
   if sum(d != 1 for d in shape) <= 1:
     return tuple(range(ndim))
+  if layout == "torch":
+    return tuple(range(1, ndim))
   return {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}.get(ndim)
 
 
@@ -83,75 +129,72 @@ def _normalize_axes(
   path: str,
   shape: tuple[int, ...],
   axes: AxisSpec,
+  count: int,
+  layout: str,
 ) -> tuple[int, ...]:
+  """The reduced axes of a whole leaf, from a spec about one layer's slice."""
+  slice_shape = shape[count:]
   if axes is None:
-    rule = default_unit_axes(shape)
+    rule = default_unit_axes(slice_shape, layout)
     if rule is None:
       raise ValueError(
-        f"{_FN}: the leaf at {path!r} has shape {shape} (rank {len(shape)});"
-        " there is no default unit rule for rank >= 6. Say which axes one"
-        " unit spans, for example axis=lambda path, leaf: tuple(range(leaf."
-        f"ndim - 1)) if leaf.ndim >= 6 else None, or a pytree with"
-        f" {tuple(range(len(shape) - 1))} at that leaf."
+        f"{_FN}: the leaf at {path!r} has shape {shape} (rank {len(shape)}"
+        f"{f', {count} stacked' if count else ''}); there is no default unit"
+        " rule for rank >= 6. Say which axes one unit spans, for example"
+        " axis=lambda path, leaf: tuple(range(leaf.ndim - 1)) if leaf.ndim"
+        f" >= 6 else None, or a pytree with {tuple(range(len(shape) - 1))}"
+        " at that leaf."
       )
-    return rule
+    return tuple(count + a for a in rule)
   axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
-  ndim = len(shape)
+  ndim = len(slice_shape)
   normalized = []
   for a in axes:
     if ndim == 0:
       raise ValueError(
         f"{_FN}: axis {a} is out of range for the leaf at {path!r} of shape"
-        " () (a scalar has no axes; it is always one unit). Give that leaf"
-        " None (the default rule) or () with a pytree or callable axis, e.g."
-        " axis=lambda path, leaf: None if leaf.ndim == 0 else"
-        f" {axes if len(axes) > 1 else axes[0]!r}."
+        f" {shape} (a scalar{' layer slice' if count else ''} has no axes;"
+        " it is always one unit). Give that leaf None (the default rule) or"
+        " () with a pytree or callable axis, e.g. axis=lambda path, leaf:"
+        f" None if leaf.ndim == 0 else {axes if len(axes) > 1 else axes[0]!r}."
       )
     if not -ndim <= a < ndim:
       raise ValueError(
         f"{_FN}: axis {a} is out of range for the leaf at {path!r} of shape"
-        f" {shape}; allowed axes are -{ndim}..{ndim - 1}."
+        f" {shape}{f' ({count} stacked leading axes)' if count else ''};"
+        f" allowed axes are -{ndim}..{ndim - 1}."
       )
-    normalized.append(int(a) % ndim)
+    normalized.append(count + int(a) % ndim)
   return tuple(sorted(set(normalized)))
 
 
-def _resolve_axes(axis: Any, params: Any) -> list[tuple[int, ...]]:
-  """One normalized axes tuple per param leaf, in jax.tree.leaves order."""
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+def _resolve_axes(
+  axis: Any, params: Any, stacked: Any, layout: str
+) -> list[tuple[int, ...]]:
+  """One normalized axes tuple per param leaf, in jax.tree.leaves order.
+
+  The callable and pytree forms of ``axis`` go through
+  :func:`optaxclip._tree.per_leaf_entries`: matched by normalised path, so an
+  ``nnx.State`` (``Variable``-wrapped or not) or an Equinox module works.
+  """
+  with_path = jax.tree_util.tree_leaves_with_path(params)
   paths = [_tree.path_str(p) or "<root>" for p, _ in with_path]
-  leaves = [jnp.asarray(x) for _, x in with_path]
-  if axis is None or _is_axis_spec(axis):
-    specs = [axis] * len(leaves)
-  elif callable(axis):
-    specs = []
-    for (key_path, _), path, leaf in zip(with_path, paths, leaves):
-      spec = axis(key_path, leaf)
-      if not _is_axis_spec(spec):
-        raise TypeError(
-          f"{_FN}: the axis callable returned {spec!r} for the leaf at"
-          f" {path!r}; it must return an int, a tuple of ints, or None (the"
-          " default rule)."
-        )
-      specs.append(spec)
-  else:
-    try:
-      specs = treedef.flatten_up_to(axis)  # type: ignore[attr-defined]
-    except (ValueError, TypeError) as exc:
-      raise ValueError(
-        f"{_FN}: the axis pytree must have the structure of the params, one"
-        " entry (int, tuple of ints, or None for the default rule) per"
-        f" parameter; params are {treedef}, got {axis!r}."
-      ) from exc
-    for path, spec in zip(paths, specs):
-      if not _is_axis_spec(spec):
-        raise TypeError(
-          f"{_FN}: axis entry for the leaf at {path!r} is {spec!r}; it must"
-          " be an int, a tuple of ints, or None (the default rule)."
-        )
+  counts = _tree.stack_counts(_FN, stacked, params)
+  allowed = "an int, a tuple of ints, or None (the default rule)"
+  try:
+    specs = _tree.per_leaf_entries(
+      _FN, "axis", axis, params, _is_axis_spec, allowed
+    )
+  except ValueError as exc:
+    raise ValueError(
+      f"{_FN}: the axis pytree must have the structure of the params, one"
+      f" entry ({allowed}) per parameter. {exc}"
+    ) from exc
   return [
-    _normalize_axes(path, leaf.shape, spec)
-    for path, leaf, spec in zip(paths, leaves, specs)
+    _normalize_axes(path, tuple(np.shape(leaf)), spec, count, layout)
+    for path, (_, leaf), spec, count in zip(
+      paths, with_path, specs, counts, strict=True
+    )
   ]
 
 
@@ -160,6 +203,8 @@ def adaptive_grad_clip(
   *,
   eps: Any = 1e-3,
   axis: Any = None,
+  layout: str = "flax",
+  stacked: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each unit's gradient relative to its parameter norm (AGC).
 
@@ -205,7 +250,20 @@ def adaptive_grad_clip(
       of ints for every leaf, a callable ``(path, leaf) -> axes or None``, or
       a pytree of the params' structure with one entry per leaf (``None``
       meaning the default rule), e.g. ``{"conv1d": (0, 1), "dense": None}``.
-      A top-level int or tuple of ints always means "every leaf".
+      A top-level int or tuple of ints always means "every leaf". Callables
+      receive the normalised key path (no Flax ``.value`` component); the
+      pytree form is matched by path, so an ``nnx.State`` or an Equinox
+      module of axes works. With ``stacked``, axes count within one layer's
+      slice.
+    layout: the default unit rule (:func:`default_unit_axes`): ``"flax"``
+      (default, optax-compatible) for ``(..., in, out)`` kernels, ``"torch"``
+      for ``(out, in, ...)`` weights (PyTorch, Equinox ``eqx.nn.Linear`` /
+      ``Conv``): units are rows.
+    stacked: leading axes of a leaf that index layers (scanned blocks): an
+      int, a callable ``(path, leaf) -> int`` (see
+      :func:`optaxclip.stacked_by_path`) or a pytree of ints. Each layer's
+      slice then gets exactly the units it would have unstacked, instead of
+      a rank rule misreading ``(L, in, out)`` as a 3-D kernel.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -243,8 +301,15 @@ def adaptive_grad_clip(
   """
   _validate.check_threshold(_FN, "clipping", clipping)
   _validate.check_threshold(_FN, "eps", eps)
-  if not (axis is None or _is_axis_spec(axis) or callable(axis)):
-    for leaf in jax.tree.leaves(axis, is_leaf=_is_axis_spec):
+  layout = _validate.check_choice(_FN, "layout", layout, LAYOUTS)
+  _tree.check_stacked(_FN, stacked)
+  if not (
+    axis is None or _is_axis_spec(axis) or not _tree.is_pytree_spec(axis)
+  ):
+    entries = jax.tree.leaves(
+      axis, is_leaf=lambda x: _is_axis_spec(x) or _tree.is_wrapped_leaf(x)
+    )
+    for leaf in map(_tree.unwrap, entries):
       if not _is_axis_spec(leaf):
         raise TypeError(
           f"{_FN}: axis must be None, an int, a tuple of ints, a callable"
@@ -280,7 +345,7 @@ def adaptive_grad_clip(
         " parameter per gradient leaf, the same containers and keys);"
         f" gradients are {treedef}, params are {jax.tree.structure(params)}."
       ) from exc
-    axes_list = _resolve_axes(axis, params)
+    axes_list = _resolve_axes(axis, params, stacked, layout)
     paths = [
       _tree.path_str(key_path) or "<root>"
       for key_path, _ in jax.tree_util.tree_leaves_with_path(updates)

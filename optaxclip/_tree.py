@@ -107,7 +107,7 @@ def normalize_key_path(key_path: Any) -> tuple[Any, ...]:
   )
 
 
-def _is_wrapped_leaf(x: Any) -> bool:
+def is_wrapped_leaf(x: Any) -> bool:
   """A variable wrapper that jax flattens as a leaf (flax < 0.11).
 
   Newer flax variables are pytrees (their array is a child), so they never
@@ -123,8 +123,8 @@ def _is_wrapped_leaf(x: Any) -> bool:
   return jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
 
 
-def _unwrap(x: Any) -> Any:
-  while _is_wrapped_leaf(x):
+def unwrap(x: Any) -> Any:
+  while is_wrapped_leaf(x):
     x = x.value
   return x
 
@@ -191,9 +191,9 @@ def per_leaf_entries(
     return entries
   by_path = {}
   for key_path, entry in jax.tree_util.tree_leaves_with_path(
-    spec, is_leaf=lambda x: is_entry(x) or _is_wrapped_leaf(x)
+    spec, is_leaf=lambda x: is_entry(x) or is_wrapped_leaf(x)
   ):
-    by_path[path_str(key_path)] = _unwrap(entry)
+    by_path[path_str(key_path)] = unwrap(entry)
   entries = []
   for key_path, _ in with_path:
     name = path_str(key_path)

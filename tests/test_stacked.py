@@ -195,3 +195,146 @@ def test_stacked_state_round_trips_and_scans():
   restored = jax.tree.unflatten(treedef, [np.asarray(x) for x in flat])
   _, again = tx.update(tree, restored)
   chex.assert_trees_all_equal_shapes_and_dtypes(again, final)
+
+
+# --- adaptive_grad_clip: stacked layers, torch layout, pytree axes ----------
+
+import optax  # noqa: E402  (kept beside the AGC tests that use it)
+
+import reference  # noqa: E402
+
+
+def test_agc_stacked_equals_the_per_slice_loop(use_jit):
+  rng = np.random.default_rng(6)
+  grads = _stacked_tree(rng)
+  params = _stacked_tree(rng)
+  rule = oc.stacked_by_path({"blocks": 1})
+  tx = oc.adaptive_grad_clip(0.05, stacked=rule)
+  out, state = maybe_jit(tx.update, use_jit)(grads, None, params)
+  want, want_state = maybe_jit(oc.adaptive_grad_clip(0.05).update, use_jit)(
+    _unstack(grads), None, _unstack(params))
+  chex.assert_trees_all_close(_unstack(out), want, rtol=2e-6, atol=0)
+  assert int(state.num_clipped_units) == int(want_state.num_clipped_units)
+  # And against the float64 paper formula with hand-written per-layer units:
+  # kernel (in, out) -> columns, bias / scale vectors -> one unit per layer.
+  g64 = jax.tree.leaves(_unstack(grads))
+  p64 = jax.tree.leaves(_unstack(params))
+  axes = [(0,) if np.ndim(g) == 2 else (0,) for g in g64]
+  ref, clipped = reference.adaptive_grad_clip(g64, p64, 0.05, 1e-3, axes)
+  for got, r in zip(jax.tree.leaves(_unstack(out)), ref, strict=True):
+    np.testing.assert_allclose(np.asarray(got, np.float64), r, rtol=1e-5)
+  assert int(state.num_clipped_units) == clipped
+
+
+def test_agc_without_stacked_misreads_a_stack_as_a_3d_kernel():
+  rng = np.random.default_rng(7)
+  grads, params = _stacked_tree(rng), _stacked_tree(rng)
+  blocks = lambda t: {"blocks": t["blocks"]}
+  naive, _ = oc.adaptive_grad_clip(0.05).update(blocks(grads), None,
+                                                blocks(params))
+  right, _ = oc.adaptive_grad_clip(0.05, stacked=1).update(
+    blocks(grads), None, blocks(params))
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), naive, right)
+  assert max(jax.tree.leaves(diff)) > 1e-3  # the rank rule is wrong there
+
+
+def test_agc_torch_layout_uses_rows_as_units(use_jit):
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(6, 3, 8, 1, key=jax.random.PRNGKey(0))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  rng = np.random.default_rng(8)
+  grads = jax.tree.map(
+    lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.5, p.dtype), params)
+  tx = oc.adaptive_grad_clip(0.1, layout="torch")
+  out, state = maybe_jit(tx.update, use_jit)(grads, None, params)
+  g_leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
+  # eqx.nn.Linear weight is (out, in): one unit per row; biases: one unit.
+  axes = [(1,) if g.ndim == 2 else (0,) for g in g_leaves]
+  ref, clipped = reference.adaptive_grad_clip(
+    g_leaves, [np.asarray(p) for p in jax.tree.leaves(params)], 0.1, 1e-3,
+    axes)
+  for got, r in zip(jax.tree.leaves(out), ref, strict=True):
+    np.testing.assert_allclose(np.asarray(got, np.float64), r, rtol=1e-5)
+  assert int(state.num_clipped_units) == clipped > 0
+  # The Flax default takes columns of these (out, in) weights: different.
+  flax_out, _ = oc.adaptive_grad_clip(0.1).update(grads, None, params)
+  assert not all(np.allclose(a, b) for a, b in
+                 zip(jax.tree.leaves(out), jax.tree.leaves(flax_out)))
+
+
+def test_default_unit_axes_layouts():
+  assert oc.default_unit_axes((5, 7)) == (0,)
+  assert oc.default_unit_axes((5, 7), layout="torch") == (1,)
+  assert oc.default_unit_axes((8, 3, 3, 3), layout="torch") == (1, 2, 3)
+  assert oc.default_unit_axes((3, 3, 4, 8)) == (0, 1, 2)
+  assert oc.default_unit_axes((7,), layout="torch") == (0,)
+  assert oc.default_unit_axes((2,) * 6) is None
+  with pytest.raises(ValueError, match=r"default_unit_axes: layout must be "
+                     r"one of 'flax', 'torch', got 'jax'"):
+    oc.default_unit_axes((2, 2), layout="jax")
+  with pytest.raises(ValueError, match=r"adaptive_grad_clip: layout must be "):
+    oc.adaptive_grad_clip(0.1, layout="tf")
+
+
+def test_agc_axis_pytree_from_an_equinox_module_is_a_pytree():
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(4, 2, 5, 1, key=jax.random.PRNGKey(1))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  grads = jax.tree.map(lambda p: 3.0 * p, params)
+  # An eqx.Module is callable: it must still be read as a pytree of axes.
+  axis = jax.tree.map(lambda p: (1,) if p.ndim == 2 else None, params)
+  out, _ = oc.adaptive_grad_clip(0.1, axis=axis).update(grads, None, params)
+  want, _ = oc.adaptive_grad_clip(0.1, layout="torch").update(
+    grads, None, params)
+  chex.assert_trees_all_equal(out, want)
+
+
+def test_agc_axis_pytree_and_callable_paths_are_the_same_on_both_nnx_routes(
+  standard_promotion,
+):
+  nnx = pytest.importorskip("flax.nnx")
+  import helpers  # pylint: disable=g-import-not-at-top
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(4, 3, rngs=rngs)
+      self.head = nnx.Linear(3, 2, rngs=rngs)
+
+  seen = []
+
+  def axis_rule(path, leaf):
+    seen.append(oc_path(path))
+    return (1,) if oc_path(path) == "fc/kernel" else None
+
+  def oc_path(path):
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k)))
+                    for k in path)
+
+  model = Model(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  grads = jax.tree.map(lambda p: 5.0 * p, params)
+  # Route 1: a direct tx.update on nnx.state(...).
+  tx = oc.adaptive_grad_clip(0.01, axis=axis_rule)
+  direct, _ = tx.update(grads, None, params)
+  direct_paths = sorted(set(seen))
+  # A pytree of axes built from the model's own (Variable-wrapped) state.
+  axis_tree = jax.tree.map(lambda p: (1,) if p.shape == (4, 3) else None,
+                           params)
+  from_tree, _ = oc.adaptive_grad_clip(0.01, axis=axis_tree).update(
+    grads, None, params)
+  chex.assert_trees_all_equal(from_tree, direct)
+  # Route 2: nnx.Optimizer with SGD(lr=1): the parameter moves by -update.
+  seen.clear()
+  if helpers.flax_version() < (0, 11):
+    pytest.skip("the nnx.Optimizer route needs flax >= 0.11")
+  optimizer = nnx.Optimizer(model, optax.chain(
+    oc.adaptive_grad_clip(0.01, axis=axis_rule), optax.sgd(1.0)),
+    wrt=nnx.Param)
+  before = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
+  optimizer.update(model, grads)
+  after = nnx.state(model, nnx.Param)
+  assert sorted(set(seen)) == direct_paths == [
+    "fc/bias", "fc/kernel", "head/bias", "head/kernel"]
+  moved = jax.tree.map(lambda a, b: a - b, before, after)
+  # before - after loses the low bits of a small update to cancellation.
+  chex.assert_trees_all_close(moved, direct, rtol=1e-6, atol=1e-7)
