@@ -76,6 +76,7 @@ demo: $(VENV)/.installed-examples
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_clipping.py
+	$(PY) benchmarks/bench_stacked.py
 	$(PY) benchmarks/bench_sharded.py
 	$(PY) benchmarks/bench_train_step.py
 
