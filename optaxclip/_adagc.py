@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _validate
+from optaxclip import _norms, _stats, _tree, _validate
 
 _FN = "adagc"
 
@@ -31,21 +31,27 @@ DEFAULT_WARMUP_STEPS = 100
 class AdaGCState(NamedTuple):
   """State of :func:`adagc`: the thresholds and what the last step did.
 
-  Per-tensor arrays follow ``jax.tree.leaves`` order of the updates.
+  Per-tensor arrays follow ``jax.tree.leaves`` order of the updates. For a
+  tree with no leaves (an empty ``optax.multi_transform`` group) they hold
+  one placeholder entry (``gamma = +inf``, norm and threshold 0) instead of
+  none, because checkpointers such as orbax refuse zero-size arrays. The
+  float dtype is the accumulation dtype of the tree given to ``init``
+  (float64 for float64 params under x64, float32 otherwise).
   """
 
-  # int32 scalar: how many steps have been taken (warmup while < warmup_steps).
+  # int32 scalar: how many steps have been taken (warmup while < warmup_steps);
+  # saturates at 2**31 - 1.
   adagc_count: jax.Array
-  # float32[num_leaves]: each tensor's EMA threshold gamma_i, after this step.
-  # +inf until the tensor's first step with a finite norm.
+  # float[num_leaves]: each tensor's EMA threshold gamma_i, after this step.
+  # +inf until the tensor's first step with a finite, nonzero clipped norm.
   adagc_gamma: jax.Array
-  # float32[num_leaves]: each tensor's pre-clip L2 norm this step.
+  # float[num_leaves]: each tensor's pre-clip L2 norm this step.
   adagc_norms: jax.Array
-  # float32 scalar: the pre-clip global L2 norm this step.
+  # float scalar: the pre-clip global L2 norm this step.
   adagc_global_norm: jax.Array
-  # float32[num_leaves]: the threshold each tensor was held to this step:
+  # float[num_leaves]: the threshold each tensor was held to this step:
   # lambda_abs (applied to the global norm) during warmup, then
-  # lambda_rel * max(gamma_i, eps) (+inf for a tensor with no finite norm yet).
+  # lambda_rel * max(gamma_i, eps) (+inf for a tensor whose gamma_i is unset).
   adagc_thresholds: jax.Array
   # int32 scalar: how many tensors were rescaled this step (during warmup, all
   # of them when the global norm exceeded lambda_abs).
@@ -67,6 +73,29 @@ def _check_eps(eps: Any) -> None:
     raise ValueError(
       f"{_FN}: eps must be finite and non-negative (0 <= eps < inf), got"
       f" {eps!r}."
+    )
+
+
+def _state_size(num_leaves: int) -> int:
+  """Entries of the per-tensor state arrays: one per leaf, at least one.
+
+  An empty tree gets one placeholder entry, because checkpointers (orbax:
+  "Cannot save arrays with zero size") refuse zero-size arrays.
+  """
+  return max(num_leaves, 1)
+
+
+def _check_state_size(state: Any, num_leaves: int) -> None:
+  """A clear error for a state that ``init`` made for a different tree."""
+  size = jnp.shape(state.adagc_gamma)
+  if size != (_state_size(num_leaves),):
+    have = size[0] if len(size) == 1 else size
+    raise ValueError(
+      f"{_FN}: the state holds thresholds for {have} tensors, but the"
+      f" updates have {num_leaves} leaves (tensors). The state must come"
+      " from tx.init on a tree with the same structure as the updates: call"
+      " init on the same tree (e.g. the params the updates are gradients"
+      " of)."
     )
 
 
@@ -117,27 +146,57 @@ def adagc(
     values"), so a spike cannot raise its own future threshold by more than
     the factor :math:`\lambda_{rel}` allows.
   * *Warmup.* The first ``warmup_steps`` steps, step 1 included, are warmup
-    (a port that tests ``step < warmup_steps`` has one fewer). Since
-    ``warmup_steps >= 1``, every :math:`\gamma_i` is set before the EMA
-    starts. The clipped norm :math:`\|\hat g_i\| = h\,\|g_i\|` is taken from
-    the norm already computed, not from a second pass over the gradients.
-  * *eps.* The min-in-warmup and the EMA make :math:`\gamma_i = 0`
-    absorbing: a tensor whose gradient was zero at one warmup step would be
-    zeroed forever. ``eps`` is therefore a floor on :math:`\gamma` inside the
-    threshold (it never enters :math:`\gamma` itself); ``eps=0`` gives the
-    paper's formula exactly. The division is the library's shared rule (scale
-    1 when :math:`\|g_i\|` is within the threshold, threshold / norm
-    otherwise), so there is no ``0/0``, a clipped tensor has norm exactly the
-    threshold, and an unclipped one comes back bit-identical.
+    (a port that tests ``step < warmup_steps`` has one fewer), so every
+    tensor with a nonzero gradient in warmup has :math:`\gamma_i` set before
+    the EMA starts. The clipped norm :math:`\|\hat g_i\| = h\,\|g_i\|` is
+    taken from the norm already computed, not from a second pass over the
+    gradients.
+  * *Zero norms are not observations.* A tensor whose gradient is exactly
+    zero this step received no gradient at all (LoRA's ``A`` while ``B = 0``,
+    adaLN-Zero's gated branches, an MoE expert no token was routed to, a
+    frozen tensor); that says nothing about the scale of its gradients to
+    come. Taken literally, the paper's rules make it absorbing: the warmup
+    minimum gives :math:`\gamma_i = 0` from a single zero step (and the EMA
+    decays towards 0 over a run of them), after which the threshold
+    :math:`\lambda_{rel}\gamma_i` holds the tensor at (nearly) zero and lets
+    :math:`\gamma_i` grow by at most a factor :math:`\beta + (1 -
+    \beta)\lambda_{rel}` (1.001 with the defaults) per step: a LoRA ``A``
+    gets 1e-7 of its gradient after 1000 steps. So :math:`\gamma_i` only
+    ever takes in finite, *positive* clipped norms :math:`\|\hat g_i\|`: a
+    step where it is 0 leaves :math:`\gamma_i` unchanged, and a tensor that
+    has had none yet keeps :math:`\gamma_i = +\infty` (it is not clipped
+    after warmup) until its first nonzero gradient initializes
+    :math:`\gamma_i` to that gradient's clipped norm. The paper's EMA is an
+    estimate of the tensor's typical gradient norm (it is initialized from
+    the warmup's observed norms); steps without a gradient are not samples
+    of it. On sequences without zero tensors this is exactly the paper.
+  * *eps.* A floor on :math:`\gamma` inside the threshold (it never enters
+    :math:`\gamma` itself), against a tensor whose gradients are tiny but
+    nonzero; ``eps=0`` gives the paper's formula exactly. The division is the
+    library's shared rule (scale 1 when :math:`\|g_i\|` is within the
+    threshold, threshold / norm otherwise), so there is no ``0/0``, a
+    clipped tensor has norm exactly the threshold, and an unclipped one
+    comes back bit-identical.
   * *Non-finite norms.* A tensor with an inf/NaN norm comes out all NaN (in
     warmup: every tensor, since they share the global norm), and its
     :math:`\gamma_i` keeps its previous value: a bad step never poisons the
     thresholds. Wrap the optimizer in ``optaxclip.skip_step`` to skip such
-    steps. A tensor that has had no finite norm yet (:math:`\gamma_i =
-    +\infty`) is not clipped after warmup; its first finite clipped norm
+    steps. A tensor that has had no finite, nonzero clipped norm yet
+    (:math:`\gamma_i = +\infty`) is not clipped after warmup; its first one
     initializes :math:`\gamma_i`.
   * ``lambda_rel = inf`` disables the per-tensor clipping after warmup (the
     EMA then tracks the raw norms).
+  * *State.* The thresholds are kept in the accumulation dtype of the tree
+    given to ``init`` (float64 for float64 parameters under x64, float32
+    otherwise); the step count saturates at ``2**31 - 1``. The state has one
+    entry per leaf of that tree, so ``update`` raises a ``ValueError`` when
+    given updates with a different number of leaves (call ``init`` on the
+    same tree). An empty tree gets a one-entry placeholder (see
+    :class:`AdaGCState`), so its state checkpoints like any other.
+  * Like every optaxclip transform, ``update`` raises a ``TypeError`` naming
+    the leaf's path for an integer or bool leaf, and, since the state
+    carries the thresholds, a ``ValueError`` telling you to call ``init``
+    when given ``state=None``.
 
   Norms are L2, accumulated in float32 for bf16/fp16 tensors; outputs keep
   each input's dtype and shape, and ``jax.grad`` through ``update`` is finite
@@ -164,6 +223,10 @@ def adagc(
       ``warmup_steps < 1``.
     TypeError: for non-numeric arguments, or a ``warmup_steps`` that is not a
       static Python ``int``.
+
+    ``update`` raises ``ValueError`` for ``state=None`` or a state from
+    ``init`` on a tree with a different number of leaves, and ``TypeError``
+    for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -192,7 +255,7 @@ def adagc(
   num_warmup = _warmup_steps(warmup_steps)
 
   def init_fn(params):
-    num_leaves = len(jax.tree.leaves(params))
+    num_leaves = _state_size(len(jax.tree.leaves(params)))
     dtype = _norms.tree_accumulation_dtype(params)
     return AdaGCState(
       adagc_count=jnp.zeros((), jnp.int32),
@@ -205,16 +268,21 @@ def adagc(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _tree.require_state(_FN, state)
+    _tree.check_float_leaves(_FN, updates)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
-    dtype = state.adagc_gamma.dtype
     num_leaves = len(leaves)
-    norms = _norms.leaf_norms(leaves, 2)
-    norms = (
-      jnp.stack([n.astype(dtype) for n in norms])
-      if norms
-      else jnp.zeros((0,), dtype)
-    )
+    _check_state_size(state, num_leaves)
+    dtype = state.adagc_gamma.dtype
+    if not num_leaves:
+      # Nothing to clip; the per-tensor placeholders pass through.
+      return updates, state._replace(
+        adagc_count=optax.safe_int32_increment(state.adagc_count),
+        adagc_global_norm=jnp.zeros((), dtype),
+        adagc_num_clipped=jnp.zeros((), jnp.int32),
+      )
+    norms = jnp.stack([n.astype(dtype) for n in _norms.leaf_norms(leaves, 2)])
     # The global norm is the norm of the per-tensor norms: no second pass.
     global_norm = _norms.global_norm_from(norms, 2).astype(dtype)
     beta_ = jnp.asarray(beta).astype(dtype)
@@ -248,8 +316,12 @@ def adagc(
 
     scales = jnp.where(in_warmup, global_scale, leaf_scales)
     candidate = jnp.where(in_warmup, warm_gamma, ema_gamma)
-    # A non-finite norm leaves its tensor's threshold where it was.
-    new_gamma = jnp.where(jnp.isfinite(candidate), candidate, gamma)
+    # Only finite, positive clipped norms are observations: a non-finite one
+    # must not poison gamma, and a zero one (no gradient reached the tensor)
+    # would make gamma = 0 absorbing (see the docstring).
+    hat_norms = jnp.where(in_warmup, warm_clipped_norms, rel_clipped_norms)
+    observed = jnp.isfinite(hat_norms) & (hat_norms > 0)
+    new_gamma = jnp.where(observed, candidate, gamma)
     thresholds = jnp.where(
       in_warmup, jnp.full_like(gamma, lambda_abs_), rel_thresholds
     )
@@ -262,9 +334,7 @@ def adagc(
       adagc_norms=norms,
       adagc_global_norm=global_norm,
       adagc_thresholds=thresholds,
-      adagc_num_clipped=jnp.sum(clipped, dtype=jnp.int32)
-      if num_leaves
-      else jnp.zeros((), jnp.int32),
+      adagc_num_clipped=jnp.sum(clipped, dtype=jnp.int32),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _validate
+from optaxclip import _norms, _stats, _tree, _validate
 
 _FN = "autoclip"
 DEFAULT_HISTORY_SIZE = 1000
@@ -25,13 +25,17 @@ DEFAULT_HISTORY_SIZE = 1000
 class AutoClipState(NamedTuple):
   """State of :func:`autoclip`."""
 
-  # float32[history_size]: past finite global norms, a ring buffer once full.
+  # float[history_size]: the most recent finite global norms; filled from the
+  # front, then shifted left (oldest out) once full. The float dtype is the
+  # accumulation dtype of the tree given to init (float64 for float64 params
+  # under x64, float32 otherwise); every float field below shares it.
   autoclip_history: jax.Array
-  # int32 scalar: how many norms were appended (finite norms only).
+  # int32 scalar: how many norms were appended (finite norms only). It
+  # saturates at 2**31 - 1 instead of wrapping.
   autoclip_count: jax.Array
-  # float32 scalar: the last step's pre-clip global norm.
+  # float scalar: the last step's pre-clip global norm.
   autoclip_norm: jax.Array
-  # float32 scalar: the last step's threshold (percentile of the history).
+  # float scalar: the last step's threshold (percentile of the history).
   autoclip_threshold: jax.Array
   # bool scalar: whether the last step was rescaled.
   autoclip_clipped: jax.Array
@@ -47,15 +51,18 @@ def history_percentile(
 
   Args:
     history: float array of shape ``(size,)``.
-    num_valid: int scalar, how many leading entries (in ring order, any
-      order is fine) are valid; ``0`` gives ``inf`` (no clipping).
+    num_valid: int scalar, how many leading entries are valid (their order
+      does not matter); ``0`` gives ``inf`` (no clipping).
     percentile: in [0, 100].
 
   Returns:
     A scalar of ``history``'s dtype.
   """
   size = history.shape[0]
-  valid = jnp.arange(size) < num_valid
+  # int32 throughout: under x64 a bare arange is int64, which strict dtype
+  # promotion refuses to compare with the int32 count.
+  num_valid = jnp.asarray(num_valid).astype(jnp.int32)
+  valid = jnp.arange(size, dtype=jnp.int32) < num_valid
   ordered = jnp.sort(jnp.where(valid, history, jnp.inf))
   last = jnp.maximum(num_valid - 1, 0)
   position = (
@@ -94,15 +101,24 @@ def autoclip(
      rule (:func:`optaxclip.clip_by_global_norm`'s guarantees apply).
 
   While the step count is at most ``history_size`` this equals Algorithm 1
-  exactly (up to float32 rounding). The one deviation from the paper: the
-  history is a ring buffer of the most recent ``history_size`` norms, so the
+  exactly (up to rounding). The one deviation from the paper: the
+  history holds only the most recent ``history_size`` norms, so the
   state has a fixed shape and the per-step cost is bounded (the paper keeps
-  every norm). Non-finite norms are not appended (the step itself comes out
-  NaN, loudly, as in every optaxclip clipper), so one bad batch does not
-  poison the percentile. ``percentile=100`` never clips (the current norm is
-  in the history); ``percentile=0`` clips to the smallest norm seen. The
-  threshold is a statistic of past gradients and is not differentiated
-  through (``stop_gradient``).
+  every norm). The history and the threshold are kept in the accumulation
+  dtype of the tree given to ``init`` (float64 for float64 parameters under
+  x64, so norms beyond the float32 range stay exact; float32 otherwise), and
+  the step counter saturates at ``2**31 - 1`` instead of wrapping (the
+  history keeps rolling). Non-finite norms are not appended (the step
+  itself comes out NaN, loudly, as in every optaxclip clipper), so one bad
+  batch does not poison the percentile. ``percentile=100`` never clips (the
+  current norm is in the history); ``percentile=0`` clips to the smallest
+  norm seen. The threshold is a statistic of past gradients and is not
+  differentiated through (``stop_gradient``).
+
+  Like every optaxclip transform, ``update`` raises a ``TypeError`` naming
+  the leaf's path for an integer or bool leaf, and, since the state carries
+  the history, a ``ValueError`` telling you to call ``init`` when given
+  ``state=None``.
 
   Args:
     percentile: p in [0, 100]; the paper's default is 10. May be scheduled
@@ -147,10 +163,10 @@ def autoclip(
   )
 
   def init_fn(params):
-    del params
-    zero = jnp.zeros((), jnp.float32)
+    dtype = _norms.tree_accumulation_dtype(params)
+    zero = jnp.zeros((), dtype)
     return AutoClipState(
-      autoclip_history=jnp.zeros((size,), jnp.float32),
+      autoclip_history=jnp.zeros((size,), dtype),
       autoclip_count=jnp.zeros((), jnp.int32),
       autoclip_norm=zero,
       autoclip_threshold=zero,
@@ -159,16 +175,26 @@ def autoclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    norm = _norms.global_norm_from(updates, 2, axis_name).astype(jnp.float32)
+    _tree.require_state(_FN, state)
+    _tree.check_float_leaves(_FN, updates)
+    dtype = state.autoclip_history.dtype
+    norm = _norms.global_norm_from(updates, 2, axis_name).astype(dtype)
     observed = jax.lax.stop_gradient(norm)
     finite = jnp.isfinite(observed)
-    slot = state.autoclip_count % size
-    history = jnp.where(
+    old = state.autoclip_history
+    # Filling: write at the first free slot. Full: drop the oldest (front)
+    # and append at the end. Either way the valid norms are the leading
+    # min(count, size) entries, so the count is only ever compared with
+    # size and may saturate without stopping the history from rolling.
+    full = state.autoclip_count >= size
+    filling = old.at[jnp.minimum(state.autoclip_count, size - 1)].set(observed)
+    rolled = jnp.concatenate([old[1:], observed[None]])
+    history = jnp.where(finite, jnp.where(full, rolled, filling), old)
+    count = jnp.where(
       finite,
-      state.autoclip_history.at[slot].set(observed),
-      state.autoclip_history,
+      optax.safe_int32_increment(state.autoclip_count),
+      state.autoclip_count,
     )
-    count = state.autoclip_count + finite.astype(jnp.int32)
     threshold = history_percentile(
       history, jnp.minimum(count, size), percentile
     )

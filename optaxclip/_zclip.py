@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _validate
+from optaxclip import _norms, _stats, _tree, _validate
 
 _FN = "zclip"
 DEFAULT_WARMUP_STEPS = 25
@@ -27,16 +27,19 @@ DEFAULT_WARMUP_STEPS = 25
 class ZClipState(NamedTuple):
   """State of :func:`zclip`."""
 
-  # float32[warmup_steps]: the norms seen during warmup.
+  # float[warmup_steps]: the norms recorded during warmup. The float dtype is
+  # the accumulation dtype of the tree given to init (float64 for float64
+  # params under x64, float32 otherwise); every float field shares it.
   zclip_buffer: jax.Array
-  # int32 scalar: how many finite norms were seen.
+  # int32 scalar: how many finite, nonzero norms were recorded; saturates at
+  # 2**31 - 1 instead of wrapping (so warmup is never re-entered).
   zclip_count: jax.Array
-  # float32 scalars: EMA of the norm's mean and variance (0 during warmup).
+  # float scalars: EMA of the norm's mean and variance (0 during warmup).
   zclip_mean: jax.Array
   zclip_var: jax.Array
-  # float32 scalar: the last step's pre-clip global norm.
+  # float scalar: the last step's pre-clip global norm.
   zclip_norm: jax.Array
-  # float32 scalar: the cap the last step was clipped to (inf: no cap).
+  # float scalar: the cap the last step was clipped to (inf: no cap).
   zclip_threshold: jax.Array
   # bool scalars: whether the last step was rescaled / flagged as a spike.
   zclip_clipped: jax.Array
@@ -58,7 +61,8 @@ def zclip(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips global-norm spikes detected by an EMA z-score (ZClip).
 
-  **Warmup** (the first ``warmup_steps`` finite norms): each norm is recorded
+  **Warmup** (the first ``warmup_steps`` finite, nonzero norms; see below
+  for zeros): each norm is recorded
   and the update is clipped by ``max_norm`` only (not at all with
   ``max_norm=None``). The step that fills the buffer sets the mean to the
   buffer's mean and the variance to its population variance.
@@ -96,14 +100,48 @@ def zclip(
   the mean and 0 otherwise (the reference divides by zero). The threshold
   is a statistic of past norms and is not differentiated through.
 
+  *Zero norms are not observations.* A global norm of exactly 0 means no
+  gradient reached the parameters this step (a frozen or not-yet-used
+  ``optax.multi_transform`` group, a fully masked batch, a step zeroed
+  upstream); it says nothing about the scale of the gradients to come. The
+  reference records it anyway, and that makes zero an absorbing state: a
+  warmup of zeros gives :math:`\mu = \sigma = 0`, after which every nonzero
+  norm has :math:`z \approx g / \epsilon > z_{thresh}`, its threshold is
+  :math:`\tau = 0` (in every mode and clip option) and the EMA takes in
+  :math:`x = \tau = 0` again, so every later update is zeroed forever. (A
+  long run of zeros after warmup drives :math:`\mu` geometrically to the same
+  state.) Here a zero norm passes through unchanged (it is zero; with
+  :math:`g = 0` there is no spike), is not recorded in the warmup buffer, does
+  not advance the count, and leaves :math:`\mu` and the variance as they
+  were; likewise a spike whose threshold is 0 (``clip_factor=0``) is clipped
+  to 0 but not fed to the statistics. So warmup ends only after
+  ``warmup_steps`` nonzero norms, :math:`\mu > 0` from then on, and the
+  adaptive threshold is always positive. Should the statistics still hold
+  :math:`\mu = 0` (a state saved by an older version), no spike is flagged
+  and the norm is fed to the EMA, which recovers. On sequences without zero
+  norms this is exactly the reference. A zero *variance* with :math:`\mu >
+  0` (a constant warmup, or ``warmup_steps=1``) is kept as the reference
+  has it: norms above :math:`\mu` are spikes clipped to :math:`\mu` until
+  a norm at or below it arrives and the variance becomes positive.
+
+  The statistics are kept in the accumulation dtype of the tree given to
+  ``init`` (float64 for float64 parameters under x64, so norms beyond the
+  float32 range stay exact; float32 otherwise). The count saturates at
+  ``2**31 - 1`` instead of wrapping, so warmup is never re-entered.
+
+  Like every optaxclip transform, ``update`` raises a ``TypeError`` naming
+  the leaf's path for an integer or bool leaf, and, since the state carries
+  the statistics, a ``ValueError`` telling you to call ``init`` when given
+  ``state=None``.
+
   Args:
     alpha: EMA decay, in (0, 1).
     z_thresh: the z-score above which a norm is a spike, > 0.
     max_norm: a fixed cap on the global norm, >= 0; ``None`` disables it.
     eps: added to the standard deviation before dividing, >= 0.
-    warmup_steps: number of norms collected before the EMA starts, an int
-      >= 1; ``None`` means 25. Static (``static_args=("warmup_steps",)``
-      under ``inject_hyperparams``).
+    warmup_steps: number of (nonzero) norms collected before the EMA starts,
+      an int >= 1; ``None`` means 25. Static
+      (``static_args=("warmup_steps",)`` under ``inject_hyperparams``).
     mode: ``"zscore"`` or ``"percentile"`` (case-insensitive).
     clip_option: ``"adaptive_scaling"`` or ``"mean"``; used in ``"zscore"``
       mode only, but validated always.
@@ -160,11 +198,11 @@ def zclip(
   )
 
   def init_fn(params):
-    del params
-    zero = jnp.zeros((), jnp.float32)
+    dtype = _norms.tree_accumulation_dtype(params)
+    zero = jnp.zeros((), dtype)
     false = jnp.zeros((), jnp.bool_)
     return ZClipState(
-      zclip_buffer=jnp.zeros((warmup,), jnp.float32),
+      zclip_buffer=jnp.zeros((warmup,), dtype),
       zclip_count=jnp.zeros((), jnp.int32),
       zclip_mean=zero,
       zclip_var=zero,
@@ -176,10 +214,15 @@ def zclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    f32 = jnp.float32
+    _tree.require_state(_FN, state)
+    _tree.check_float_leaves(_FN, updates)
+    f32 = state.zclip_mean.dtype
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(f32)
     g = jax.lax.stop_gradient(norm)
     finite = jnp.isfinite(g)
+    # Only finite, nonzero norms are observations (see the docstring).
+    observed = finite & (g > 0)
+    count = state.zclip_count
     cap_fixed = (
       jnp.full((), jnp.inf, f32)
       if max_norm is None
@@ -189,12 +232,14 @@ def zclip(
     zt = jnp.asarray(z_thresh).astype(f32)
 
     # Warmup: record the norm; the step that fills the buffer starts the EMA.
-    in_warmup = state.zclip_count < warmup
-    slot = jnp.minimum(state.zclip_count, warmup - 1)
+    in_warmup = count < warmup
+    slot = jnp.minimum(count, warmup - 1)
     buffer = jnp.where(
-      in_warmup & finite, state.zclip_buffer.at[slot].set(g), state.zclip_buffer
+      in_warmup & observed,
+      state.zclip_buffer.at[slot].set(g),
+      state.zclip_buffer,
     )
-    fills = in_warmup & finite & (state.zclip_count + 1 == warmup)
+    fills = in_warmup & observed & (count == warmup - 1)
     buffer_mean = jnp.mean(buffer)
     buffer_var = jnp.mean(jnp.square(buffer - buffer_mean))
 
@@ -219,12 +264,15 @@ def zclip(
     else:
       tau = mean + zt * std
       spike = g > tau
-    spike = spike & finite & ~in_warmup
+    # A zero mean holds no scale to judge a spike against (only reachable
+    # from a state saved before zero norms were excluded): no spike.
+    spike = spike & finite & ~in_warmup & (mean > 0)
     adaptive = jnp.where(spike, tau, g)
     cap = jnp.where(in_warmup, cap_fixed, jnp.minimum(adaptive, cap_fixed))
     new_mean = a * mean + (1 - a) * adaptive
     new_var = a * var + (1 - a) * jnp.square(adaptive - new_mean)
-    update_stats = finite & ~in_warmup
+    # Never feed a zero to the statistics: zero is absorbing (docstring).
+    update_stats = observed & ~in_warmup & (adaptive > 0)
     if skip_update_on_spike:
       update_stats = update_stats & ~spike
     mean = jnp.where(
@@ -236,7 +284,7 @@ def zclip(
     updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
     return updates, ZClipState(
       zclip_buffer=buffer,
-      zclip_count=state.zclip_count + finite.astype(jnp.int32),
+      zclip_count=jnp.where(observed, optax.safe_int32_increment(count), count),
       zclip_mean=mean,
       zclip_var=var,
       zclip_norm=g,

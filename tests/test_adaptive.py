@@ -132,7 +132,7 @@ def test_state_round_trips_through_numpy_and_clip_stats(make):
   restored = jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
   grads = _tree_with_norm(direction, 3.0)
   chex.assert_trees_all_equal(step(grads, restored), step(grads, state))
-  stats = oc.clip_stats(state)
+  stats = oc.clip_stats(state, include_history=True)
   prefix = "autoclip" if "autoclip_count" in state._fields else "zclip"
   for field in state._fields:
     assert f"{prefix}/{field}" in stats
