@@ -220,13 +220,10 @@ def adagc(
   Raises:
     ValueError: for ``beta`` outside (0, 1), a negative or NaN ``lambda_rel``
       or ``lambda_abs``, a negative, NaN or infinite ``eps``, or
-      ``warmup_steps < 1``.
+      ``warmup_steps < 1``; from ``update``, for ``state=None`` or a state
+      from ``init`` on a tree with a different number of leaves.
     TypeError: for non-numeric arguments, or a ``warmup_steps`` that is not a
-      static Python ``int``.
-
-    ``update`` raises ``ValueError`` for ``state=None`` or a state from
-    ``init`` on a tree with a different number of leaves, and ``TypeError``
-    for an integer or bool leaf.
+      static Python ``int``; from ``update``, for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
