@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaxclip import _norms, _stats, _tree, _validate
@@ -42,17 +43,18 @@ class AdaGCState(NamedTuple):
   # int32 scalar: how many steps have been taken (warmup while < warmup_steps);
   # saturates at 2**31 - 1.
   adagc_count: jax.Array
-  # float[num_leaves]: each tensor's EMA threshold gamma_i, after this step.
+  # PathValues of float[num_slices] (one per tensor, one per layer of a
+  # stacked leaf): each tensor's EMA threshold gamma_i, after this step.
   # +inf until the tensor's first step with a finite, nonzero clipped norm.
-  adagc_gamma: jax.Array
+  adagc_gamma: _tree.PathValues
   # float[num_leaves]: each tensor's pre-clip L2 norm this step.
-  adagc_norms: jax.Array
+  adagc_norms: _tree.PathValues
   # float scalar: the pre-clip global L2 norm this step.
   adagc_global_norm: jax.Array
   # float[num_leaves]: the threshold each tensor was held to this step:
   # lambda_abs (applied to the global norm) during warmup, then
   # lambda_rel * max(gamma_i, eps) (+inf for a tensor whose gamma_i is unset).
-  adagc_thresholds: jax.Array
+  adagc_thresholds: _tree.PathValues
   # int32 scalar: how many tensors were rescaled this step (during warmup, all
   # of them when the global norm exceeded lambda_abs).
   adagc_num_clipped: jax.Array
@@ -76,6 +78,26 @@ def _check_eps(eps: Any) -> None:
     )
 
 
+def _values(field: Any) -> jax.Array:
+  """The flat vector of a per-slice state field (PathValues or a raw array)."""
+  return field.values if isinstance(field, _tree.PathValues) else field
+
+
+def _layout(tree: Any, stacked: Any) -> tuple[list[int], tuple]:
+  """Per leaf: stacked leading axes; and the static (path, layer shape)."""
+  with_path = jax.tree_util.tree_leaves_with_path(tree)
+  counts = _tree.stack_counts(_FN, stacked, tree)
+  segments = tuple(
+    (_tree.path_str(key_path), tuple(np.shape(leaf))[:count])
+    for (key_path, leaf), count in zip(with_path, counts, strict=True)
+  )
+  return counts, segments
+
+
+def _num_slices(segments: tuple) -> int:
+  return sum(int(np.prod(shape, dtype=np.int64)) for _, shape in segments)
+
+
 def _state_size(num_leaves: int) -> int:
   """Entries of the per-tensor state arrays: one per leaf, at least one.
 
@@ -87,7 +109,7 @@ def _state_size(num_leaves: int) -> int:
 
 def _check_state_size(state: Any, num_leaves: int) -> None:
   """A clear error for a state that ``init`` made for a different tree."""
-  size = jnp.shape(state.adagc_gamma)
+  size = jnp.shape(_values(state.adagc_gamma))
   if size != (_state_size(num_leaves),):
     have = size[0] if len(size) == 1 else size
     raise ValueError(
@@ -114,6 +136,7 @@ def adagc(
   lambda_abs: Any = 1.0,
   warmup_steps: int | None = None,
   eps: Any = 1e-8,
+  stacked: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaGC: clips each tensor against an EMA of its own clipped norms.
 
@@ -191,7 +214,11 @@ def adagc(
     otherwise); the step count saturates at ``2**31 - 1``. The state has one
     entry per leaf of that tree, so ``update`` raises a ``ValueError`` when
     given updates with a different number of leaves (call ``init`` on the
-    same tree). An empty tree gets a one-entry placeholder (see
+    same tree). The per-tensor fields are
+    :class:`~optaxclip._tree.PathValues` (a flat vector with the paths as
+    static metadata; ``clip_stats`` returns them by path,
+    ``"adagc/adagc_norms/blocks/fc/kernel"``). An empty tree gets a
+    one-entry placeholder (see
     :class:`AdaGCState`), so its state checkpoints like any other.
   * Like every optaxclip transform, ``update`` raises a ``TypeError`` naming
     the leaf's path for an integer or bool leaf, and, since the state
@@ -212,6 +239,11 @@ def adagc(
       ``None`` means 100. Static: under ``inject_hyperparams`` pass
       ``static_args=("warmup_steps",)`` to set it.
     eps: floor on :math:`\gamma_i` inside the threshold, ``0 <= eps < inf``.
+    stacked: leading axes of a leaf that index layers (scanned blocks): an
+      int, a callable ``(path, leaf) -> int`` (see
+      :func:`optaxclip.stacked_by_path`) or a pytree of ints. Each layer
+      slice then is a tensor of its own, with its own :math:`\gamma_i`:
+      the result equals AdaGC on the unstacked tree.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -232,7 +264,7 @@ def adagc(
     >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
     >>> state = tx.init(grads)
     >>> _, state = tx.update(grads, state)   # warmup: global norm within 10
-    >>> state.adagc_gamma
+    >>> state.adagc_gamma.values
     Array([5., 1.], dtype=float32)
     >>> spike = {"a": jnp.array([30.0, 40.0]), "b": jnp.array([1.0])}
     >>> updates, state = tx.update(spike, state)   # "a" held to 2 * 5
@@ -251,15 +283,22 @@ def adagc(
   _check_eps(eps)
   num_warmup = _warmup_steps(warmup_steps)
 
+  _tree.check_stacked(_FN, stacked)
+
   def init_fn(params):
-    num_leaves = _state_size(len(jax.tree.leaves(params)))
+    _, segments = _layout(params, stacked)
+    num_slices = _state_size(_num_slices(segments))
     dtype = _norms.tree_accumulation_dtype(params)
+
+    def per_slice(fill):
+      return _tree.PathValues(jnp.full((num_slices,), fill, dtype), segments)
+
     return AdaGCState(
       adagc_count=jnp.zeros((), jnp.int32),
-      adagc_gamma=jnp.full((num_leaves,), jnp.inf, dtype),
-      adagc_norms=jnp.zeros((num_leaves,), dtype),
+      adagc_gamma=per_slice(jnp.inf),
+      adagc_norms=per_slice(0.0),
       adagc_global_norm=jnp.zeros((), dtype),
-      adagc_thresholds=jnp.zeros((num_leaves,), dtype),
+      adagc_thresholds=per_slice(0.0),
       adagc_num_clipped=jnp.zeros((), jnp.int32),
     )
 
@@ -269,9 +308,10 @@ def adagc(
     _tree.check_float_leaves(_FN, updates)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
-    num_leaves = len(leaves)
+    counts, segments = _layout(updates, stacked)
+    num_leaves = _num_slices(segments)
     _check_state_size(state, num_leaves)
-    dtype = state.adagc_gamma.dtype
+    dtype = _values(state.adagc_gamma).dtype
     if not num_leaves:
       # Nothing to clip; the per-tensor placeholders pass through.
       return updates, state._replace(
@@ -279,14 +319,20 @@ def adagc(
         adagc_global_norm=jnp.zeros((), dtype),
         adagc_num_clipped=jnp.zeros((), jnp.int32),
       )
-    norms = jnp.stack([n.astype(dtype) for n in _norms.leaf_norms(leaves, 2)])
+    # One norm per tensor, or per layer slice of a stacked leaf, flattened.
+    norms = jnp.concatenate(
+      [
+        n.astype(dtype).reshape(-1)
+        for n in _norms.slice_norms(leaves, counts, 2)
+      ]
+    )
     # The global norm is the norm of the per-tensor norms: no second pass.
     global_norm = _norms.global_norm_from(norms, 2).astype(dtype)
     beta_ = jnp.asarray(beta).astype(dtype)
     lambda_rel_ = jnp.asarray(lambda_rel).astype(dtype)
     lambda_abs_ = jnp.asarray(lambda_abs).astype(dtype)
     eps_ = jnp.asarray(eps).astype(dtype)
-    gamma = state.adagc_gamma
+    gamma = _values(state.adagc_gamma)
     in_warmup = state.adagc_count < num_warmup
 
     # Warmup: one global scale for every tensor; gamma is a running minimum.
@@ -324,13 +370,22 @@ def adagc(
     )
     clipped = jnp.where(in_warmup, global_clipped, leaf_clipped)
 
-    new_leaves = [_norms.scale_leaf(x, scales[i]) for i, x in enumerate(leaves)]
+    new_leaves, start = [], 0
+    for x, count in zip(leaves, counts, strict=True):
+      layers = x.shape[:count]
+      size = int(np.prod(layers, dtype=np.int64))
+      scale = scales[start : start + size].reshape(
+        layers + (1,) * (x.ndim - count)
+      )
+      new_leaves.append(_norms.scale_leaf(x, scale if count else scale[()]))
+      start += size
+    per_slice = lambda v: _tree.PathValues(v, segments)
     return jax.tree.unflatten(treedef, new_leaves), AdaGCState(
       adagc_count=optax.safe_int32_increment(state.adagc_count),
-      adagc_gamma=new_gamma,
-      adagc_norms=norms,
+      adagc_gamma=per_slice(new_gamma),
+      adagc_norms=per_slice(norms),
       adagc_global_norm=global_norm,
-      adagc_thresholds=thresholds,
+      adagc_thresholds=per_slice(thresholds),
       adagc_num_clipped=jnp.sum(clipped, dtype=jnp.int32),
     )
 

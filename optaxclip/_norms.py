@@ -331,9 +331,13 @@ def _rescued(
     )
 
   arrays = list(arrays)
-  return jax.lax.cond(
-    jnp.any(_needs_rescue(partial, ord)), rare, fast, partial, arrays
-  )
+  need = jnp.any(_needs_rescue(partial, ord))
+  if not isinstance(need, jax.core.Tracer):
+    # Eager (un-jitted) call: the predicate is known, so run one branch.
+    # A lax.cond here would re-trace and re-compile these local closures on
+    # every call (hundreds of times slower in an eager training loop).
+    return rare(partial, arrays) if bool(need) else fast(partial, arrays)
+  return jax.lax.cond(need, rare, fast, partial, arrays)
 
 
 def _safe_norm(

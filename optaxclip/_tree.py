@@ -10,6 +10,7 @@ the same way: ``"/"``-joined dict keys, attribute names and sequence indices
 from __future__ import annotations
 
 import fnmatch
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -416,3 +417,28 @@ class PathValues:
 
   def __repr__(self) -> str:
     return f"PathValues({self.values!r}, paths={[p for p, _ in self.segments]})"
+
+
+def _serialize_segments(segments: tuple) -> bytes:
+  return json.dumps([[path, list(shape)] for path, shape in segments]).encode()
+
+
+def _deserialize_segments(data: bytes) -> tuple:
+  return tuple((path, tuple(shape)) for path, shape in json.loads(data))
+
+
+def _register_export_serialization() -> None:
+  """Lets ``jax.export`` serialize functions whose pytrees hold PathValues."""
+  export = getattr(jax, "export", None)
+  register = getattr(export, "register_pytree_node_serialization", None)
+  if register is None:  # pragma: no cover - jax without jax.export
+    return
+  register(
+    PathValues,
+    serialized_name="optaxclip.PathValues",
+    serialize_auxdata=_serialize_segments,
+    deserialize_auxdata=_deserialize_segments,
+  )
+
+
+_register_export_serialization()
