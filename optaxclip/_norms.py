@@ -256,6 +256,23 @@ def _max_component(x: jax.Array, dtype: Any, axis, keepdims: bool):
   return jnp.max(mags, axis=axis, keepdims=keepdims, initial=0)
 
 
+def _divide(x: jax.Array, divisor: jax.Array) -> jax.Array:
+  """``x / divisor`` for any normal ``divisor``, without a subnormal step.
+
+  XLA's CPU backend computes a division by a broadcast scalar as a multiply
+  by its reciprocal, and flushes subnormals to zero: ``3e38 / 3e38`` came out
+  0 because ``1 / 3e38`` is subnormal. Splitting the factor as ``2**-64 *
+  (2**64 / divisor)`` (or the mirror image for divisors below 1) keeps every
+  intermediate normal over the whole float32 range; elements more than 2**62
+  below the largest one may flush, which changes a sum of terms <= 1 whose
+  largest is 1 by less than its rounding.
+  """
+  big = divisor > 1
+  pre = jnp.where(big, 2.0**-64, 2.0**64).astype(divisor.dtype)
+  post = jnp.where(big, 2.0**64, 2.0**-64).astype(divisor.dtype) / divisor
+  return (x * pre) * post
+
+
 def _scaled_partial(
   x: jax.Array,
   divisor: jax.Array,
@@ -266,12 +283,12 @@ def _scaled_partial(
   """The partial of ``x / divisor``, computed in ``divisor``'s dtype."""
   dtype = divisor.dtype
   if jnp.iscomplexobj(x):
-    re = jnp.real(x).astype(dtype) / divisor
-    im = jnp.imag(x).astype(dtype) / divisor
+    re = _divide(jnp.real(x).astype(dtype), divisor)
+    im = _divide(jnp.imag(x).astype(dtype), divisor)
     squares = re * re + im * im
     terms = squares if ord == 2 else safe_sqrt(squares)
   else:
-    y = x.astype(dtype) / divisor
+    y = _divide(x.astype(dtype), divisor)
     terms = y * y if ord == 2 else jnp.abs(y)
   return jnp.sum(terms, axis=axis, keepdims=keepdims)
 
