@@ -39,19 +39,6 @@ class AdaptiveGradClipState(NamedTuple):
   clipped_unit_fraction: jax.Array
 
 
-def _is_axis_spec(value: Any) -> bool:
-  if value is None:
-    return True
-  if isinstance(value, (bool, np.bool_)):
-    return False
-  if isinstance(value, (int, np.integer)):
-    return True
-  return isinstance(value, tuple) and all(
-    isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
-    for a in value
-  )
-
-
 def _is_array_leaf(x: Any) -> bool:
   """Whether ``x`` is one leaf, not a subtree (with leaves of its own)."""
   return jax.tree_util.treedef_is_leaf(jax.tree.structure(x)) and x is not None
@@ -183,7 +170,7 @@ def _resolve_axes(
   allowed = "an int, a tuple of ints, or None (the default rule)"
   try:
     specs = _tree.per_leaf_entries(
-      _FN, "axis", axis, params, _is_axis_spec, allowed
+      _FN, "axis", axis, params, _tree.is_axes_entry, allowed
     )
   except ValueError as exc:
     raise ValueError(
@@ -304,13 +291,13 @@ def adaptive_grad_clip(
   layout = _validate.check_choice(_FN, "layout", layout, LAYOUTS)
   _tree.check_stacked(_FN, stacked)
   if not (
-    axis is None or _is_axis_spec(axis) or not _tree.is_pytree_spec(axis)
+    axis is None or _tree.is_axes_entry(axis) or not _tree.is_pytree_spec(axis)
   ):
     entries = jax.tree.leaves(
-      axis, is_leaf=lambda x: _is_axis_spec(x) or _tree.is_wrapped_leaf(x)
+      axis, is_leaf=lambda x: _tree.is_axes_entry(x) or _tree.is_wrapped_leaf(x)
     )
     for leaf in map(_tree.unwrap, entries):
-      if not _is_axis_spec(leaf):
+      if not _tree.is_axes_entry(leaf):
         raise TypeError(
           f"{_FN}: axis must be None, an int, a tuple of ints, a callable"
           " (path, leaf) -> axes, or a pytree of those per parameter; found"

@@ -88,23 +88,10 @@ def _count(clipped: list[jax.Array]) -> jax.Array:
   )
 
 
-def _is_axes_entry(x: Any) -> bool:
-  if x is None:
-    return True
-  if isinstance(x, (bool, np.bool_)):
-    return False
-  if isinstance(x, (int, np.integer)):
-    return True
-  return isinstance(x, (tuple, list)) and all(
-    isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
-    for a in x
-  )
-
-
 def _check_axis_arg(fn: str, axis: Any) -> None:
-  if isinstance(axis, (bool, np.bool_, float, str)) or (
-    isinstance(axis, (tuple, list)) and not _is_axes_entry(axis)
-  ):
+  # Only the obviously wrong kinds are rejected here: a tuple or list may
+  # also be a pytree of per-leaf entries, checked leaf by leaf in update.
+  if isinstance(axis, (bool, np.bool_, float, str)):
     raise TypeError(
       f"{fn}: axis must be None, an int, a tuple of ints, a callable"
       f" (path, leaf) -> axes, or a pytree of those; got {axis!r}."
@@ -130,7 +117,7 @@ def _slice_layout(
       "axis",
       axis,
       tree,
-      _is_axes_entry,
+      _tree.is_axes_entry,
       "an int, a tuple of ints, or None (every axis of the slice)",
     )
   )
@@ -519,9 +506,7 @@ def clip_by_block_rms(
       if axes == tuple(range(x.ndim)):
         rms.append(jnp.reshape(whole, (1,) * x.ndim))
       else:
-        size = max(int(np.prod([x.shape[a] for a in axes], dtype=np.int64)), 1)
-        norms = _norms.axes_norms(x, axes, 2)
-        rms.append(norms / np.sqrt(size).astype(norms.dtype))
+        rms.append(_norms.axes_rms(x, axes))
     scales, clipped = [], []
     for r in rms:
       scale, was_clipped = _norms.clip_scale(r, threshold)

@@ -682,6 +682,13 @@ def axes_norms(
   return _safe_norm(partial, [x], ord, axis=axes, axis_name=axis_name)
 
 
+def axes_rms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """Root-mean-square of ``x`` over ``axes`` (kept as size 1), rescued."""
+  size = max(int(np.prod([x.shape[a] for a in axes], dtype=np.int64)), 1)
+  norms = axes_norms(x, axes, 2)
+  return norms / np.sqrt(size).astype(norms.dtype)
+
+
 def leaf_rms(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   """Root-mean-square of each leaf, ``sqrt(sum |x|^2 / size)``; 0 if empty.
 

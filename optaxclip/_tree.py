@@ -215,6 +215,23 @@ def per_leaf_entries(
   return entries
 
 
+def is_axes_entry(x: Any) -> bool:
+  """An axes entry of ``axis=`` options: None, an int, or a tuple of ints.
+
+  Lists are not entries: in a pytree of entries a list is a container.
+  """
+  if x is None:
+    return True
+  if isinstance(x, (bool, np.bool_)):
+    return False
+  if isinstance(x, (int, np.integer)):
+    return True
+  return isinstance(x, tuple) and all(
+    isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+    for a in x
+  )
+
+
 def _is_stack_count(x: Any) -> bool:
   return x is None or (
     isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
