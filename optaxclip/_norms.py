@@ -689,6 +689,90 @@ def axes_rms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return norms / np.sqrt(size).astype(norms.dtype)
 
 
+def batch_norms(
+  leaves: Sequence[jax.Array],
+  ord: float,  # pylint: disable=redefined-builtin
+  axis_name=None,
+) -> jax.Array:
+  """Per-example global norms of leaves that share a leading batch axis.
+
+  Entry ``b`` is the global norm of ``[x[b] for x in leaves]``, with the
+  library's numerics: per-leaf reductions over the non-batch axes (never a
+  reshape, so explicitly sharded leaves stay where they are), partials
+  combined across ``axis_name``, and the overflow/underflow rescue of
+  :func:`global_norm` per example, under one ``lax.cond`` for the whole
+  batch (a ``vmap`` of :func:`global_norm` would turn that cond into a
+  select of both branches).
+
+  Args:
+    leaves: arrays of shape ``(batch, ...)``, all with the same batch size.
+    ord: 1, 2 or ``math.inf`` (already validated).
+    axis_name: combine partials across this mapped axis.
+
+  Returns:
+    A ``(batch,)`` array in the widest accumulation dtype of the leaves.
+  """
+  dtype = widest_dtype(accumulation_dtype(x.dtype) for x in leaves)
+
+  def reduce(x: jax.Array, fn) -> jax.Array:
+    y = x[:, None] if x.ndim == 1 else x
+    return fn(y, tuple(range(1, y.ndim))).astype(dtype)
+
+  partials = [
+    reduce(x, lambda y, ax: _partial(y, ord, axis=ax)) for x in leaves
+  ]
+  if ord == math.inf:
+    partial = jnp.max(jnp.stack(partials), axis=0)
+  else:
+    partial = sum(partials[1:], partials[0])
+  partial = _cross_device(partial, ord, axis_name)
+  if ord == math.inf:
+    return partial
+
+  def expand(v: jax.Array, x: jax.Array) -> jax.Array:
+    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+  def rare(partial, arrays):
+    maxima = [
+      reduce(x, lambda y, ax: _max_component(y, dtype, ax, False))
+      for x in arrays
+    ]
+    m = jnp.max(jnp.stack(maxima), axis=0)
+    if axis_name is not None:
+      m = jax.lax.pmax(m, axis_name)
+    m = jax.lax.stop_gradient(m)
+    divisor = jnp.where(jnp.isfinite(m) & (m > 0), m, jnp.ones_like(m))
+    sums = []
+    for x in arrays:
+      y = x[:, None] if x.ndim == 1 else x
+      sums.append(
+        _scaled_partial(
+          y, expand(divisor, y), ord, tuple(range(1, y.ndim)), False
+        ).astype(dtype)
+      )
+    rescued = sum(sums[1:], sums[0])
+    if axis_name is not None:
+      rescued = jax.lax.psum(rescued, axis_name)
+    rescued = jnp.where(m == jnp.inf, jnp.full_like(rescued, jnp.inf), rescued)
+    need = _needs_rescue(partial, ord)
+    return (
+      jnp.where(need, divisor, jnp.ones_like(divisor)),
+      jnp.where(need, rescued, partial),
+    )
+
+  def fast(partial, arrays):
+    del arrays
+    return jnp.ones_like(partial), partial
+
+  arrays = list(leaves)
+  need = jnp.any(_needs_rescue(partial, ord))
+  if not isinstance(need, jax.core.Tracer):
+    scale, partial = (rare if bool(need) else fast)(partial, arrays)
+  else:
+    scale, partial = jax.lax.cond(need, rare, fast, partial, arrays)
+  return scale * _finalize(partial, ord)
+
+
 def leaf_rms(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   """Root-mean-square of each leaf, ``sqrt(sum |x|^2 / size)``; 0 if empty.
 

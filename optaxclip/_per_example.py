@@ -8,8 +8,8 @@ Gaussian noise of DP-SGD to the sum, and adapts the threshold towards a target
 quantile of the per-example norms (Andrew et al. 2019, non-private estimator).
 
 The per-example norms come from the one norm kernel
-(:func:`optaxclip._norms.global_norm_from`, mapped over the batch with
-``jax.vmap``) and the scale rule from :func:`optaxclip._norms.clip_scale`.
+(:func:`optaxclip._norms.batch_norms`: per-leaf reductions over the
+non-batch axes) and the scale rule from :func:`optaxclip._norms.clip_scale`.
 
 References:
   Abadi et al., `Deep Learning with Differential Privacy
@@ -314,9 +314,7 @@ def clip_per_example(
         " DP-SGD with Poisson sampling does)."
       )
 
-    norms = jax.vmap(lambda ex: _norms.global_norm_from(ex, 2, axis_name))(
-      leaves
-    )
+    norms = _norms.batch_norms(leaves, 2, axis_name)
     finite = jnp.isfinite(norms)
     scale, clipped = _norms.clip_scale(norms, threshold)
     # Excluded examples contribute an exact zero: zero both factors, so the

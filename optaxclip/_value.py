@@ -52,14 +52,17 @@ def _extremes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   drop NaN on large inputs (jax >= 0.6); this reduction's ``maximum`` and
   ``minimum`` keep it, so no extra pass is needed to detect NaN.
   """
-  x = x.reshape(-1)  # a bitcast; a 1-D reduction is the fastest CPU loop
+  # Reduced over all axes in place: a reshape to 1-D would be a bitcast on
+  # one device, but explicit sharding rejects it for a sharded leaf.
   lowest = jnp.array(-jnp.inf, x.dtype)
   highest = jnp.array(jnp.inf, x.dtype)
 
   def combine(a, b):
     return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
 
-  largest, smallest = jax.lax.reduce((x, x), (lowest, highest), combine, (0,))
+  largest, smallest = jax.lax.reduce(
+    (x, x), (lowest, highest), combine, tuple(range(x.ndim))
+  )
   return largest, smallest
 
 
