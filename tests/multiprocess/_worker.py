@@ -59,6 +59,8 @@ CONFIGS = {
     "clip": "clip",
     "clip_by_norm": "clip_by_norm",
     "clip_by_norm_inf": "clip_by_norm",
+    "clip_by_norm_stacked": "clip_by_norm",
+    "record_norms": "record_norms",
     "clip_by_global_norm_l2": "clip_by_global_norm",
     "clip_by_global_norm_l1": "clip_by_global_norm",
     "clip_by_global_norm_inf": "clip_by_global_norm",
@@ -200,6 +202,9 @@ def run(process_id: int) -> dict:
       "clip": lambda: oc.clip(2.0),
       "clip_by_norm": lambda: oc.clip_by_norm(6.0),
       "clip_by_norm_inf": lambda: oc.clip_by_norm(2.5, ord="inf"),
+      # Every leaf's rows as layer slices: per-slice norms across processes.
+      "clip_by_norm_stacked": lambda: oc.clip_by_norm(2.0, stacked=1),
+      "record_norms": lambda: oc.record_norms(stacked=1),
       "clip_by_global_norm_l2": lambda: oc.clip_by_global_norm(15.0),
       "clip_by_global_norm_l1": lambda: oc.clip_by_global_norm(250.0, ord=1),
       "clip_by_global_norm_inf": lambda: oc.clip_by_global_norm(3.0,

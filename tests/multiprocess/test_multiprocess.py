@@ -75,7 +75,9 @@ W = _load_worker()
 CONFIG_NAMES = list(W.CONFIGS) + ["global_norm"]
 # Public functions that are not transforms and need no multi-host check:
 # clip_stats only re-keys fields of a state (no computation).
-NOT_RUN = {"clip_stats"}
+# clip_stats only re-packs state fields; default_unit_axes and stacked_by_path
+# work on shapes and paths, not arrays; tree_norms is what record_norms runs.
+NOT_RUN = {"clip_stats", "default_unit_axes", "stacked_by_path", "tree_norms"}
 
 
 def _skip_reason() -> str | None:
