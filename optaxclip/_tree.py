@@ -446,9 +446,13 @@ def _deserialize_segments(data: bytes) -> tuple:
 
 def _register_export_serialization() -> None:
   """Lets ``jax.export`` serialize functions whose pytrees hold PathValues."""
-  export = getattr(jax, "export", None)
+  try:
+    # A submodule: not an attribute of jax until it is imported.
+    from jax import export  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover - jax without jax.export
+    return
   register = getattr(export, "register_pytree_node_serialization", None)
-  if register is None:  # pragma: no cover - jax without jax.export
+  if register is None:  # pragma: no cover - jax without the registry
     return
   register(
     PathValues,
