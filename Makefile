@@ -64,6 +64,7 @@ floor: $(FLOOR_VENV)/.installed
 package: $(VENV)/.installed-lint
 	@date +"[package] start %T"
 	rm -rf build/dist build/wheel-venv
+	mkdir -p build
 	$(PY) -m build --no-isolation --outdir build/dist . > build/package.log 2>&1 || (cat build/package.log; exit 1)
 	$(VENV)/bin/twine check --strict build/dist/*
 	$(PYTHON) -m venv build/wheel-venv
