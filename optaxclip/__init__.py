@@ -7,9 +7,11 @@ from optaxclip._agc import (
   default_unit_axes,
 )
 from optaxclip._autoclip import AutoClipState, autoclip
+from optaxclip._growth import ClipNormGrowthState, clip_norm_growth
 from optaxclip._monitor import RecordNormsState, record_norms, tree_norms
 from optaxclip._norm_clip import (
   ClipByBlockRmsState,
+  ClipByGlobalNormGroupsState,
   ClipByGlobalNormState,
   ClipByNormState,
   clip_by_block_rms,
@@ -19,6 +21,13 @@ from optaxclip._norm_clip import (
 from optaxclip._norms import global_norm
 from optaxclip._per_example import ClipPerExampleState, clip_per_example
 from optaxclip._skip import SkipStepState, skip_step
+from optaxclip._spam import (
+  MomentumResetState,
+  SpamClipState,
+  momentum_reset,
+  spam_clip,
+)
+from optaxclip._stable_spam import AdaClipState, AdaGNState, adaclip, adagn
 from optaxclip._stats import clip_stats
 from optaxclip._tree import stacked_by_path
 from optaxclip._value import ClipByValueState, clip, clip_by_value
@@ -27,18 +36,26 @@ from optaxclip._zclip import ZClipState, zclip
 __version__ = "0.1.0"
 
 __all__ = (
+  "AdaClipState",
   "AdaGCState",
+  "AdaGNState",
   "AdaptiveGradClipState",
   "AutoClipState",
   "ClipByBlockRmsState",
+  "ClipByGlobalNormGroupsState",
   "ClipByGlobalNormState",
   "ClipByNormState",
   "ClipByValueState",
+  "ClipNormGrowthState",
   "ClipPerExampleState",
+  "MomentumResetState",
   "RecordNormsState",
   "SkipStepState",
+  "SpamClipState",
   "ZClipState",
+  "adaclip",
   "adagc",
+  "adagn",
   "adaptive_grad_clip",
   "autoclip",
   "clip",
@@ -46,12 +63,15 @@ __all__ = (
   "clip_by_global_norm",
   "clip_by_norm",
   "clip_by_value",
+  "clip_norm_growth",
   "clip_per_example",
   "clip_stats",
   "default_unit_axes",
   "global_norm",
+  "momentum_reset",
   "record_norms",
   "skip_step",
+  "spam_clip",
   "stacked_by_path",
   "tree_norms",
   "zclip",

@@ -35,6 +35,28 @@ class ClipByGlobalNormState(NamedTuple):
   global_norm_clipped: jax.Array
 
 
+@_stats.register_state("clip_by_global_norm")
+class ClipByGlobalNormGroupsState(NamedTuple):
+  """State of ``clip_by_global_norm(..., groups=...)``: one norm per group.
+
+  Both fields are :class:`~optaxclip._tree.PathValues` with one scalar entry
+  per group, keyed by ``str(label)``, in the order in which the groups first
+  appear among the leaves (``jax.tree.leaves`` order); ``clip_stats``
+  returns them as ``"clip_by_global_norm/group_norms/<label>"`` and
+  ``"clip_by_global_norm/group_clipped/<label>"``. The labels are static
+  metadata (they come from the tree's structure at trace time). When no leaf
+  belongs to a group (every label None, or no leaves) each field holds the
+  placeholder ``[0]`` with no labels, because checkpointers (orbax) refuse
+  zero-size arrays.
+  """
+
+  # PathValues of float32[max(num_groups, 1)] (float64 for float64 params):
+  # every group's pre-clip global norm.
+  group_norms: _tree.PathValues
+  # PathValues of bool[max(num_groups, 1)]: whether each group was rescaled.
+  group_clipped: _tree.PathValues
+
+
 @_stats.register_state("clip_by_norm")
 class ClipByNormState(NamedTuple):
   """State of :func:`clip_by_norm`: what the last step did, per tensor.
@@ -180,11 +202,105 @@ def _check_layout(fn: str, field: Any, segments: tuple) -> None:
     )
 
 
+_GROUP_LABEL = "a string or int label, or None to exclude the leaf"
+
+
+def _is_group_label(x: Any) -> bool:
+  """A ``groups=`` entry: None (excluded), a string or an int (not a bool).
+
+  Containers (tuples, lists) are not labels: in a pytree of labels they are
+  part of the structure.
+  """
+  if x is None or isinstance(x, str):
+    return True
+  return isinstance(x, (int, np.integer)) and not isinstance(
+    x, (bool, np.bool_)
+  )
+
+
+def _check_groups_arg(fn: str, groups: Any) -> None:
+  """Construction-time check: a callable or a pytree of labels."""
+  if groups is None:
+    return
+  if _is_group_label(groups) or isinstance(
+    groups, (bool, np.bool_, float, complex, np.ndarray, jax.Array)
+  ):
+    raise TypeError(
+      f"{fn}: groups must be a callable (path, leaf) -> label or a pytree of"
+      f" labels with the structure of the updates (each {_GROUP_LABEL});"
+      f" got {groups!r}. To clip the whole tree by one global norm, leave"
+      " groups=None."
+    )
+
+
+def _group_layout(
+  fn: str, groups: Any, tree: Any
+) -> tuple[list[str | None], tuple[tuple[str, tuple], ...]]:
+  """Per leaf: its group's key (``str(label)``, None if excluded); and the
+  static ``(key, ())`` segments of the groups, in order of first appearance.
+  """
+  labels = _tree.per_leaf_entries(
+    fn, "groups", groups, tree, _is_group_label, _GROUP_LABEL
+  )
+  first: dict[str, Any] = {}
+  keys: list[str | None] = []
+  for label in labels:
+    if label is None:
+      keys.append(None)
+      continue
+    key = str(label)
+    if key in first and first[key] != label:
+      raise ValueError(
+        f"{fn}: the group labels {first[key]!r} and {label!r} are different"
+        f" but both print as {key!r}, the key clip_stats and the state use"
+        " for a group; give the groups distinct labels."
+      )
+    first.setdefault(key, label)
+    keys.append(key)
+  return keys, tuple((key, ()) for key in first)
+
+
+def _check_group_layout(fn: str, field: Any, segments: tuple) -> None:
+  """A clear error when the state was initialised with other groups."""
+  known = getattr(field, "segments", None)
+  if known is not None and tuple(known) != segments:
+    raise ValueError(
+      f"{fn}: the state was initialised with the groups"
+      f" {[key for key, _ in known]}, but the updates fall into the groups"
+      f" {[key for key, _ in segments]}. Call init on a tree with the"
+      " structure of the updates (init(params) with params shaped like the"
+      " updates)."
+    )
+
+
+def _grouped_state(
+  norms: list[jax.Array],
+  clipped: list[jax.Array],
+  segments: tuple,
+  dtype: jnp.dtype,
+) -> ClipByGlobalNormGroupsState:
+  if not norms:
+    # Zeros for init; for a tree without groups, one placeholder entry:
+    # orbax refuses zero-size arrays.
+    size = max(len(segments), 1)
+    return ClipByGlobalNormGroupsState(
+      group_norms=_tree.PathValues(jnp.zeros((size,), dtype), segments),
+      group_clipped=_tree.PathValues(jnp.zeros((size,), jnp.bool_), segments),
+    )
+  return ClipByGlobalNormGroupsState(
+    group_norms=_tree.PathValues(
+      jnp.stack([n.astype(dtype) for n in norms]), segments
+    ),
+    group_clipped=_tree.PathValues(jnp.stack(clipped), segments),
+  )
+
+
 def clip_by_global_norm(
   max_norm: Any,
   *,
   ord: Any | None = None,  # pylint: disable=redefined-builtin
   axis_name: Any | None = None,
+  groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales the whole update so its global norm is at most ``max_norm``.
 
@@ -225,6 +341,35 @@ def clip_by_global_norm(
   at run time). The state only records diagnostics, so ``update(updates,
   None)`` works and equals ``update(updates, init(updates))``.
 
+  **Groups.** With ``groups=``, every leaf gets a label and each group of
+  leaves is clipped by its own global norm against ``max_norm``, exactly as
+  ``clip_by_global_norm(max_norm)`` applied to that group's leaves alone
+  (MoE experts apart from the dense layers, the embedding apart from the
+  rest). ``groups`` is a callable ``(path, leaf) -> label`` (``path`` is the
+  normalised key path, as for ``stacked=``: Flax ``Variable`` wrappers add
+  nothing, so ``jax.tree_util.keystr(path)`` reads
+  ``"['blocks'][0]['moe']['w1']"`` on every route) or a pytree of labels
+  with the structure of the updates (a dict, an ``nnx.State``, an Equinox
+  module). A label is a string or an int; labels are resolved from the
+  tree's structure at trace time, so they are static and cost nothing at
+  run time. Under ``optax.inject_hyperparams`` a callable (or an Equinox
+  module) would be taken for a schedule: pass ``static_args=("groups",)``.
+  Decisions:
+
+  * a leaf labelled ``None`` is excluded: it enters no norm and comes back
+    exactly as given, even if it holds inf or NaN (its values cannot make
+    another group NaN); integer and bool leaves are still a ``TypeError``,
+    as everywhere in the library (exclude them with ``optax.masked``);
+  * a group whose norm is inf/NaN comes out NaN; the other groups do not;
+  * the state is a :class:`ClipByGlobalNormGroupsState` with one norm and
+    one clipped flag per group, keyed by ``str(label)`` (two labels that
+    print alike, ``1`` and ``"1"``, are a ``ValueError``), so
+    ``clip_stats`` shows ``"clip_by_global_norm/group_norms/<label>"``;
+  * the ``global_norm=`` extra argument (one precomputed norm) cannot be
+    combined with groups (``ValueError``);
+  * with ``axis_name``, each group's norm is combined across devices on its
+    own (one collective per group).
+
   Args:
     max_norm: the largest allowed global norm, a non-negative scalar (``inf``
       disables clipping). May be a schedule under ``optax.inject_hyperparams``.
@@ -234,15 +379,23 @@ def clip_by_global_norm(
       update tree is *split* (each device holds different slices); partial
       norms are combined with ``psum``/``pmax``. Not needed for data-parallel
       replicas that already hold identical, reduced gradients.
+    groups: ``None`` (default: one global norm for the whole tree), a
+      callable ``(path, leaf) -> label`` or a pytree of labels; see
+      **Groups**.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`ClipByGlobalNormState`.
+    :class:`ClipByGlobalNormState`, or with ``groups`` a
+    :class:`ClipByGlobalNormGroupsState`.
 
   Raises:
     ValueError: for a negative, NaN or non-scalar ``max_norm`` or an
-      unsupported ``ord``.
-    TypeError: (from ``update``) for an integer or bool leaf.
+      unsupported ``ord``; from ``update`` with ``groups``, for a pytree of
+      labels without an entry for a leaf, labels that print alike, a state
+      initialised with other groups, or ``global_norm=``.
+    TypeError: for ``groups`` that is neither None, a callable nor a pytree
+      of labels; from ``update``, for an integer or bool leaf, or a label that
+      is not a string, an int or None.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -257,6 +410,21 @@ def clip_by_global_norm(
     >>> optax.tree.get(state, "global_norm")
     Array(5., dtype=float32)
 
+    One norm per group; ``None`` leaves are left alone:
+
+    >>> labels = {"dense": "dense", "expert": "moe", "frozen": None}
+    >>> tx = oc.clip_by_global_norm(1.0, groups=labels)
+    >>> grads = {"dense": jnp.array([0.5]), "expert": jnp.array([3.0, 4.0]),
+    ...          "frozen": jnp.array([9.0])}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> updates["expert"], updates["frozen"]
+    (Array([0.6, 0.8], dtype=float32), Array([9.], dtype=float32))
+    >>> stats = oc.clip_stats(state)
+    >>> float(stats["clip_by_global_norm/group_norms/moe"])
+    5.0
+    >>> bool(stats["clip_by_global_norm/group_clipped/dense"])
+    False
+
   References:
     Pascanu et al., `On the difficulty of training Recurrent Neural Networks
     <https://arxiv.org/abs/1211.5063>`_, 2013.
@@ -266,6 +434,9 @@ def clip_by_global_norm(
   fn = "clip_by_global_norm"
   _validate.check_threshold(fn, "max_norm", max_norm)
   norm_ord = _validate.canonical_ord(fn, ord)
+  _check_groups_arg(fn, groups)
+  if groups is not None:
+    return _clip_by_group_norms(fn, max_norm, norm_ord, axis_name, groups)
 
   def init_fn(params):
     dtype = _state_dtype(params)
@@ -288,6 +459,48 @@ def clip_by_global_norm(
     updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
     return updates, ClipByGlobalNormState(
       global_norm=norm, global_norm_clipped=clipped
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _clip_by_group_norms(
+  fn: str, max_norm: Any, norm_ord: float, axis_name: Any, groups: Any
+) -> optax.GradientTransformationExtraArgs:
+  """``clip_by_global_norm(..., groups=groups)``: one global norm per group."""
+
+  def init_fn(params):
+    _, segments = _group_layout(fn, groups, params)
+    return _grouped_state([], [], segments, _state_dtype(params))
+
+  def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
+    del params, extra_args
+    if global_norm is not None:
+      raise ValueError(
+        f"{fn}: the global_norm= extra argument (one precomputed norm) cannot"
+        " be used with groups=, which needs one norm per group; drop it and"
+        " let the transform compute the group norms."
+      )
+    _tree.check_float_leaves(fn, updates)
+    if state is None:  # the state only records diagnostics: rebuild it
+      state = init_fn(updates)
+    keys, segments = _group_layout(fn, groups, updates)
+    _check_group_layout(fn, state.group_norms, segments)
+    leaves, treedef = jax.tree.flatten(updates)
+    new_leaves = list(leaves)  # excluded (None-labelled) leaves stay as given
+    norms, clipped = [], []
+    for key, _ in segments:
+      members = [i for i, k in enumerate(keys) if k == key]
+      norm = _norms.global_norm_from(
+        [leaves[i] for i in members], norm_ord, axis_name
+      ).astype(state.group_norms.dtype)
+      scale, was_clipped = _norms.clip_scale(norm, max_norm)
+      for i in members:
+        new_leaves[i] = _norms.scale_leaf(leaves[i], scale)
+      norms.append(norm)
+      clipped.append(was_clipped)
+    return jax.tree.unflatten(treedef, new_leaves), _grouped_state(
+      norms, clipped, segments, state.group_norms.dtype
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

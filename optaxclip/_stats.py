@@ -24,11 +24,19 @@ _StateT = TypeVar("_StateT")
 _STATE_PREFIXES: dict[type, str] = {}
 
 
-def register_state(prefix: str) -> Callable[[type[_StateT]], type[_StateT]]:
-  """Class decorator: marks a NamedTuple as a clipper state for clip_stats."""
+def register_state(
+  prefix: str, *, history: tuple[str, ...] = ()
+) -> Callable[[type[_StateT]], type[_StateT]]:
+  """Class decorator: marks a NamedTuple as a clipper state for clip_stats.
+
+  ``history`` names fields that hold histories (ring buffers, per-element
+  moment estimates) or randomness rather than a number worth logging; they
+  are left out of ``clip_stats`` unless ``include_history=True``.
+  """
 
   def register(cls: type[_StateT]) -> type[_StateT]:
     _STATE_PREFIXES[cls] = prefix
+    HISTORY_FIELDS.update(history)
     return cls
 
   return register
@@ -40,9 +48,10 @@ def _is_clip_state(node: Any) -> bool:
 
 # Fields that hold histories or randomness rather than a number worth logging:
 # ring buffers of past norms and PRNG keys. Field names are unique across the
-# library (DESIGN §4), so one table serves every state.
+# library (DESIGN §4), so one table serves every state. Modules registering
+# a state add their own with ``register_state(..., history=...)``.
 # ``clip_stats(..., include_history=True)`` returns them too.
-HISTORY_FIELDS = frozenset(
+HISTORY_FIELDS: set[str] = set(
   {
     "autoclip_history",  # autoclip: ring buffer of past global norms
     "zclip_buffer",  # zclip: warmup buffer of norms
@@ -144,6 +153,18 @@ def _is_prng_key(value: Any) -> bool:
   return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
+def _collect_history(key: str, value: Any, stats: dict[str, jax.Array]) -> None:
+  """A history field: one entry, or one per leaf keyed by its path when the
+  field mirrors a tree (e.g. per-element moment estimates)."""
+  if isinstance(value, _tree.PathValues):
+    for path, entry in value.items():
+      stats[f"{key}/{path}"] = entry
+    return
+  for key_path, leaf in jax.tree_util.tree_leaves_with_path(value):
+    path = _tree.path_str(_tree.normalize_key_path(key_path))
+    stats[f"{key}/{path}" if path else key] = _unwrap(leaf)
+
+
 def _collect(
   tree: Any,
   stats: dict[str, jax.Array],
@@ -176,7 +197,9 @@ def _collect(
       continue
     key_prefix = _key_prefix(node, seen)
     for field, value in zip(node._fields, node, strict=True):
-      if field in HISTORY_FIELDS and not include_history:
+      if field in HISTORY_FIELDS:
+        if include_history:
+          _collect_history(f"{key_prefix}/{field}", value, stats)
         continue
       inner_leaves = jax.tree.leaves(value, is_leaf=is_node)
       if any(is_node(x) for x in inner_leaves):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Optional
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -307,3 +308,620 @@ def accepted_norms(norms, decisions) -> list[float]:
   """The norms the rule records: accepted steps with a finite norm."""
   return [float(n) for n, (skipped, _) in zip(norms, decisions)
           if not skipped and math.isfinite(float(n))]
+
+
+# ---------------------------------------------------------------------------
+# SPAM: spam_clip and momentum_reset
+#
+# Float64 NumPy references for SPAM's transforms (arXiv:2501.06842).
+#
+# Plain loops written from the paper's Algorithm 1 and the authors' code
+# (``TianjinYellow/SPAM-Optimizer``, ``galore_torch/SPAM.py``), with the
+# decisions documented in ``optaxclip/_spam.py`` (v = 0 is not a scale;
+# non-finite values come out NaN and are not folded into v). Self-contained:
+# no JAX, no optaxclip.
+
+
+def spam_clip(
+  steps,
+  threshold=5000.0,
+  b2=0.999,
+  eps=0.0,
+  warmup_steps=20,
+  reset_interval=None,
+):
+  """Spike-aware clipping of a sequence of gradient trees.
+
+  Args:
+    steps: a list over steps of lists of leaves (array-likes).
+    threshold, b2, eps, warmup_steps, reset_interval: as in ``spam_clip``;
+      ``threshold`` may be a list with one value per step.
+
+  Returns:
+    (outputs, vs, num_clipped): per step, the list of clipped leaves, the list
+    of v after the step, and the number of clipped elements.
+  """
+  v = None
+  outputs, vs, counts = [], [], []
+  for number, leaves in enumerate(steps, start=1):
+    leaves = [np.asarray(x, np.float64) for x in leaves]
+    if v is None:
+      v = [np.zeros_like(x) for x in leaves]
+    theta = threshold[number - 1] if isinstance(threshold, list) else threshold
+    if reset_interval is None:
+      active = number >= warmup_steps
+    else:
+      active = number % reset_interval >= warmup_steps
+      if number % reset_interval == 0:
+        v = [np.zeros_like(x) for x in leaves]
+    out_leaves, new_v, count = [], [], 0
+    for g, prev in zip(leaves, v):
+      out = g.copy()
+      new = prev.copy()
+      for i in np.ndindex(g.shape):
+        x = g[i]
+        if not math.isfinite(x):
+          out[i] = math.nan
+          continue  # not folded into v
+        cap_square = theta * (prev[i] + eps)
+        if active and prev[i] > 0 and x * x > cap_square:
+          out[i] = math.copysign(math.sqrt(cap_square), x)
+          count += 1
+        new[i] = b2 * prev[i] + (1 - b2) * out[i] ** 2
+      out_leaves.append(out)
+      new_v.append(new)
+    v = new_v
+    outputs.append(out_leaves)
+    vs.append([x.copy() for x in v])
+    counts.append(count)
+  return outputs, vs, counts
+
+
+def warmup_scale(k, warmup_steps, depth=0.99):
+  """The warmup scale ``k`` steps after a reset (k = 0 on the reset step)."""
+  if k >= warmup_steps:
+    return 1.0
+  return 1.0 - depth * (1.0 + math.cos(math.pi * k / (warmup_steps + 1))) / 2
+
+
+def momentum_reset_adam(
+  steps, lr, b1=0.9, b2=0.999, eps=1e-8, interval=500, warmup_steps=150
+):
+  """Adam (optax's convention: eps added to sqrt(v_hat)) with SPAM's reset.
+
+  Moments are zeroed on steps t with t % interval == 0, before the step;
+  the bias-correction count is the global step; updates are scaled by
+  ``warmup_scale(t % interval)`` once a reset has happened.
+
+  Args:
+    steps: a list over steps of lists of leaves.
+    lr, b1, b2, eps: Adam's hyperparameters.
+    interval, warmup_steps: the reset interval and the warmup length.
+
+  Returns:
+    (updates, scales): per step, the list of update leaves and the scale.
+  """
+  m = v = None
+  updates, scales = [], []
+  resets = 0
+  for number, leaves in enumerate(steps, start=1):
+    leaves = [np.asarray(x, np.float64) for x in leaves]
+    if m is None or number % interval == 0:
+      if m is not None:
+        resets += 1
+      m = [np.zeros_like(x) for x in leaves]
+      v = [np.zeros_like(x) for x in leaves]
+    scale = warmup_scale(number % interval, warmup_steps) if resets else 1.0
+    m = [b1 * a + (1 - b1) * g for a, g in zip(m, leaves)]
+    v = [b2 * a + (1 - b2) * g * g for a, g in zip(v, leaves)]
+    m_hat = [a / (1 - b1**number) for a in m]
+    v_hat = [a / (1 - b2**number) for a in v]
+    updates.append(
+      [-lr * scale * a / (np.sqrt(b) + eps) for a, b in zip(m_hat, v_hat)]
+    )
+    scales.append(scale)
+  return updates, scales
+
+
+def spam_trajectory(
+  grads,
+  params0,
+  lr,
+  b1,
+  b2,
+  eps,
+  threshold,
+  interval,
+  warmup_steps,
+  clip_warmup_steps,
+  clip_reset_interval=None,
+):
+  """Parameters after each step of spam_clip followed by momentum_reset(adam).
+
+  Args:
+    grads: float array (steps, n): one flat gradient per step.
+    params0: float array (n,): the initial parameters.
+    lr, b1, b2, eps: Adam's hyperparameters (``b2`` is also spam_clip's).
+    threshold: spam_clip's threshold.
+    interval, warmup_steps: momentum_reset's.
+    clip_warmup_steps, clip_reset_interval: spam_clip's warmup_steps and
+      reset_interval.
+
+  Returns:
+    float64 array (steps, n).
+  """
+  clipped, _, _ = spam_clip(
+    [[g] for g in np.asarray(grads, np.float64)],
+    threshold,
+    b2,
+    0.0,
+    clip_warmup_steps,
+    clip_reset_interval,
+  )
+  updates, _ = momentum_reset_adam(
+    clipped, lr, b1, b2, eps, interval, warmup_steps
+  )
+  params = np.asarray(params0, np.float64).copy()
+  out = []
+  for (update,) in updates:
+    params = params + update
+    out.append(params.copy())
+  return np.stack(out)
+
+
+# ---------------------------------------------------------------------------
+# Stable-SPAM: AdaClip and AdaGN
+#
+# Float64 NumPy references for Stable-SPAM's AdaClip and AdaGN.
+#
+# Written from the paper's formulas (Huang et al., arXiv:2502.17055) and the
+# authors' ``galore_torch/stablespam.py``, as plain loops over steps and
+# tensors, independently of ``optaxclip/_stable_spam.py``. The library's
+# documented decisions are spelled out here too: a zero or non-finite
+# statistic is not an observation (EMA and count unchanged), a non-finite
+# statistic makes its tensor(s) NaN, and the bias corrections count
+# observations.
+#
+# Self-contained (NumPy and math only), to be merged into tests/reference.py.
+
+
+def _value(hyper, step):
+  """A hyperparameter at a 0-based step: a float or a schedule callable."""
+  return float(hyper(step)) if callable(hyper) else float(hyper)
+
+
+def _max_abs(g):
+  g = np.asarray(g)
+  if g.size == 0:
+    return 0.0
+  if np.isnan(g).any():
+    return math.nan
+  return float(np.max(np.abs(g)))
+
+
+def _l2(g):
+  g = np.asarray(g, np.complex128 if np.iscomplexobj(g) else np.float64)
+  total = 0.0
+  for v in g.reshape(-1):
+    total += abs(v) ** 2
+  return math.sqrt(total)
+
+
+def adaclip_reference(grad_seq, theta=0.999, per_tensor=True):
+  """Runs AdaClip over a sequence of gradients, in float64.
+
+  Args:
+    grad_seq: a list of steps, each a list of arrays (the tensors, in
+      ``jax.tree.leaves`` order).
+    theta: EMA decay of the maxima, a float or a callable of the 0-based
+      step (as ``optax.inject_hyperparams`` evaluates a schedule).
+    per_tensor: one statistic per tensor, or one for all of them.
+
+  Returns:
+    A dict of per-step lists: ``outputs`` (lists of float64 arrays),
+    ``max``, ``ema``, ``threshold`` (float64 arrays, one entry per
+    statistic), ``count`` (int arrays) and ``num_clipped`` (ints).
+  """
+  num_stats = len(grad_seq[0]) if per_tensor else 1
+  ema = [0.0] * num_stats
+  count = [0] * num_stats
+  history = {
+    k: []
+    for k in ("outputs", "max", "ema", "threshold", "count", "num_clipped")
+  }
+  for step, grads in enumerate(grad_seq):
+    grads = [np.asarray(g, np.float64) for g in grads]
+    th = _value(theta, step)
+    if per_tensor:
+      groups = [[i] for i in range(len(grads))]
+      maxima = [_max_abs(g) for g in grads]
+    else:
+      groups = [list(range(len(grads)))]
+      per_leaf = [_max_abs(g) for g in grads]
+      maxima = [max(per_leaf, default=0.0)]
+      if any(math.isnan(m) for m in per_leaf):
+        maxima = [math.nan]
+    outputs = [None] * len(grads)
+    thresholds, num_clipped = [], 0
+    for k, members in enumerate(groups):
+      m = maxima[k]
+      if math.isfinite(m) and m > 0:  # zero / inf / NaN: no observation
+        ema[k] = th * ema[k] + (1 - th) * m
+        count[k] += 1
+      threshold = ema[k] / (1 - th ** count[k]) if count[k] else math.inf
+      thresholds.append(threshold)
+      for i in members:
+        g = grads[i]
+        if not math.isfinite(m):
+          outputs[i] = np.full_like(g, math.nan)
+          continue
+        out = g.copy()
+        flat, flat_out = g.reshape(-1), out.reshape(-1)
+        for j, v in enumerate(flat):
+          if abs(v) > threshold:
+            flat_out[j] = v / m * threshold
+            num_clipped += 1
+        outputs[i] = out
+    history["outputs"].append(outputs)
+    history["max"].append(np.array(maxima, np.float64))
+    history["ema"].append(np.array(ema, np.float64))
+    history["threshold"].append(np.array(thresholds, np.float64))
+    history["count"].append(np.array(count))
+    history["num_clipped"].append(num_clipped)
+  return history
+
+
+def adagn_reference(
+  grad_seq, gamma1=0.7, gamma2=0.9, eps=1e-8, per_tensor=True
+):
+  """Runs AdaGN over a sequence of gradients, in float64.
+
+  Args:
+    grad_seq: a list of steps, each a list of arrays.
+    gamma1: decay of the norm's EMA, a float or a callable of the 0-based
+      step.
+    gamma2: decay of the squared norm's EMA (float or callable).
+    eps: added to the root of the corrected second moment.
+    per_tensor: one set of statistics per tensor, or one for the global
+      norm.
+
+  Returns:
+    A dict of per-step lists: ``outputs`` (lists of float64 arrays),
+    ``norm``, ``mean``, ``sq_mean``, ``scale`` (float64 arrays, one entry
+    per statistic) and ``count`` (int arrays).
+  """
+  num_stats = len(grad_seq[0]) if per_tensor else 1
+  mean = [0.0] * num_stats
+  sq_mean = [0.0] * num_stats
+  count = [0] * num_stats
+  history = {
+    k: [] for k in ("outputs", "norm", "mean", "sq_mean", "scale", "count")
+  }
+  for step, grads in enumerate(grad_seq):
+    grads = [np.asarray(g, np.float64) for g in grads]
+    g1, g2 = _value(gamma1, step), _value(gamma2, step)
+    if per_tensor:
+      groups = [[i] for i in range(len(grads))]
+      norms = [_l2(g) for g in grads]
+    else:
+      groups = [list(range(len(grads)))]
+      norms = [math.sqrt(sum(_l2(g) ** 2 for g in grads))]
+    outputs = [None] * len(grads)
+    scales = []
+    for k, members in enumerate(groups):
+      n = norms[k]
+      if math.isfinite(n) and n > 0:
+        mean[k] = g1 * mean[k] + (1 - g1) * n
+        sq_mean[k] = g2 * sq_mean[k] + (1 - g2) * n * n
+        count[k] += 1
+      if not math.isfinite(n):
+        scale = math.nan
+      elif n > 0 and count[k]:
+        mean_hat = mean[k] / (1 - g1 ** count[k])
+        sq_mean_hat = sq_mean[k] / (1 - g2 ** count[k])
+        scale = mean_hat / (math.sqrt(sq_mean_hat) + eps) / n
+      else:
+        scale = 1.0
+      scales.append(scale)
+      for i in members:
+        outputs[i] = grads[i] * scale
+    history["outputs"].append(outputs)
+    history["norm"].append(np.array(norms, np.float64))
+    history["mean"].append(np.array(mean, np.float64))
+    history["sq_mean"].append(np.array(sq_mean, np.float64))
+    history["scale"].append(np.array(scales, np.float64))
+    history["count"].append(np.array(count))
+  return history
+
+
+# ---------------------------------------------------------------------------
+# Fira's norm-growth limiter and grouped global norms
+#
+# float64 NumPy references for clip_norm_growth and grouped global norms.
+#
+# Self-contained loop transcriptions of the formulas, written from the papers
+# and the documented conventions (not from the implementation), to be merged
+# into tests/reference.py:
+#
+# * :func:`norm_growth_reference`: Fira's norm-growth limiter (Chen et al.,
+#   arXiv:2410.01623, Sec. "Norm-Growth Limiter"): if
+#   ||g_t|| / ||g_{t-1}|| > gamma then g_t <- g_t * gamma ||g_{t-1}|| / ||g_t||,
+#   where ||g_{t-1}|| is the previous step's norm after limiting; plus the
+#   library conventions (first step passes; zero and non-finite norms are not
+#   recorded; non-finite norms give NaN updates).
+# * :func:`grouped_global_norm_reference`: Pascanu et al.'s global-norm
+#   clipping, applied to each group of leaves separately; leaves labelled
+#   None are left alone.
+
+
+def global_norm_reference(leaves: Sequence[Any], ord: Any = 2) -> float:  # pylint: disable=redefined-builtin
+  """The norm of all leaves taken together, in float64 (0 for no leaves)."""
+  flat = np.concatenate(
+    [np.ravel(np.asarray(x)).astype(np.complex128) for x in leaves]
+    + [np.zeros(0, np.complex128)]
+  )
+  mags = np.abs(flat)
+  if ord == 2:
+    if not np.all(np.isfinite(mags)):
+      return float(np.nan if np.any(np.isnan(mags)) else np.inf)
+    scale = float(np.max(mags)) if mags.size else 0.0
+    if scale == 0.0:
+      return 0.0
+    # Scaled, so that 1e20 or 1e-200 elements neither overflow nor vanish.
+    return scale * math.sqrt(float(np.sum((mags / scale) ** 2)))
+  if ord == 1:
+    return float(np.sum(mags))
+  if ord in (math.inf, "inf"):
+    return float(np.max(mags)) if mags.size else 0.0
+  raise ValueError(ord)
+
+
+def norm_growth_reference(
+  seq: Sequence[Sequence[Any]],
+  gamma: float | Callable[[int], float] = 1.01,
+  ord: Any = 2,  # pylint: disable=redefined-builtin
+) -> dict[str, Any]:
+  """Fira's norm-growth limiter on the global norm, step by step.
+
+  Args:
+    seq: per step, a list of the update's leaves.
+    gamma: the growth ratio, or a function of the step count (0-based) for
+      an ``inject_hyperparams`` schedule.
+    ord: the norm order (2, 1 or inf).
+
+  Returns:
+    A dict of per-step lists: ``outputs`` (float64 leaves), ``norm`` (pre-clip
+    global norm), ``limit`` (gamma times the previous norm, inf without
+    one), ``prev_norm`` (the reference after the step: 0 until the first
+    finite nonzero norm), ``clipped`` (the norm exceeded the limit, or is
+    NaN).
+  """
+  prev = None  # the previous step's norm after limiting
+  out: dict[str, list] = {
+    "outputs": [],
+    "norm": [],
+    "limit": [],
+    "prev_norm": [],
+    "clipped": [],
+  }
+  for t, leaves in enumerate(seq):
+    g = [np.asarray(x, np.float64) for x in leaves]
+    norm = global_norm_reference(g, ord)
+    rate = gamma(t) if callable(gamma) else gamma
+    limit = math.inf if prev is None else rate * prev
+    if math.isnan(norm) or math.isinf(norm):
+      new = [np.full(x.shape, np.nan) for x in g]
+      limited = None
+      clipped = not norm <= limit
+    elif prev is not None and norm / prev > rate:
+      # The paper's rule: the norm grew by more than gamma; bring it back.
+      new = [x * (rate * prev / norm) for x in g]
+      limited = rate * prev
+      clipped = True
+    else:
+      new = g
+      limited = norm
+      clipped = False
+    # Zero and non-finite norms say nothing about the scale: not recorded.
+    if limited is not None and limited > 0:
+      prev = limited
+    out["outputs"].append(new)
+    out["norm"].append(norm)
+    out["limit"].append(limit)
+    out["prev_norm"].append(0.0 if prev is None else prev)
+    out["clipped"].append(clipped)
+  return out
+
+
+def grouped_global_norm_reference(
+  leaves: Sequence[Any],
+  labels: Sequence[Hashable | None],
+  max_norm: float,
+  ord: Any = 2,  # pylint: disable=redefined-builtin
+) -> tuple[list[np.ndarray], dict[str, float], dict[str, bool]]:
+  """Global-norm clipping of each labelled group on its own.
+
+  Args:
+    leaves: the update's leaves.
+    labels: one label per leaf; None excludes the leaf (returned as given).
+    max_norm: the threshold every group's global norm is held to.
+    ord: the norm order.
+
+  Returns:
+    ``(outputs, norms, clipped)``: float64 leaves (excluded leaves as
+    given), and per ``str(label)`` the group's pre-clip norm and whether it
+    was rescaled.
+  """
+  groups: dict[Hashable, list[int]] = {}
+  for i, label in enumerate(labels):
+    if label is not None:
+      groups.setdefault(label, []).append(i)
+  outputs: list[Any] = [np.asarray(x) for x in leaves]
+  norms, clipped = {}, {}
+  for label, members in groups.items():
+    norm = global_norm_reference([leaves[i] for i in members], ord)
+    if not math.isfinite(norm):
+      scale = math.nan
+    elif norm <= max_norm and max_norm > 0:
+      scale = 1.0
+    else:
+      scale = max_norm / norm if norm > 0 else 0.0
+    for i in members:
+      outputs[i] = np.asarray(leaves[i], np.float64) * scale
+    norms[str(label)] = norm
+    clipped[str(label)] = not norm <= max_norm
+  return outputs, norms, clipped
+
+
+# ---------------------------------------------------------------------------
+# Loss-aware skip_step (MaxText / OLMo-core rule)
+#
+# Float64 NumPy loop reference of ``skip_step`` with the loss rule.
+#
+# Self-contained (the lead merges it into ``reference.py``). It transcribes the
+# rule as MaxText's ``skip_step_on_spikes`` (``src/maxtext/optimizers/
+# optimizers.py``) and OLMo-core's ``SkipStepOptimizer.get_step_factor``
+# (``src/olmo_core/optim/skip_step_optimizer.py``) state it, plus optaxclip's
+# gradient-norm clauses and its history policy:
+#
+# * loss clause: with ``m``, ``s`` the mean and sample std (divisor
+#   ``max(1, N - 1)``) of the last ``loss_window`` recorded losses, a finite
+#   loss is a spike when at least ``loss_warmup_steps`` losses are recorded and
+#   ``loss - m <= k * s`` does not hold (``k = inf`` never flags);
+# * norm clauses: ``max_norm`` and ``mean + spike_sigmas * std`` (population
+#   std) over the last ``window`` recorded norms once ``warmup_steps`` are
+#   recorded;
+# * non-finite norms or losses are skipped when ``skip_nonfinite``; they are
+#   never compared and never recorded;
+# * recorded: the finite norm and loss of accepted steps, or of every step
+#   with ``record_skipped``. A step without a loss (``None``) leaves the loss
+#   history alone.
+#
+# Written as plain Python loops over lists, independent of the JAX code.
+
+
+def _mean_std(values: list[float], ddof: int) -> tuple[float, float]:
+  n = len(values)
+  mean = math.fsum(values) / n
+  variance = math.fsum((v - mean) ** 2 for v in values) / max(1, n - ddof)
+  return mean, math.sqrt(variance)
+
+
+def _spread(sigmas: float, std: float) -> float:
+  return math.inf if sigmas == math.inf else sigmas * std
+
+
+def skip_step_loss_reference(
+    norms: Sequence[float],
+    losses: Sequence[float | None],
+    *,
+    max_norm: float | None = None,
+    spike_sigmas: float | None = None,
+    window: int = 128,
+    warmup_steps: int | None = None,
+    skip_nonfinite: bool = True,
+    loss_spike_sigmas: float | None = 6.0,
+    loss_window: int | None = None,
+    loss_warmup_steps: int | None = None,
+    record_skipped: bool = False,
+) -> dict[str, np.ndarray]:
+  """Per-step decisions of ``skip_step`` with ``update(..., loss=...)``.
+
+  Args:
+    norms: the global gradient norm of each step.
+    losses: each step's loss, ``None`` for a step called without ``loss=``.
+    max_norm, spike_sigmas, window, warmup_steps, skip_nonfinite,
+      loss_spike_sigmas, loss_window, loss_warmup_steps, record_skipped: as
+      in ``skip_step`` (``None`` windows/warmups mean its defaults).
+
+  Returns:
+    A dict of arrays over steps: ``skipped`` and ``loss_skipped`` (bool),
+    ``threshold`` (the norm threshold) and ``loss_threshold`` (``m + k s``;
+    inf while the loss clause is inactive; carried over on steps without a
+    loss, inf before the first), plus the final recorded histories
+    ``norm_history`` and ``loss_history`` (all recorded values, oldest
+    first).
+  """
+  if warmup_steps is None:
+    warmup_steps = window
+  if loss_window is None:
+    loss_window = window
+  if loss_warmup_steps is None:
+    loss_warmup_steps = max(1, loss_window // 2 - 1)
+  norm_history: list[float] = []
+  loss_history: list[float] = []
+  out: dict[str, list] = {
+      "skipped": [], "loss_skipped": [], "threshold": [], "loss_threshold": []}
+  last_loss_threshold = math.inf
+  for norm, loss in zip(norms, losses, strict=True):
+    norm = float(norm)
+    threshold = math.inf
+    if max_norm is not None:
+      threshold = min(threshold, float(max_norm))
+    if spike_sigmas is not None and len(norm_history) >= warmup_steps:
+      mean, std = _mean_std(norm_history[-window:], ddof=0)
+      threshold = min(threshold, mean + _spread(float(spike_sigmas), std))
+    norm_finite = math.isfinite(norm)
+    # A non-finite norm is never compared: skipped iff skip_nonfinite.
+    skipped = (not norm <= threshold) if norm_finite else skip_nonfinite
+
+    loss_skipped = False
+    if loss is not None:
+      loss = float(loss)
+      loss_finite = math.isfinite(loss)
+      last_loss_threshold = math.inf
+      if (loss_spike_sigmas is not None
+          and len(loss_history) >= loss_warmup_steps):
+        mean, std = _mean_std(loss_history[-loss_window:], ddof=1)
+        spread = _spread(float(loss_spike_sigmas), std)
+        last_loss_threshold = mean + spread
+        if loss_finite and not loss - mean <= spread:
+          loss_skipped = True
+      if not loss_finite and skip_nonfinite:
+        loss_skipped = True
+    skipped = skipped or loss_skipped
+
+    keep = record_skipped or not skipped
+    if keep and norm_finite:
+      norm_history.append(norm)
+    if loss is not None and keep and math.isfinite(loss):
+      loss_history.append(loss)
+    out["skipped"].append(skipped)
+    out["loss_skipped"].append(loss_skipped)
+    out["threshold"].append(threshold)
+    out["loss_threshold"].append(last_loss_threshold)
+  result = {k: np.array(v) for k, v in out.items()}
+  result["norm_history"] = np.array(norm_history)
+  result["loss_history"] = np.array(loss_history)
+  return result
+
+
+def loss_margins(
+    losses: Sequence[float | None],
+    skipped: Sequence[bool],
+    *,
+    loss_spike_sigmas: float,
+    loss_window: int,
+    loss_warmup_steps: int,
+    record_skipped: bool,
+) -> np.ndarray:
+  """|loss - m - k s| per step where the loss clause was evaluated (else inf).
+
+  The distance of each decision from its boundary, for checking that a
+  float32 implementation cannot decide differently from this reference.
+  ``skipped`` are the reference's decisions (they fix the history).
+  """
+  history: list[float] = []
+  margins = []
+  for loss, skip in zip(losses, skipped, strict=True):
+    margin = math.inf
+    if loss is not None and math.isfinite(loss):
+      if len(history) >= loss_warmup_steps:
+        mean, std = _mean_std(history[-loss_window:], ddof=1)
+        spread = _spread(loss_spike_sigmas, std)
+        if math.isfinite(spread):
+          margin = abs(loss - mean - spread)
+      if record_skipped or not skip:
+        history.append(float(loss))
+    margins.append(margin)
+  return np.array(margins)

@@ -162,12 +162,15 @@ class Case:
     per_example: updates are a batch of per-example gradients.
     standard_promotion: run under JAX's standard dtype promotion (see
       inject_hyperparams below).
+    with_loss: ``update`` also gets a ``loss`` extra argument (computed
+      from the updates, so it is an input of the exported function).
   """
 
   name: str
   make: Callable[[str], optax.GradientTransformation]
   per_example: bool = False
   standard_promotion: bool = False
+  with_loss: bool = False
 
 
 def _by(clips: float, passes: float) -> Callable[[str], float]:
@@ -205,6 +208,38 @@ CASES = [
       warmup_steps=1,
     ),
   ),
+  Case(
+    "skip_step_loss",
+    lambda r: oc.skip_step(
+      optax.sgd(0.1),
+      max_norm=_NORM(r),
+      loss_window=8,
+      loss_warmup_steps=1,
+      loss_spike_sigmas=_by(0.5, 100.0)(r),
+    ),
+    with_loss=True,
+  ),
+  Case(
+    "global_norm_groups",
+    lambda r: oc.clip_by_global_norm(
+      _NORM(r), groups={"kernel": "k", "bias": "b", "scale": None}
+    ),
+  ),
+  Case("clip_norm_growth", lambda r: oc.clip_norm_growth(_by(1.01, 100.0)(r))),
+  Case("spam_clip", lambda r: oc.spam_clip(_by(5000.0, 1e5)(r), warmup_steps=1)),
+  Case(
+    "momentum_reset_sgd",
+    lambda r: oc.momentum_reset(
+      optax.sgd(0.1, momentum=0.9),
+      interval=1 if r == "clips" else 100,
+      warmup_steps=2,
+    ),
+  ),
+  # AdaClip trims a little even at theta = 0.01 on the 3x second step, so
+  # the regimes differ in theta only.
+  Case("adaclip", lambda r: oc.adaclip(theta=_by(0.999, 0.01)(r))),
+  # The regimes cover the per-tensor and the global statistic.
+  Case("adagn", lambda r: oc.adagn(per_tensor=(r == "clips"))),
   # "clips" adds DP-SGD Gaussian noise, drawn from the PRNG key the state
   # carries (seeded by ``seed``, split every step); "passes" adds none (the
   # noise std is proportional to the large threshold) and adapts the
@@ -266,7 +301,12 @@ def _setup(case: Case, regime: str) -> Setup:
   if case.per_example:
     updates = jax.tree.map(lambda x: jnp.stack([x, -2 * x]), params)
   tx = case.make(regime)
-  update = jax.jit(tx.update)
+  if case.with_loss:
+    update = jax.jit(
+      lambda u, s, p: tx.update(u, s, p, loss=jnp.sum(u["kernel"] ** 2))
+    )
+  else:
+    update = jax.jit(tx.update)
   with jax.numpy_dtype_promotion(promotion):
     state = tx.init(params)
     _, state_next = update(updates, state, params)

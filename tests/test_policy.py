@@ -29,6 +29,9 @@ _DIAGNOSTIC_ONLY = {
   "clip_by_global_norm_l1": lambda: oc.clip_by_global_norm(0.5, ord=1),
   "clip_by_block_rms": lambda: oc.clip_by_block_rms(0.5),
   "adaptive_grad_clip": lambda: oc.adaptive_grad_clip(0.1),
+  "clip_by_global_norm_groups": lambda: oc.clip_by_global_norm(
+    0.5, groups=lambda path, leaf: "bias" if leaf.ndim == 1 else "kernel"
+  ),
 }
 _WITH_HISTORY = {
   "autoclip": lambda: oc.autoclip(),
@@ -36,6 +39,14 @@ _WITH_HISTORY = {
   "adagc": lambda: oc.adagc(),
   "skip_step": lambda: oc.skip_step(optax.sgd(0.1), max_norm=10.0),
   "clip_per_example": lambda: oc.clip_per_example(0.5),
+  "skip_step_loss": lambda: oc.skip_step(
+    optax.sgd(0.1), max_norm=10.0, loss_window=8, record_skipped=True
+  ),
+  "clip_norm_growth": lambda: oc.clip_norm_growth(),
+  "spam_clip": lambda: oc.spam_clip(),
+  "momentum_reset": lambda: oc.momentum_reset(optax.sgd(0.1)),
+  "adaclip": lambda: oc.adaclip(),
+  "adagn": lambda: oc.adagn(),
 }
 _ALL = {**_DIAGNOSTIC_ONLY, **_WITH_HISTORY}
 

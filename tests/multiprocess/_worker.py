@@ -72,6 +72,14 @@ CONFIGS = {
     "zclip_skip": "zclip",
     "adagc": "adagc",
     "skip_step": "skip_step",
+    "skip_step_loss": "skip_step",
+    "clip_by_global_norm_groups": "clip_by_global_norm",
+    "clip_norm_growth": "clip_norm_growth",
+    "spam_clip": "spam_clip",
+    "momentum_reset": "momentum_reset",
+    "adaclip": "adaclip",
+    "adaclip_global": "adaclip",
+    "adagn": "adagn",
     "clip_per_example_noise": "clip_per_example",
     "clip_per_example_sum_quantile": "clip_per_example",
 }
@@ -87,6 +95,19 @@ PER_EXAMPLE_ARGS = {
 PER_EXAMPLE = tuple(PER_EXAMPLE_ARGS)
 SHAPES = {"w": (8, 16), "k": (16, 8), "v": (16,), "b": (16,)}
 BATCH_SHAPES = {"w": (BATCH, 8, 16), "k": (BATCH, 4, 4), "b": (BATCH, 16)}
+
+
+def _with_loss(tx):
+  """``tx`` called with a ``loss`` extra argument computed from the grads."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  def update(updates, state, params=None, **extra_args):
+    loss = sum(jnp.mean(x * x) for x in jax.tree.leaves(updates))
+    return tx.update(updates, state, params, loss=loss, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def host_tree(seed: int, shape_of: dict, scale: float = 1.0) -> dict:
@@ -221,6 +242,21 @@ def run(process_id: int) -> dict:
       "skip_step": lambda: oc.skip_step(
           optax.sgd(0.1, momentum=0.9), max_norm=60.0, spike_sigmas=2.0,
           window=4, warmup_steps=2),
+      # The loss rule: the "loss" is a reduction of the sharded gradients,
+      # so every process must take the same decision from it.
+      "skip_step_loss": lambda: _with_loss(oc.skip_step(
+          optax.sgd(0.1, momentum=0.9), loss_spike_sigmas=1.0,
+          loss_window=4, loss_warmup_steps=2)),
+      "clip_by_global_norm_groups": lambda: oc.clip_by_global_norm(
+          6.0, groups={"w": "matrix", "k": "matrix", "v": "vector",
+                       "b": None}),
+      "clip_norm_growth": lambda: oc.clip_norm_growth(1.05),
+      "spam_clip": lambda: oc.spam_clip(2.0, warmup_steps=1),
+      "momentum_reset": lambda: oc.momentum_reset(
+          optax.sgd(0.1, momentum=0.9), interval=3, warmup_steps=2),
+      "adaclip": lambda: oc.adaclip(theta=0.5),
+      "adaclip_global": lambda: oc.adaclip(theta=0.5, per_tensor=False),
+      "adagn": lambda: oc.adagn(),
       **{name: functools.partial(oc.clip_per_example, **args)
          for name, args in PER_EXAMPLE_ARGS.items()},
   }

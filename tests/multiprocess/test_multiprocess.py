@@ -299,6 +299,14 @@ def _series(results, name: str, path: str) -> list[np.ndarray]:
   return [rec["ref"][rec["paths"].index(path)] for rec in steps]
 
 
+def _series_under(results, name: str, prefix: str) -> list[np.ndarray]:
+  """``_series`` of the one leaf whose path starts with ``prefix``."""
+  paths = [p for p in results[0]["configs"][name][1]["paths"]
+           if p.startswith(prefix)]
+  assert len(paths) == 1, (name, prefix, paths)
+  return _series(results, name, paths[0])
+
+
 def _mixed(values) -> bool:
   values = [bool(v) for v in values]
   return any(values) and not all(values)
@@ -307,8 +315,27 @@ def _mixed(values) -> bool:
 def test_scenario_is_not_vacuous(results):
   """The data make the decisions under test go both ways."""
   for name in W.CONFIGS:
-    if name.startswith("clip_by_global_norm"):
+    if name.startswith("clip_by_global_norm") and "groups" not in name:
       assert _mixed(_series(results, name, "[1].global_norm_clipped")), name
+  group_clipped = _series_under(results, "clip_by_global_norm_groups",
+                                "[1].group_clipped")
+  # A group that clips on some steps only, and a step where one group
+  # clips and the other does not.
+  assert any(_mixed([v[i] for v in group_clipped])
+             for i in range(len(group_clipped[0]))), group_clipped
+  assert any(v.any() and not v.all() for v in group_clipped), group_clipped
+  assert _mixed(_series(results, "clip_norm_growth",
+                        "[1].norm_growth_clipped"))
+  for name, prefix in (("spam_clip", "[1].spam_clip_num_clipped"),
+                       ("adaclip", "[1].adaclip_num_clipped"),
+                       ("adaclip_global", "[1].adaclip_num_clipped")):
+    counts = [int(np.sum(v)) for v in _series_under(results, name, prefix)]
+    assert min(counts) < max(counts), (name, counts)
+  scales = _series_under(results, "adagn", "[1].adagn_scale")
+  assert len({np.asarray(v).tobytes() for v in scales}) > 2, scales
+  resets = _series(results, "momentum_reset", "[1].momentum_reset_num_resets")
+  assert int(resets[0]) == 0 and int(resets[-1]) == 2, resets
+  assert _mixed(_series(results, "skip_step_loss", "[1].loss_skipped"))
   for name in ("autoclip", "autoclip_history"):
     assert _mixed(_series(results, name, "[1].autoclip_clipped")), name
     assert len({float(t) for t in
