@@ -9,7 +9,7 @@ FLOOR_PINS  = .ci/floor-constraints.txt
 MULTIDEVICE_FLAGS = --xla_force_host_platform_device_count=8
 PYTEST = -m pytest -q -p no:cacheprovider
 
-.PHONY: test lint unit multidevice multiprocess floor package docs demo bench clean
+.PHONY: test lint unit multidevice multiprocess floor package docs demo bench study clean
 
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,10 @@ package: $(VENV)/.installed-lint
 
 demo: $(VENV)/.installed-examples
 	$(PY) examples/exploding_gradients.py
+
+# The stability study (benchmarks/stability/): about 30 min on 2 cores.
+study: $(VENV)/.installed-study
+	$(PY) benchmarks/stability/study.py
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_clipping.py
