@@ -3,8 +3,11 @@
 A small MLP learns a noisy nonlinear regression with Adam. Every
 ``SPIKE_EVERY`` steps the gradients are multiplied by a large factor (a
 stand-in for the bad batches and numerical blow-ups of large runs). The same
-run is repeated with no clipping, a fixed ``clip_by_global_norm``, AutoClip,
-ZClip, AdaGC and ``skip_step``; each run logs its pre-clip norm and the
+run is repeated with no clipping, a fixed ``clip_by_global_norm`` (one norm,
+and one per group: kernels and biases), AutoClip, ZClip, AdaGC, Fira's
+norm-growth limiter, SPAM (``spam_clip`` + ``momentum_reset``), Stable-SPAM
+(``adaclip`` + ``adagn``) and ``skip_step`` (on norm spikes, and on loss
+spikes with the loss passed to ``update``); each run logs its pre-clip norm and the
 threshold it used from ``oc.clip_stats`` (no second pass over the gradients).
 
 Prints a table (final loss, steps clipped or skipped, wall time) and, with
@@ -56,35 +59,60 @@ def loss_fn(model, x, y):
   return jnp.mean((model(x) - y) ** 2)
 
 
+def _any_positive(prefix):
+  """True when any clip_stats entry under ``prefix`` is nonzero."""
+  return lambda stats: any(bool(jnp.any(v)) for k, v in stats.items()
+                           if k.startswith(prefix))
+
+
 def configs():
-  """name -> (optimizer, clip_stats key of the pre-clip norm, of the threshold)."""
+  """name -> (optimizer, clip_stats key of the pre-clip norm, of the
+  threshold, a test of the stats for "this step was clipped or skipped",
+  whether update gets the loss)."""
   adam = lambda: optax.adam(LEARNING_RATE)  # noqa: E731
+  by_kind = lambda path, leaf: "bias" if leaf.ndim == 1 else "kernel"  # noqa: E731
   return {
-      "no clipping": (adam(), None, None),
+      "no clipping": (adam(), None, None, None, False),
       "clip_by_global_norm": (
           optax.chain(oc.clip_by_global_norm(1.0), adam()),
-          "clip_by_global_norm/global_norm", None),
+          "clip_by_global_norm/global_norm", None,
+          _any_positive("clip_by_global_norm/global_norm_clipped"), False),
+      "clip_by_global_norm(groups)": (
+          optax.chain(oc.clip_by_global_norm(1.0, groups=by_kind), adam()),
+          None, None,
+          _any_positive("clip_by_global_norm/group_clipped"), False),
       "autoclip": (optax.chain(oc.autoclip(10.0), adam()),
-                   "autoclip/autoclip_norm", "autoclip/autoclip_threshold"),
+                   "autoclip/autoclip_norm", "autoclip/autoclip_threshold",
+                   _any_positive("autoclip/autoclip_clipped"), False),
       "zclip": (optax.chain(oc.zclip(max_norm=None), adam()),
-                "zclip/zclip_norm", "zclip/zclip_threshold"),
+                "zclip/zclip_norm", "zclip/zclip_threshold",
+                _any_positive("zclip/zclip_clipped"), False),
       "adagc": (optax.chain(oc.adagc(warmup_steps=20), adam()),
-                "adagc/adagc_global_norm", None),
+                "adagc/adagc_global_norm", None,
+                _any_positive("adagc/adagc_num_clipped"), False),
+      "clip_norm_growth": (
+          optax.chain(oc.clip_norm_growth(), adam()),
+          "clip_norm_growth/norm_growth_norm",
+          "clip_norm_growth/norm_growth_limit",
+          _any_positive("clip_norm_growth/norm_growth_clipped"), False),
+      "spam (spam_clip + momentum_reset)": (
+          optax.chain(oc.spam_clip(), oc.momentum_reset(adam())), None, None,
+          _any_positive("spam_clip/spam_clip_num_clipped"), False),
+      "stable-spam (adaclip + adagn)": (
+          optax.chain(oc.adaclip(), oc.adagn(), adam()), None, None,
+          _any_positive("adaclip/adaclip_num_clipped"), False),
       "skip_step": (oc.skip_step(adam(), spike_sigmas=6.0, window=50,
                                  warmup_steps=20),
-                    "skip_step/skip_norm", "skip_step/skip_threshold"),
+                    "skip_step/skip_norm", "skip_step/skip_threshold",
+                    _any_positive("skip_step/step_skipped"), False),
+      "skip_step(loss)": (
+          oc.skip_step(adam(), loss_window=50, loss_warmup_steps=20),
+          "skip_step/skip_norm", None,
+          _any_positive("skip_step/step_skipped"), True),
   }
 
 
-def clipped_key(name):
-  return {"clip_by_global_norm": "clip_by_global_norm/global_norm_clipped",
-          "autoclip": "autoclip/autoclip_clipped",
-          "zclip": "zclip/zclip_clipped",
-          "adagc": "adagc/adagc_num_clipped",
-          "skip_step": "skip_step/step_skipped"}.get(name)
-
-
-def train(name, tx, norm_key, threshold_key, steps, x, y):
+def train(name, tx, norm_key, threshold_key, acted, with_loss, steps, x, y):
   model = MLP(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -92,7 +120,12 @@ def train(name, tx, norm_key, threshold_key, steps, x, y):
   def step(model, optimizer, factor):
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     grads = jax.tree.map(lambda g: g * factor, grads)  # the injected spike
-    optimizer.update(model, grads)
+    # A spiking batch spikes the loss too (a bad batch): skip_step(loss)
+    # sees the loss of the step it judges.
+    if with_loss:
+      optimizer.update(model, grads, loss=loss * factor)
+    else:
+      optimizer.update(model, grads)
     return loss, oc.global_norm(grads), oc.clip_stats(optimizer.opt_state)
 
   history = {"loss": [], "norm": [], "threshold": [], "acted": 0}
@@ -106,9 +139,8 @@ def train(name, tx, norm_key, threshold_key, steps, x, y):
     history["threshold"].append(
         float(stats[threshold_key]) if threshold_key else
         (1.0 if name == "clip_by_global_norm" else float("nan")))
-    key = clipped_key(name)
-    if key is not None:
-      history["acted"] += int(bool(stats[key]))
+    if acted is not None:
+      history["acted"] += int(acted(stats))
   history["seconds"] = time.perf_counter() - start
   history["final_loss"] = float(loss_fn(model, x, y))
   return history
@@ -118,12 +150,14 @@ def main(steps: int = 300, out: str | None = "demo-results",
          verbose: bool = True) -> dict:
   x, y = make_data()
   results = {}
-  for name, (tx, norm_key, threshold_key) in configs().items():
-    results[name] = train(name, tx, norm_key, threshold_key, steps, x, y)
+  for name, (tx, norm_key, threshold_key, acted, with_loss) in (
+      configs().items()):
+    results[name] = train(name, tx, norm_key, threshold_key, acted,
+                          with_loss, steps, x, y)
   if verbose:
-    print(f"{'run':22s} {'final loss':>11s} {'steps acted':>12s} {'time s':>7s}")
+    print(f"{'run':36s} {'final loss':>11s} {'steps acted':>12s} {'time s':>7s}")
     for name, h in results.items():
-      print(f"{name:22s} {h['final_loss']:11.4f} {h['acted']:12d}"
+      print(f"{name:36s} {h['final_loss']:11.4f} {h['acted']:12d}"
             f" {h['seconds']:7.2f}")
   if out:
     try:
