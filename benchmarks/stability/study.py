@@ -282,22 +282,35 @@ def write_heatmaps(results, out: pathlib.Path) -> list[pathlib.Path]:
     grid = np.asarray(grid, float)
     fig, ax = plt.subplots(figsize=(1.2 * len(task["learning_rates"]) + 3,
                                     0.32 * len(labels) + 1.5))
-    cmap = "viridis" if task["higher_is_better"] else "viridis_r"
-    shown = np.clip(grid, None, task["chance"]) if not task[
-        "higher_is_better"] else grid
-    image = ax.imshow(shown, cmap=cmap, aspect="auto")
+    if task["higher_is_better"]:
+      shown, label = grid, task["metric"]
+      vmin, vmax = task["chance"], np.nanmax(grid)
+    else:  # losses: log scale, capped at 10x the trivial predictor's
+      finite = grid[np.isfinite(grid)]
+      low = float(finite.min()) if finite.size else task["chance"] / 10
+      shown = np.log10(np.clip(grid, low, 10 * task["chance"]))
+      label = f"log10 {task['metric']}"
+      vmin, vmax = np.log10(low), np.log10(10 * task["chance"])
+    cmap = matplotlib.colormaps["viridis" if task["higher_is_better"]
+                                else "viridis_r"].copy()
+    cmap.set_bad("lightgray")
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, aspect="auto",
+                      vmin=vmin, vmax=vmax)
     for i in range(grid.shape[0]):
       for j in range(grid.shape[1]):
         text = "nan" if not np.isfinite(grid[i, j]) else f"{grid[i, j]:.2g}"
+        level = (shown[i, j] - vmin) / max(vmax - vmin, 1e-12)
+        light = (not np.isfinite(grid[i, j])
+                 or (level > 0.6 if task["higher_is_better"] else level < 0.4))
         ax.text(j, i, text + ("*" if marks[i][j] else ""), ha="center",
-                va="center", fontsize=7, color="w")
+                va="center", fontsize=7, color="k" if light else "w")
     ax.set_xticks(range(len(task["learning_rates"])),
                   [f"{lr:g}" for lr in task["learning_rates"]])
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("learning rate")
     ax.set_title(f"{name}: {task['metric']} (median of seeds; * = a seed "
                  "diverged)", fontsize=9)
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     path = out / f"stability_{name}.png"
     fig.savefig(path, dpi=110)
@@ -313,7 +326,15 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--clippers", default="")
   parser.add_argument("--out", default=str(RESULTS_DIR))
   parser.add_argument("--no-plots", action="store_true")
+  parser.add_argument("--from-json", default="",
+                      help="rewrite the report and plots of a saved run")
   args = parser.parse_args(argv)
+  if args.from_json:
+    results = json.loads(pathlib.Path(args.from_json).read_text())
+    out = pathlib.Path(args.out)
+    write_markdown(results, out / "stability.md")
+    write_heatmaps(results, out)
+    return results
   start = time.perf_counter()
   results = run(args.tasks.split(","), quick=args.quick,
                 clipper_names=[c for c in args.clippers.split(",") if c])
