@@ -4,8 +4,11 @@ For each tree of DESIGN §7 (few large leaves, a transformer-like tree, many
 tiny leaves) and each clipper, this script jits ``update``, measures
 
 * compile time (``jax.jit(f).lower(...).compile()``, once per function),
-* run time: the minimum over interleaved rounds (every function runs once
-  per round, in turn), with ``jax.block_until_ready``,
+* run time over interleaved rounds: every function runs once per round, in
+  an order rotated by one every round (a call that follows another reuses
+  its freed pages, so a fixed order biases the ratios), with
+  ``jax.block_until_ready``; ratios are the median over rounds of the
+  per-round ratio (``run_ms`` is the minimum, for reference),
 * temporary memory (``compiled.memory_analysis().temp_size_in_bytes``),
 
 and reports ratios against optax's equivalent transform and against the
@@ -27,7 +30,9 @@ import json
 import os
 import platform
 import time
-from typing import Any, Callable
+import zlib
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,13 +89,24 @@ TREES = {"few": tree_few, "many": tree_many, "tiny": tree_tiny}
 # ----------------------------------------------------------------------------
 
 
-def _update_fn(tx) -> Callable[[Any], Any]:
+def _update_fn(tx, **extra_args) -> Callable[[Any], Any]:
   """A pure function of the gradients: one ``update`` from a fresh state."""
 
   def step(grads, state, params):
-    return tx.update(grads, state, params)
+    return tx.update(grads, state, params, **extra_args)
 
   return step
+
+
+def _two_groups(path: str, leaf) -> str:
+  """Groups for the grouped global norm: two groups of leaves, by path (a
+  deterministic hash: Python's own ``hash`` of a str changes per process)."""
+  del leaf
+  return "a" if zlib.crc32(jax.tree_util.keystr(path).encode()) % 2 else "b"
+
+
+def _extra_args(name: str) -> dict:
+  return {"loss": jnp.float32(1.0)} if "loss" in name else {}
 
 
 def floor_fn(grads, state, params):
@@ -127,13 +143,30 @@ def cases(tree_name: str, grads) -> dict[str, tuple[Callable, Any, str | None]]:
       "optax.adaptive_grad_clip": (optax.adaptive_grad_clip(0.05), None, None),
       "oc.adaptive_grad_clip": (oc.adaptive_grad_clip(0.05), None,
                                 "optax.adaptive_grad_clip"),
+      # Per-leaf monitoring, against the one global norm.
+      "oc.record_norms": (oc.record_norms(), None, "oc.clip_by_global_norm"),
+      # Spike-era methods (issue 11): against clip_by_global_norm.
+      "oc.clip_by_global_norm(groups)": (
+          oc.clip_by_global_norm(norm / 2, groups=_two_groups), None,
+          "oc.clip_by_global_norm"),
+      "oc.clip_norm_growth": (oc.clip_norm_growth(), None,
+                              "oc.clip_by_global_norm"),
+      "oc.spam_clip": (oc.spam_clip(), None, "oc.clip_by_global_norm"),
+      "oc.adaclip": (oc.adaclip(), None, "oc.clip_by_global_norm"),
+      "oc.adagn": (oc.adagn(), None, "oc.clip_by_global_norm"),
+      "oc.momentum_reset(identity)": (oc.momentum_reset(optax.identity()),
+                                      None, "oc.clip_by_global_norm"),
+      "oc.skip_step(identity)+loss": (
+          oc.skip_step(optax.identity(), max_norm=1e9, loss_spike_sigmas=6.0),
+          None, "oc.clip_by_global_norm"),
   }
   out = {}
   for name, (tx, _, baseline) in entries.items():
     if name == "floor":
       out[name] = (floor_fn, None, None)
     else:
-      out[name] = (_update_fn(tx), tx.init(grads), baseline)
+      out[name] = (_update_fn(tx, **_extra_args(name)), tx.init(grads),
+                   baseline)
   del tree_name
   return out
 
@@ -168,23 +201,32 @@ def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dic
                       run_s=float("inf"))
     print(f"  compiled {tree_name:5s} {name:28s} {compile_s:7.2f} s", flush=True)
   # Interleaved: every function once per round, so slow phases of the shared
-  # machine hit all of them alike. At least `rounds` rounds, and at least
-  # MIN_SECONDS of rounds, so fast trees get many samples for their minimum.
+  # machine hit all of them alike, in an order rotated by one each round.
+  # At least `rounds` rounds, and at least MIN_SECONDS of rounds.
+  names = list(compiled)
+  times: dict[str, list[float]] = {name: [] for name in names}
   done, start_all = 0, time.perf_counter()
   while done < rounds or time.perf_counter() - start_all < MIN_SECONDS:
-    for name, (exe, state) in compiled.items():
+    shift = done % len(names)
+    for name in names[shift:] + names[:shift]:
+      exe, state = compiled[name]
       start = time.perf_counter()
       jax.block_until_ready(exe(grads, state, params))
-      rows[name]["run_s"] = min(rows[name]["run_s"], time.perf_counter() - start)
+      times[name].append(time.perf_counter() - start)
     done += 1
-  for row in rows.values():
+  per_round = {name: np.asarray(t) for name, t in times.items()}
+  for name, row in rows.items():
     row["rounds"] = done
-  floor = rows["floor"]["run_s"]
-  for row in rows.values():
-    row["vs_floor"] = row["run_s"] / floor
+    row["run_s"] = float(per_round[name].min())
+  for name, row in rows.items():
+    ratio = per_round[name] / per_round["floor"]
+    row["vs_floor"] = float(np.median(ratio))
     base = rows.get(row["baseline"]) if row["baseline"] else None
     if base is not None:
-      row["run_vs_baseline"] = row["run_s"] / base["run_s"]
+      ratio = per_round[name] / per_round[row["baseline"]]
+      row["run_vs_baseline"] = float(np.median(ratio))
+      row["run_vs_baseline_iqr"] = [float(np.percentile(ratio, 25)),
+                                    float(np.percentile(ratio, 75))]
       row["compile_vs_baseline"] = row["compile_s"] / base["compile_s"]
       row["extra_temp_vs_grad_bytes"] = (
           (row["temp_bytes"] - base["temp_bytes"]) / grad_bytes)
@@ -192,7 +234,7 @@ def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dic
 
 
 def markdown(rows: list[dict]) -> str:
-  head = ("| tree | transform | baseline | run ms | vs floor | run vs baseline |"
+  head = ("| tree | transform | baseline | min run ms | vs floor | run vs baseline |"
           " compile s | compile vs baseline | temp MB | extra temp / grad bytes |\n"
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
   lines = []
@@ -234,8 +276,9 @@ def main():
   table = markdown(rows)
   print()
   print(f"{meta['date']}, {meta['cpus']} CPUs ({meta['processor']}), jax"
-        f" {meta['jax']}, optax {meta['optax']}, min of {rounds} interleaved"
-        " rounds (and at least 15 s of rounds per tree)")
+        f" {meta['jax']}, optax {meta['optax']}, median of per-round ratios"
+        f" over >= {rounds} rotated interleaved rounds (and at least 15 s of"
+        " rounds per tree)")
   print(table)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".json", "w") as f:
