@@ -163,6 +163,22 @@ def _check_state_size(fn: str, field: Any, layout: _Layout) -> None:
     )
 
 
+def _begin_update(
+  fn: str, updates: Any, state: Any, statistic: str, per_tensor: bool
+) -> tuple[list[jax.Array], Any, _Layout]:
+  """The checks every update starts with, and the flattened updates.
+
+  ``statistic`` names a per-tensor field of ``state``, whose size is checked
+  against the updates' structure.
+  """
+  _tree.require_state(fn, state)
+  _tree.check_float_leaves(fn, updates)
+  leaves, treedef = jax.tree.flatten(updates)
+  layout = _Layout(per_tensor, _segments(updates))
+  _check_state_size(fn, getattr(state, statistic), layout)
+  return [jnp.asarray(x) for x in leaves], treedef, layout
+
+
 def _statistics(
   leaves: list[jax.Array],
   ord: float,  # pylint: disable=redefined-builtin
@@ -412,12 +428,9 @@ def adaclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _tree.require_state(fn, state)
-    _tree.check_float_leaves(fn, updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    leaves = [jnp.asarray(x) for x in leaves]
-    layout = _Layout(per_tensor, _segments(updates))
-    _check_state_size(fn, state.adaclip_max_ema, layout)
+    leaves, treedef, layout = _begin_update(
+      fn, updates, state, "adaclip_max_ema", per_tensor
+    )
     dtype = _values(state.adaclip_max_ema).dtype
 
     # An empty tree's placeholder entry gets max 0: never an observation.
@@ -648,12 +661,9 @@ def adagn(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _tree.require_state(fn, state)
-    _tree.check_float_leaves(fn, updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    leaves = [jnp.asarray(x) for x in leaves]
-    layout = _Layout(per_tensor, _segments(updates))
-    _check_state_size(fn, state.adagn_norm_mean, layout)
+    leaves, treedef, layout = _begin_update(
+      fn, updates, state, "adagn_norm_mean", per_tensor
+    )
     mean = _values(state.adagn_norm_mean)
     dtype = mean.dtype
 
