@@ -9,6 +9,10 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
+# tests/data holds the scripts that recorded the reference trajectories (they
+# need torch, which the test suite does not): data generators, not tests.
+collect_ignore_glob = ["data/*.py"]
+
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
