@@ -81,7 +81,19 @@ def tree_tiny(rng) -> dict:
   return tree
 
 
-TREES = {"few": tree_few, "many": tree_many, "tiny": tree_tiny}
+def stack_layers(tree: dict) -> dict:
+  """The "many" tree with its 12 layers stacked: one (12, ...) leaf per
+  parameter, the layout of ``nnx.scan``/``nnx.vmap`` blocks."""
+  layers = sorted(tree)
+  return {name: jnp.stack([tree[layer][name] for layer in layers])
+          for name in tree[layers[0]]}
+
+
+# "stacked" is the many tree twice: each per-tensor transform runs on the
+# unstacked tree and, with stacked=1, on the stacked one (DESIGN §7 trees
+# plus issue 10's stacked variant).
+TREES = {"few": tree_few, "many": tree_many, "tiny": tree_tiny,
+         "stacked": tree_many}
 
 
 # ----------------------------------------------------------------------------
@@ -114,8 +126,10 @@ def floor_fn(grads, state, params):
   return jax.tree.map(lambda x: x * 0.5, grads)
 
 
-def cases(tree_name: str, grads) -> dict[str, tuple[Callable, Any, str | None]]:
-  """name -> (jittable fn(grads, state, params), state, baseline name)."""
+def cases(tree_name: str, grads, params
+          ) -> dict[str, tuple[Callable, Any, str | None, Any]]:
+  """name -> (jittable fn(grads, state, params), state, baseline name,
+  (grads, params) to call it with, or None for the tree's own)."""
   # Thresholds are chosen so that the clippers actually rescale.
   norm = float(oc.global_norm(grads))
   entries = {
@@ -160,14 +174,48 @@ def cases(tree_name: str, grads) -> dict[str, tuple[Callable, Any, str | None]]:
           oc.skip_step(optax.identity(), max_norm=1e9, loss_spike_sigmas=6.0),
           None, "oc.clip_by_global_norm"),
   }
+  if tree_name == "stacked":
+    return stacked_cases(grads, params)
   out = {}
   for name, (tx, _, baseline) in entries.items():
     if name == "floor":
-      out[name] = (floor_fn, None, None)
+      out[name] = (floor_fn, None, None, None)
     else:
       out[name] = (_update_fn(tx, **_extra_args(name)), tx.init(grads),
-                   baseline)
-  del tree_name
+                   baseline, None)
+  # Per-leaf norms as a function (no transform state), against the one
+  # global norm.
+  out["oc.tree_norms"] = (tree_norms_fn, None, "oc.clip_by_global_norm", None)
+  return out
+
+
+def tree_norms_fn(grads, state, params):
+  del state, params
+  return oc.tree_norms(grads)
+
+
+def stacked_cases(grads, params) -> dict:
+  """Each per-tensor transform on the unstacked many tree and, as
+  ``stacked=1``, on the same values stacked by layer (its baseline)."""
+  grads_st, params_st = stack_layers(grads), stack_layers(params)
+  unstacked, stacked = (grads, params), (grads_st, params_st)
+  out = {"floor": (floor_fn, None, None, stacked),
+         "floor(unstacked)": (floor_fn, None, None, unstacked)}
+  for name, make in (
+      ("oc.clip_by_norm", lambda k: oc.clip_by_norm(1.0, stacked=k)),
+      ("oc.clip_by_block_rms", lambda k: oc.clip_by_block_rms(0.5, stacked=k)),
+      ("oc.adaptive_grad_clip",
+       lambda k: oc.adaptive_grad_clip(0.05, stacked=k)),
+      ("oc.record_norms", lambda k: oc.record_norms(stacked=k)),
+  ):
+    tx, tx_st = make(None), make(1)
+    out[name] = (_update_fn(tx), tx.init(grads), None, unstacked)
+    out[name + "(stacked=1)"] = (_update_fn(tx_st), tx_st.init(grads_st),
+                                 name, stacked)
+  out["oc.tree_norms"] = (tree_norms_fn, None, None, unstacked)
+  out["oc.tree_norms(stacked=1)"] = (
+      lambda g, s, p: oc.tree_norms(g, stacked=1), None, "oc.tree_norms",
+      stacked)
   return out
 
 
@@ -182,18 +230,19 @@ def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dic
   params = TREES[tree_name](rng)
   leaves = jax.tree.leaves(grads)
   grad_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
-  entries = cases(tree_name, grads)
+  entries = cases(tree_name, grads, params)
   if only:
     wanted = {"floor"} | {k for k in entries if k in only}
     wanted |= {entries[k][2] for k in list(wanted) if entries[k][2]}
     entries = {k: v for k, v in entries.items() if k in wanted}
   compiled, rows = {}, {}
-  for name, (fn, state, baseline) in entries.items():
+  for name, (fn, state, baseline, own) in entries.items():
+    g, p = own if own is not None else (grads, params)
     start = time.perf_counter()
-    exe = jax.jit(fn).lower(grads, state, params).compile()
+    exe = jax.jit(fn).lower(g, state, p).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(exe(grads, state, params))  # warm up
-    compiled[name] = (exe, state)
+    jax.block_until_ready(exe(g, state, p))  # warm up
+    compiled[name] = (exe, state, g, p)
     temp = exe.memory_analysis().temp_size_in_bytes
     rows[name] = dict(tree=tree_name, fn=name, baseline=baseline,
                       compile_s=compile_s, temp_bytes=int(temp),
@@ -209,9 +258,9 @@ def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dic
   while done < rounds or time.perf_counter() - start_all < MIN_SECONDS:
     shift = done % len(names)
     for name in names[shift:] + names[:shift]:
-      exe, state = compiled[name]
+      exe, state, g, p = compiled[name]
       start = time.perf_counter()
-      jax.block_until_ready(exe(grads, state, params))
+      jax.block_until_ready(exe(g, state, p))
       times[name].append(time.perf_counter() - start)
     done += 1
   per_round = {name: np.asarray(t) for name, t in times.items()}
@@ -253,7 +302,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--trees", default="few,many,tiny")
+  parser.add_argument("--trees", default="few,many,tiny,stacked")
   parser.add_argument("--rounds", type=int, default=30)
   parser.add_argument("--quick", action="store_true", help="3 rounds")
   parser.add_argument("--only", default="",
@@ -272,7 +321,11 @@ def main():
       date=datetime.date.today().isoformat(), machine=platform.machine(),
       processor=platform.processor() or platform.machine(),
       cpus=os.cpu_count(), jax=jax.__version__, optax=optax.__version__,
-      backend=jax.default_backend(), rounds=rounds)
+      backend=jax.default_backend(), rounds=rounds,
+      # glibc returns buffers above its mmap threshold (at most 32 MB by
+      # default) to the OS on free, so they page-fault anew on every call:
+      # this decides the stacked tree's ratios (see README).
+      malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
   table = markdown(rows)
   print()
   print(f"{meta['date']}, {meta['cpus']} CPUs ({meta['processor']}), jax"

@@ -344,19 +344,38 @@ def adaptive_grad_clip(
           f" parameter has shape {np.shape(p)}; they must be equal (each"
           " unit is clipped against its own weights, never a broadcast)."
         )
-    new_grads, clipped_masks, num_units = [], [], 0
-    for g, p, axes in zip(grads, param_leaves, axes_list):
-      g, p = jnp.asarray(g), jnp.asarray(p)
+
+    def clip_one(key, g, p):
+      axes = key[3]
       grad_norm = _norms.unit_norms(g, axes)
       param_norm = _norms.unit_norms(p, axes).astype(grad_norm.dtype)
       limit = jnp.asarray(clipping).astype(grad_norm.dtype) * jnp.maximum(
         param_norm, jnp.asarray(eps).astype(grad_norm.dtype)
       )
-      scale, clipped = _norms.clip_scale(grad_norm, limit)
-      new_grads.append(_norms.scale_leaf(g, scale))
-      clipped_masks.append(clipped)
-      num_units += int(np.prod(grad_norm.shape))
-    num_clipped = _norms.count_true(clipped_masks)
+      scale = _norms.clip_scale(grad_norm, limit)[0]
+      return _norms.scale_leaf(g, scale), grad_norm, limit
+
+    # Per leaf, with small leaves of one shape stacked and vmapped.
+    grads = [jnp.asarray(g) for g in grads]
+    param_leaves = [jnp.asarray(p) for p in param_leaves]
+    results, (flat_norms, flat_limits) = _norms.map_leaves(
+      clip_one,
+      [grads, param_leaves],
+      [
+        (g.shape, g.dtype, p.dtype, axes)
+        for g, p, axes in zip(grads, param_leaves, axes_list, strict=True)
+      ],
+      num_flat=2,
+    )
+    new_grads = [r[0] for r in results]
+    num_units = 0 if flat_norms is None else int(flat_norms.size)
+    if flat_norms is None:
+      num_clipped = jnp.zeros((), jnp.int32)
+    else:
+      num_clipped = jnp.sum(
+        jnp.logical_not(flat_norms <= flat_limits.astype(flat_norms.dtype)),
+        dtype=jnp.int32,
+      )
     fraction = num_clipped.astype(jnp.float32) / np.float32(max(num_units, 1))
     return jax.tree.unflatten(treedef, new_grads), AdaptiveGradClipState(
       num_clipped_units=num_clipped, clipped_unit_fraction=fraction
