@@ -73,23 +73,59 @@ def tree_norms(
   norm_ord = _validate.canonical_ord(fn, 2 if ord is None else ord)
   _tree.check_stacked(fn, stacked)
   _tree.check_float_leaves(fn, tree, arg="tree")
+  flat, segments, dtypes = _flat_norms(fn, tree, norm_ord, stacked)
+  if flat is None:
+    return {}
+  return {
+    path: value.astype(dtype)
+    for (path, value), dtype in zip(
+      _tree.PathValues(flat, segments).items(), dtypes, strict=True
+    )
+  }
+
+
+def _flat_norms(
+  fn: str, tree: Any, norm_ord: float, stacked: Any
+) -> tuple[jax.Array | None, tuple, list]:
+  """Every leaf's (per-layer) norms as one flat vector in leaf order.
+
+  Returns ``(flat, segments, dtypes)``: the vector in the widest
+  accumulation dtype (``None`` for a tree without leaves), the static
+  ``(path, layer shape)`` of each leaf, and each leaf's own accumulation
+  dtype. Small leaves of one shape are reduced as one vmapped stack
+  (:func:`_norms.map_leaves`) and never sliced back out, so a 2000-leaf tree
+  costs a few reductions.
+  """
   with_path = jax.tree_util.tree_leaves_with_path(tree)
   counts = _tree.stack_counts(fn, stacked, tree)
   leaves = [jnp.asarray(x) for _, x in with_path]
-  norms = _norms.slice_norms(leaves, counts, norm_ord)
-  return {
-    _tree.path_str(key_path): norm
-    for (key_path, _), norm in zip(with_path, norms, strict=True)
-  }
+  segments = tuple(
+    (_tree.path_str(key_path), tuple(x.shape[:k]))
+    for (key_path, _), x, k in zip(with_path, leaves, counts, strict=True)
+  )
+  dtypes = [_norms.accumulation_dtype(x.dtype) for x in leaves]
+
+  def norms_of(key, x):
+    return (_norms.slice_norms([x], [key[2]], norm_ord)[0],)
+
+  _, (flat,) = _norms.map_leaves(
+    norms_of,
+    [leaves],
+    [(x.shape, x.dtype, k) for x, k in zip(leaves, counts, strict=True)],
+    num_flat=1,
+  )
+  return flat, segments, dtypes
 
 
 @_stats.register_state("record_norms")
 class RecordNormsState(NamedTuple):
   """State of :func:`record_norms`: the last step's per-leaf norms."""
 
-  # path -> float32 scalar (per-layer array for stacked leaves; float64 for
-  # float64 leaves): ``tree_norms`` of the updates that flowed through.
-  recorded_norms: dict[str, jax.Array]
+  # ``tree_norms`` of the updates that flowed through, as one flat vector
+  # with its paths (float32; float64 if the tree has float64 leaves):
+  # ``dict(recorded_norms.items())`` is path -> scalar, or per-layer array
+  # for a stacked leaf. One state leaf, however many leaves the tree has.
+  recorded_norms: _tree.PathValues
 
 
 def record_norms(
@@ -134,27 +170,34 @@ def record_norms(
   norm_ord = _validate.canonical_ord(fn, 2 if ord is None else ord)
   _tree.check_stacked(fn, stacked)
 
+  def recorded(tree, dtype=None):
+    _tree.check_float_leaves(fn, tree)
+    flat, segments, dtypes = _flat_norms(fn, tree, norm_ord, stacked)
+    if dtype is None:
+      dtype = _norms.widest_dtype(dtypes) if dtypes else jnp.float32
+    if flat is None or not flat.size:
+      # The placeholder of an empty tree: orbax cannot save zero-size arrays.
+      flat = jnp.zeros((1,), dtype)
+    return _tree.PathValues(flat.astype(dtype), segments)
+
   def init_fn(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    norms = tree_norms(zeros, ord=norm_ord, stacked=stacked)
-    return RecordNormsState(recorded_norms=norms)
+    values = recorded(jax.tree.map(jnp.zeros_like, params))
+    return RecordNormsState(recorded_norms=values)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    norms = tree_norms(updates, ord=norm_ord, stacked=stacked)
-    if state is not None:
-      want = {k: v.shape for k, v in state.recorded_norms.items()}
-      got = {k: v.shape for k, v in norms.items()}
-      if want != got:
-        raise ValueError(
-          f"{fn}: the state was created by init on a different tree (paths"
-          f" and layer shapes {want}), but the updates give {got}. Call init"
-          " on the tree you update."
-        )
-      # The dtypes init chose, every step (lax.cond in MultiSteps needs it).
-      norms = {
-        k: v.astype(state.recorded_norms[k].dtype) for k, v in norms.items()
-      }
-    return updates, RecordNormsState(recorded_norms=norms)
+    if state is None:
+      return updates, RecordNormsState(recorded_norms=recorded(updates))
+    # The dtype init chose, every step (lax.cond in MultiSteps needs it).
+    values = recorded(updates, state.recorded_norms.dtype)
+    if values.segments != state.recorded_norms.segments:
+      want = dict(state.recorded_norms.segments)
+      got = dict(values.segments)
+      raise ValueError(
+        f"{fn}: the state was created by init on a different tree (paths"
+        f" and layer shapes {want}), but the updates give {got}. Call init"
+        " on the tree you update."
+      )
+    return updates, RecordNormsState(recorded_norms=values)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -205,8 +205,11 @@ def _collect(
       if any(is_node(x) for x in inner_leaves):
         nested.append(value)  # a wrapped optimizer's state, not a statistic
       elif isinstance(value, _tree.PathValues):
+        # A state whose only field is per-path values (record_norms) is
+        # keyed by path alone: "record_norms/<path>".
+        head = key_prefix if len(node._fields) == 1 else f"{key_prefix}/{field}"
         for path, entry in value.items():
-          stats[f"{key_prefix}/{field}/{path}"] = entry
+          stats[f"{head}/{path}"] = entry
       elif isinstance(value, Mapping):
         for path, entry in value.items():
           stats[f"{key_prefix}/{path}"] = _unwrap(entry)

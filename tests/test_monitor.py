@@ -184,7 +184,7 @@ def test_record_norms_is_the_identity_and_accepts_state_none(use_jit):
   out, state = maybe_jit(tx.update, use_jit)(grads, None)
   chex.assert_trees_all_equal(out, grads)
   chex.assert_trees_all_equal(
-    state.recorded_norms,
+    dict(state.recorded_norms.items()),
     oc.tree_norms(grads, stacked=oc.stacked_by_path({"blocks": 1})))
 
 
@@ -196,7 +196,7 @@ def test_record_norms_in_scan_keeps_a_fixed_shape_state():
   def step(state, scale):
     _, state = tx.update(jax.tree.map(lambda g: g * scale.astype(g.dtype),
                                       grads), state)
-    return state, state.recorded_norms["w"]
+    return state, dict(state.recorded_norms.items())["w"]
 
   _, per_step = jax.lax.scan(step, state, jnp.arange(1.0, 4.0))
   np.testing.assert_allclose(np.asarray(per_step),
