@@ -320,12 +320,7 @@ def adagc(
         adagc_num_clipped=jnp.zeros((), jnp.int32),
       )
     # One norm per tensor, or per layer slice of a stacked leaf, flattened.
-    norms = jnp.concatenate(
-      [
-        n.astype(dtype).reshape(-1)
-        for n in _norms.slice_norms(leaves, counts, 2)
-      ]
-    )
+    norms = _norms.flat_slice_norms(leaves, counts, 2).astype(dtype)
     # The global norm is the norm of the per-tensor norms: no second pass.
     global_norm = _norms.global_norm_from(norms, 2).astype(dtype)
     beta_ = jnp.asarray(beta).astype(dtype)

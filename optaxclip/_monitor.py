@@ -104,17 +104,7 @@ def _flat_norms(
     for (key_path, _), x, k in zip(with_path, leaves, counts, strict=True)
   )
   dtypes = [_norms.accumulation_dtype(x.dtype) for x in leaves]
-
-  def norms_of(key, x):
-    return (_norms.slice_norms([x], [key[2]], norm_ord)[0],)
-
-  _, (flat,) = _norms.map_leaves(
-    norms_of,
-    [leaves],
-    [(x.shape, x.dtype, k) for x, k in zip(leaves, counts, strict=True)],
-    num_flat=1,
-  )
-  return flat, segments, dtypes
+  return _norms.flat_slice_norms(leaves, counts, norm_ord), segments, dtypes
 
 
 @_stats.register_state("record_norms")

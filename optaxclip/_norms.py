@@ -587,7 +587,7 @@ def map_leaves(
     [np.arange(starts[i][0], starts[i][0] + starts[i][1]) for i in range(n)]
   ).astype(np.int32)
   identity = bool(np.array_equal(order, np.arange(order.size)))
-  flat = []
+  flat: list[jax.Array | None] = []
   for k in range(num_flat):
     dtype = widest_dtype(p.dtype for p in pieces[k])
     vec = jnp.concatenate([p.astype(dtype) for p in pieces[k]])
@@ -839,6 +839,32 @@ def slice_norms(
       partial = _partial(x, ord, axis=axes)[(...,) + (None,) * len(axes)]
       out[i] = _safe_norm(partial, [x], ord, axis=axes).reshape(x.shape[:k])
   return [n for n in out if n is not None]
+
+
+def flat_slice_norms(
+  leaves: Sequence[jax.Array],
+  counts: Sequence[int],
+  ord: float,  # pylint: disable=redefined-builtin
+) -> jax.Array | None:
+  """:func:`slice_norms` as one flat vector in leaf order.
+
+  Entry order is ``jax.tree.leaves`` order, each leaf's per-layer norms
+  raveled (one entry for an unstacked leaf), in the widest accumulation
+  dtype; ``None`` for no leaves. Small leaves of one shape are reduced as one
+  vmapped stack (:func:`map_leaves`) and never sliced back out, so a
+  2000-leaf tree costs a few reductions to compile and run.
+  """
+
+  def norms_of(key, x):
+    return (slice_norms([x], [key[2]], ord)[0],)
+
+  _, (flat,) = map_leaves(
+    norms_of,
+    [list(leaves)],
+    [(x.shape, x.dtype, k) for x, k in zip(leaves, counts, strict=True)],
+    num_flat=1,
+  )
+  return flat
 
 
 def axes_norms(
