@@ -345,37 +345,59 @@ def adaptive_grad_clip(
           " unit is clipped against its own weights, never a broadcast)."
         )
 
-    def clip_one(key, g, p):
-      axes = key[3]
-      grad_norm = _norms.unit_norms(g, axes)
-      param_norm = _norms.unit_norms(p, axes).astype(grad_norm.dtype)
+    def clip_with(g, grad_norm, param_norm):
+      param_norm = param_norm.astype(grad_norm.dtype)
       limit = jnp.asarray(clipping).astype(grad_norm.dtype) * jnp.maximum(
         param_norm, jnp.asarray(eps).astype(grad_norm.dtype)
       )
       scale = _norms.clip_scale(grad_norm, limit)[0]
-      return _norms.scale_leaf(g, scale), grad_norm, limit
+      # Each leaf counts its own clipped units (a per-leaf scalar, so a
+      # sharded leaf communicates one number, never its unit norms); the
+      # counts of a stack of small leaves come out as one vector.
+      clipped = jnp.sum(jnp.logical_not(grad_norm <= limit), dtype=jnp.int32)
+      return _norms.scale_leaf(g, scale), clipped
+
+    def clip_one(key, g, p):
+      axes = key[3]
+      return clip_with(
+        g, _norms.unit_norms(g, axes), _norms.unit_norms(p, axes)
+      )
+
+    def clip_rest(indices):
+      # Large leaves: all unit-norm rescues under one lax.cond.
+      axes = [axes_list[i] for i in indices]
+      both = _norms.axes_norms_each(
+        [grads[i] for i in indices] + [param_leaves[i] for i in indices],
+        axes + axes,
+        2,
+      )
+      k = len(indices)
+      return [
+        clip_with(grads[i], both[j], both[k + j]) for j, i in enumerate(indices)
+      ]
 
     # Per leaf, with small leaves of one shape stacked and vmapped.
     grads = [jnp.asarray(g) for g in grads]
     param_leaves = [jnp.asarray(p) for p in param_leaves]
-    results, (flat_norms, flat_limits) = _norms.map_leaves(
+    results, (counts,) = _norms.map_leaves(
       clip_one,
       [grads, param_leaves],
       [
         (g.shape, g.dtype, p.dtype, axes)
         for g, p, axes in zip(grads, param_leaves, axes_list, strict=True)
       ],
-      num_flat=2,
+      num_flat=1,
+      rest=clip_rest,
     )
     new_grads = [r[0] for r in results]
-    num_units = 0 if flat_norms is None else int(flat_norms.size)
-    if flat_norms is None:
+    num_units = sum(
+      int(np.prod([d for a, d in enumerate(g.shape) if a not in axes]))
+      for g, axes in zip(grads, axes_list, strict=True)
+    )
+    if counts is None:
       num_clipped = jnp.zeros((), jnp.int32)
     else:
-      num_clipped = jnp.sum(
-        jnp.logical_not(flat_norms <= flat_limits.astype(flat_norms.dtype)),
-        dtype=jnp.int32,
-      )
+      num_clipped = jnp.sum(counts, dtype=jnp.int32)
     fraction = num_clipped.astype(jnp.float32) / np.float32(max(num_units, 1))
     return jax.tree.unflatten(treedef, new_grads), AdaptiveGradClipState(
       num_clipped_units=num_clipped, clipped_unit_fraction=fraction

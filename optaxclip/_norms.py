@@ -505,6 +505,7 @@ def map_leaves(
   keys: Sequence[Hashable],
   *,
   num_flat: int = 0,
+  rest: Callable[[list[int]], list[tuple[jax.Array, ...]]] | None = None,
 ) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array | None]]:
   """``[fn(keys[i], *(a[i] for a in arrays)) for i in range(n)]``, with
   small leaves of one kind computed together.
@@ -532,6 +533,10 @@ def map_leaves(
     arrays: lists of equal length, the per-leaf arguments of ``fn``.
     keys: hashable per-leaf grouping keys, also passed to ``fn``.
     num_flat: how many trailing results of ``fn`` to return flat.
+    rest: computes the results of every leaf that is not stacked (large,
+      sharded, empty, or alone of its kind) at once, given their indices,
+      in the format of ``fn``; by default ``fn`` runs on each. Lets a caller
+      put all large leaves' overflow rescues under one ``lax.cond``.
 
   Returns:
     ``(per_leaf, flat)``: per leaf, the tuple of ``fn``'s leading results;
@@ -546,23 +551,29 @@ def map_leaves(
   owners: list[tuple[int, int]] = []  # (leaf, size) in piece order
   groups: dict[Hashable, list[int]] = {}
 
-  def one(i: int, xs) -> None:
-    res = tuple(fn(keys[i], *xs))
+  def record(i: int, res: tuple) -> None:
     cut = len(res) - num_flat
     per_leaf[i] = res[:cut]
     for k in range(num_flat):
       pieces[k].append(res[cut + k].reshape(-1))
     owners.append((i, int(np.prod(res[cut].shape)) if num_flat else 0))
 
+  singles = []
   for i in range(n):
     xs = [a[i] for a in arrays]
     if all(0 < x.size < SMALL_LEAF_SIZE and _may_bucket(x) for x in xs):
       groups.setdefault(keys[i], []).append(i)
     else:
-      one(i, xs)
+      singles.append(i)
+  singles += [idx[0] for idx in groups.values() if len(idx) == 1]
+  if rest is not None and singles:
+    for i, res in zip(singles, rest(singles), strict=True):
+      record(i, tuple(res))
+  else:
+    for i in singles:
+      record(i, tuple(fn(keys[i], *(a[i] for a in arrays))))
   for key, idx in groups.items():
     if len(idx) == 1:
-      one(idx[0], [a[idx[0]] for a in arrays])
       continue
     stacks = [jnp.stack([a[i] for i in idx]) for a in arrays]
     res = jax.vmap(lambda *xs, key=key: tuple(fn(key, *xs)))(*stacks)
@@ -902,6 +913,64 @@ def axes_norms(
   if ord == math.inf:
     return partial
   return _safe_norm(partial, [x], ord, axis=axes, axis_name=axis_name)
+
+
+def axes_norms_each(
+  xs: Sequence[jax.Array],
+  axes_list: Sequence[tuple[int, ...]],
+  ord: float,  # pylint: disable=redefined-builtin
+) -> list[jax.Array]:
+  """:func:`axes_norms` of several arrays, with one ``lax.cond`` for all of
+  their overflow/underflow rescues (instead of one per array: on the 144-leaf
+  benchmark tree a cond per leaf made ``adaptive_grad_clip`` 1.2x slower
+  than optax's at run time).
+
+  Returns:
+    One array per input, shaped and typed as :func:`axes_norms` returns.
+  """
+  out: list[Any] = [None] * len(xs)
+  full = []
+  for i, (x, axes) in enumerate(zip(xs, axes_list, strict=True)):
+    if not axes:
+      # Every element is its own slice: its norm is its magnitude, exactly
+      # (no square to overflow).
+      out[i] = _magnitudes(x)
+    elif x.size == 0 or ord == math.inf:
+      out[i] = axes_norms(x, axes, ord)
+    else:
+      full.append(i)
+  if not full:
+    return out
+  partials = [
+    jnp.expand_dims(_partial(xs[i], ord, axis=axes_list[i]), axes_list[i])
+    for i in full
+  ]
+
+  def fast(partials, arrays):
+    del arrays
+    return [jnp.ones_like(p) for p in partials], list(partials)
+
+  def rare(partials, arrays):
+    scales, sums = [], []
+    for p, x, i in zip(partials, arrays, full, strict=True):
+      need = _needs_rescue(p, ord)
+      divisor, inverse = _rescue_scale(p, need)
+      rescued = _scaled_partial(x, inverse, ord, axes_list[i], True)
+      scales.append(divisor)
+      sums.append(jnp.where(need, rescued, p))
+    return scales, sums
+
+  arrays = [xs[i] for i in full]
+  # One scalar per array (a sharded array's partial is reduced where it
+  # lives: concatenating them would gather).
+  need = jnp.any(jnp.stack([jnp.any(_needs_rescue(p, ord)) for p in partials]))
+  if not isinstance(need, jax.core.Tracer):
+    scales, partials = (rare if bool(need) else fast)(partials, arrays)
+  else:
+    scales, partials = jax.lax.cond(need, rare, fast, partials, arrays)
+  for i, scale, partial in zip(full, scales, partials, strict=True):
+    out[i] = scale * _finalize(partial, ord)
+  return out
 
 
 def axes_rms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
