@@ -81,7 +81,7 @@ study: $(VENV)/.installed-study
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_clipping.py
-	$(PY) benchmarks/bench_stacked.py
+	MALLOC_MMAP_THRESHOLD_=1073741824 $(PY) benchmarks/bench_clipping.py --trees stacked --out benchmarks/results/clipping_stacked_mmap
 	$(PY) benchmarks/bench_sharded.py
 	$(PY) benchmarks/bench_train_step.py
 
