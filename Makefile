@@ -81,7 +81,7 @@ study: $(VENV)/.installed-study
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_clipping.py
-	MALLOC_MMAP_THRESHOLD_=1073741824 $(PY) benchmarks/bench_clipping.py --trees stacked --out benchmarks/results/clipping_stacked_mmap
+	MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 $(PY) benchmarks/bench_clipping.py --rounds 40 --trees stacked --out benchmarks/results/clipping_stacked_mmap
 	$(PY) benchmarks/bench_sharded.py
 	$(PY) benchmarks/bench_train_step.py
 

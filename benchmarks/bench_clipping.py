@@ -5,8 +5,9 @@ tiny leaves) and each clipper, this script jits ``update``, measures
 
 * compile time (``jax.jit(f).lower(...).compile()``, once per function),
 * run time over interleaved rounds: every function runs once per round, in
-  an order rotated by one every round (a call that follows another reuses
-  its freed pages, so a fixed order biases the ratios), with
+  a fresh random order every round (a call that follows another reuses its
+  freed pages, so a fixed order biases the ratios, and so does a rotation,
+  which keeps every call's predecessor), with
   ``jax.block_until_ready``; ratios are the median over rounds of the
   per-round ratio (``run_ms`` is the minimum, for reference),
 * temporary memory (``compiled.memory_analysis().temp_size_in_bytes``),
@@ -200,8 +201,11 @@ def stacked_cases(grads, params) -> dict:
   ``stacked=1``, on the same values stacked by layer (its baseline)."""
   grads_st, params_st = stack_layers(grads), stack_layers(params)
   unstacked, stacked = (grads, params), (grads_st, params_st)
-  out = {"floor": (floor_fn, None, None, stacked),
-         "floor(unstacked)": (floor_fn, None, None, unstacked)}
+  # Fresh functions: jax.jit caches by function, and the many tree already
+  # compiled floor_fn and tree_norms_fn on the unstacked tree.
+  out = {"floor": (lambda g, s, p: floor_fn(g, s, p), None, None, stacked),
+         "floor(unstacked)": (lambda g, s, p: floor_fn(g, s, p), None, None,
+                              unstacked)}
   for name, make in (
       ("oc.clip_by_norm", lambda k: oc.clip_by_norm(1.0, stacked=k)),
       ("oc.clip_by_block_rms", lambda k: oc.clip_by_block_rms(0.5, stacked=k)),
@@ -213,7 +217,8 @@ def stacked_cases(grads, params) -> dict:
     out[name] = (_update_fn(tx), tx.init(grads), None, unstacked)
     out[name + "(stacked=1)"] = (_update_fn(tx_st), tx_st.init(grads_st),
                                  name, stacked)
-  out["oc.tree_norms"] = (tree_norms_fn, None, None, unstacked)
+  out["oc.tree_norms"] = (lambda g, s, p: tree_norms_fn(g, s, p), None, None,
+                          unstacked)
   out["oc.tree_norms(stacked=1)"] = (
       lambda g, s, p: oc.tree_norms(g, stacked=1), None, "oc.tree_norms",
       stacked)
@@ -251,14 +256,18 @@ def measure_tree(tree_name: str, rounds: int, only: set[str] | None) -> list[dic
                       run_s=float("inf"))
     print(f"  compiled {tree_name:5s} {name:28s} {compile_s:7.2f} s", flush=True)
   # Interleaved: every function once per round, so slow phases of the shared
-  # machine hit all of them alike, in an order rotated by one each round.
+  # machine hit all of them alike, in a random order each round.
   # At least `rounds` rounds, and at least MIN_SECONDS of rounds.
   names = list(compiled)
   times: dict[str, list[float]] = {name: [] for name in names}
   done, start_all = 0, time.perf_counter()
+  order_rng = np.random.default_rng(1)
   while done < rounds or time.perf_counter() - start_all < MIN_SECONDS:
-    shift = done % len(names)
-    for name in names[shift:] + names[:shift]:
+    # A fresh random order every round: a rotation keeps each call's
+    # predecessor (the cyclic order), and a call inherits its predecessor's
+    # freed pages; measured, two identical programs differed by 2.9x under
+    # rotation on the few tree.
+    for name in order_rng.permutation(names):
       exe, state, g, p = compiled[name]
       start = time.perf_counter()
       jax.block_until_ready(exe(g, state, p))
@@ -326,12 +335,13 @@ def main():
       # glibc returns buffers above its mmap threshold (at most 32 MB by
       # default) to the OS on free, so they page-fault anew on every call:
       # this decides the stacked tree's ratios (see README).
-      malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+      malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+      malloc_trim_threshold=os.environ.get("MALLOC_TRIM_THRESHOLD_"))
   table = markdown(rows)
   print()
   print(f"{meta['date']}, {meta['cpus']} CPUs ({meta['processor']}), jax"
         f" {meta['jax']}, optax {meta['optax']}, median of per-round ratios"
-        f" over >= {rounds} rotated interleaved rounds (and at least 15 s of"
+        f" over >= {rounds} randomly ordered interleaved rounds (and at least 15 s of"
         " rounds per tree)")
   print(table)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -131,9 +131,17 @@ def record_norms(
   oc.record_norms(), optax.adamw(3e-4))`` keeps pre-clip norms (keys
   ``"record_norms/<path>"`` in :func:`clip_stats`) and post-clip norms
   (``"record_norms_1/<path>"``) side by side. The updates pass through
-  untouched (the same arrays). The state's dict has one entry per leaf with
-  the shapes ``init`` saw, so it is fixed-shape for ``jit``, ``lax.scan`` and
-  checkpoints; ``update(updates, None)`` works (the state holds no history).
+  untouched (the same arrays). The state keeps the norms as one flat
+  ``PathValues`` vector with the paths and layer shapes ``init`` saw
+  (``dict(state.recorded_norms.items())`` is path -> norm), so it is
+  fixed-shape for ``jit``, ``lax.scan`` and checkpoints, and a 2000-leaf tree
+  costs one state leaf; ``update(updates, None)`` works (the state holds no
+  history).
+
+  Decision: a vector rather than a dict of scalars, because small leaves'
+  norms come out of a vmapped stack as one vector, and slicing 2000 scalars
+  back out costs XLA:CPU one compiled kernel each (the 2000-leaf benchmark
+  tree compiled in 44 s with the dict, 3.3 s with the vector).
 
   Args:
     ord: ``2`` (default, ``None`` means 2), ``1`` or ``jnp.inf``.
