@@ -186,6 +186,38 @@ def _path_values(
   return _tree.PathValues(flat, segments)
 
 
+def _clip_each(
+  leaves: list[jax.Array],
+  reduced: list[tuple[int, ...]],
+  whole: Any,
+  over_axes: Any,
+  threshold: Any,
+) -> tuple[list[jax.Array], jax.Array | None]:
+  """Clips each leaf (or slice) by its own measure, small leaves of one
+  shape stacked and vmapped (:func:`_norms.map_leaves`).
+
+  ``whole(x)`` measures a whole leaf (a scalar), ``over_axes(x, axes)`` the
+  slices along ``axes`` (kept as size 1). Returns the clipped leaves and the
+  measures flattened in leaf order (``None`` for no leaves).
+  """
+
+  def clip_one(key, x):
+    axes = key[2]
+    if axes == tuple(range(x.ndim)):
+      m = whole(x).reshape((1,) * x.ndim)
+    else:
+      m = over_axes(x, axes)
+    return _norms.scale_leaf(x, _norms.clip_scale(m, threshold)[0]), m
+
+  results, (flat,) = _norms.map_leaves(
+    clip_one,
+    [leaves],
+    [(x.shape, x.dtype, axes) for x, axes in zip(leaves, reduced)],
+    num_flat=1,
+  )
+  return [r[0] for r in results], flat
+
+
 def _flat_values(
   flat: jax.Array | None, segments: tuple, dtype: jnp.dtype
 ) -> _tree.PathValues:
@@ -627,22 +659,13 @@ def clip_by_norm(
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
     if axis_name is None:
-      # Per leaf, with small leaves of one shape stacked and vmapped.
-      def clip_one(key, x):
-        axes = key[2]
-        if axes == tuple(range(x.ndim)):
-          n = _norms.leaf_norms([x], norm_ord)[0].reshape((1,) * x.ndim)
-        else:
-          n = _norms.axes_norms(x, axes, norm_ord)
-        return _norms.scale_leaf(x, _norms.clip_scale(n, max_norm)[0]), n
-
-      results, (flat,) = _norms.map_leaves(
-        clip_one,
-        [leaves],
-        [(x.shape, x.dtype, axes) for x, axes in zip(leaves, reduced)],
-        num_flat=1,
+      new_leaves, flat = _clip_each(
+        leaves,
+        reduced,
+        lambda x: _norms.leaf_norms([x], norm_ord)[0],
+        lambda x, axes: _norms.axes_norms(x, axes, norm_ord),
+        max_norm,
       )
-      new_leaves = [r[0] for r in results]
       return jax.tree.unflatten(treedef, new_leaves), ClipByNormState(
         leaf_norms=_flat_values(flat, segments, state.leaf_norms.dtype),
         num_clipped_leaves=_count_clipped(
@@ -749,23 +772,13 @@ def clip_by_block_rms(
     _check_layout(fn, state.block_rms, segments)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
-
-    # Per leaf, with small leaves of one shape stacked and vmapped.
-    def clip_one(key, x):
-      axes = key[2]
-      if axes == tuple(range(x.ndim)):
-        r = _norms.leaf_rms([x])[0].reshape((1,) * x.ndim)
-      else:
-        r = _norms.axes_rms(x, axes)
-      return _norms.scale_leaf(x, _norms.clip_scale(r, threshold)[0]), r
-
-    results, (flat,) = _norms.map_leaves(
-      clip_one,
-      [leaves],
-      [(x.shape, x.dtype, axes) for x, axes in zip(leaves, reduced)],
-      num_flat=1,
+    new_leaves, flat = _clip_each(
+      leaves,
+      reduced,
+      lambda x: _norms.leaf_rms([x])[0],
+      _norms.axes_rms,
+      threshold,
     )
-    new_leaves = [r[0] for r in results]
     rms = [] if flat is None else [flat]
     return jax.tree.unflatten(treedef, new_leaves), ClipByBlockRmsState(
       block_rms=_flat_values(flat, segments, state.block_rms.dtype),
