@@ -1,6 +1,6 @@
 """Clipping benchmark: optaxclip against optax and a memory-traffic floor.
 
-For each tree of DESIGN §7 (few large leaves, a transformer-like tree, many
+For each benchmark tree (few large leaves, a transformer-like tree, many
 tiny leaves) and each clipper, this script jits ``update``, measures
 
 * compile time (``jax.jit(f).lower(...).compile()``, once per function),
@@ -47,7 +47,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 # ----------------------------------------------------------------------------
-# Trees (DESIGN §7)
+# Trees (docs/benchmarks.md#method)
 # ----------------------------------------------------------------------------
 
 
@@ -91,8 +91,8 @@ def stack_layers(tree: dict) -> dict:
 
 
 # "stacked" is the many tree twice: each per-tensor transform runs on the
-# unstacked tree and, with stacked=1, on the stacked one (DESIGN §7 trees
-# plus issue 10's stacked variant).
+# unstacked tree and, with stacked=1, on the stacked one (the trees of
+# docs/benchmarks.md#method and their stacked variant).
 TREES = {"few": tree_few, "many": tree_many, "tiny": tree_tiny,
          "stacked": tree_many}
 

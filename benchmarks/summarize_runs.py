@@ -3,7 +3,7 @@
 Each run is one JSON file written by ``bench_clipping.py --out``. For every
 (tree, transform) row this prints the median over runs of the run and
 compile ratios against the row's baseline, with each run's value, and then
-checks the targets of the "Performance II" and "Real models" issues,
+checks the targets listed in docs/benchmarks.md,
 marking each as met or not with the number of runs that met it.
 
 Usage::

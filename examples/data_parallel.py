@@ -11,7 +11,7 @@ mesh of 8 simulated CPU devices (2 x 4):
 The optimizer is ``optax.chain(oc.clip_by_global_norm(1.0), optax.adamw(1e-2))``
 inside ``nnx.Optimizer(model, tx, wrt=nnx.Param)``. Under ``nnx.jit`` the
 clipper sees global (sharded) arrays and XLA inserts the cross-device
-reductions, so no ``axis_name`` is needed (DESIGN §5).
+reductions, so no ``axis_name`` is needed (docs/design.md#scale-out).
 
 An unsharded copy of the model (same initial weights) is trained in lockstep
 on one device on the same data. Each step prints the loss and the pre-clip

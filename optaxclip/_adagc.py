@@ -23,7 +23,7 @@ from optaxclip import _norms, _stats, _tree, _validate
 
 _FN = "adagc"
 
-# The warmup length used when ``warmup_steps`` is None (see DESIGN §4: a None
+# The warmup length used when ``warmup_steps`` is None (see docs/design.md#rules: a None
 # default keeps the argument static under ``optax.inject_hyperparams``).
 DEFAULT_WARMUP_STEPS = 100
 

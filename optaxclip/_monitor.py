@@ -36,7 +36,7 @@ def tree_norms(
   (``{"blocks": {"fc": {"kernel": x}}}`` gives ``"blocks/fc/kernel"``; Flax
   ``Variable`` wrappers add nothing). Each value is a scalar, or for a
   stacked leaf (``stacked=``) an array of per-layer norms with the shape of
-  the stacked axes. Norms follow the library's numerics (DESIGN §3): bf16 and
+  the stacked axes. Norms follow the library's numerics (docs/design.md#numerics): bf16 and
   fp16 leaves accumulate in float32, complex leaves use ``|x|^2``, a leaf with
   an inf/NaN element has an inf/NaN norm, an empty leaf has norm 0. Small
   leaves are reduced together in the kernel's bucket, so thousands of leaves

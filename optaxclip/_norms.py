@@ -29,7 +29,7 @@ differentiability and speed are decided once:
 
 The clip rule shared by every norm-based clipper is :func:`clip_scale`: scale
 ``1`` when ``norm <= threshold``, else ``threshold / norm``, with NaN when the
-norm is not finite (see DESIGN §3).
+norm is not finite (see docs/design.md#numerics).
 
 References:
   Pascanu et al., `On the difficulty of training Recurrent Neural Networks
@@ -1124,7 +1124,7 @@ def _ratio_jvp(primals, tangents):
 def clip_scale(norm: jax.Array, threshold: Any) -> tuple[jax.Array, jax.Array]:
   """The factor that brings ``norm`` down to ``threshold``, and whether it did.
 
-  The rule of every norm-based clipper (DESIGN §3):
+  The rule of every norm-based clipper (docs/design.md#numerics):
 
   * ``1`` when ``0 < threshold`` and ``norm <= threshold`` (so the leaves come
     back bit-identical);

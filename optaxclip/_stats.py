@@ -48,7 +48,7 @@ def _is_clip_state(node: Any) -> bool:
 
 # Fields that hold histories or randomness rather than a number worth logging:
 # ring buffers of past norms and PRNG keys. Field names are unique across the
-# library (DESIGN §4), so one table serves every state. Modules registering
+# library (docs/design.md#rules), so one table serves every state. Modules registering
 # a state add their own with ``register_state(..., history=...)``.
 # ``clip_stats(..., include_history=True)`` returns them too.
 HISTORY_FIELDS: set[str] = set(

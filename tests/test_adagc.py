@@ -211,7 +211,7 @@ def test_grad_finite_at_zero(warmup_steps, eps):
       assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(grads))
     grads = jax.grad(loss)(zeros)
     # A threshold of exactly 0 (gamma = 0, eps = 0, after warmup) zeroes the
-    # update (DESIGN 3.3), so its derivative is 0; otherwise the identity.
+    # update (docs/design.md#numerics, item 3), so its derivative is 0; otherwise the identity.
     zeroed = s is zero_gamma and eps == 0.0 and warmup_steps == 1
     want = jnp.zeros_like if zeroed else jnp.ones_like
     chex.assert_trees_all_close(grads, jax.tree.map(want, zeros))

@@ -1,4 +1,4 @@
-"""Hostile inputs for the norm kernel and the norm clippers (DESIGN §3).
+"""Hostile inputs for the norm kernel and the norm clippers (docs/design.md#numerics).
 
 Sums of squares that overflow (float32 elements of 1e20, bf16 elements of
 1e30) or underflow (elements of 1e-20) while the norm itself is representable;
@@ -300,7 +300,7 @@ def test_tiny_norms_everywhere(use_jit):
   "scale", [1e-30, 1e-40, 0.0], ids=["1e-30", "1e-40", "0"]
 )
 def test_threshold_zero_gives_zero_updates(make, scale, use_jit):
-  """DESIGN §3.3: c = 0 yields zero updates, even for 1e-30 and subnormals."""
+  """docs/design.md#numerics, item 3: c = 0 yields zero updates, even for 1e-30 and subnormals."""
   tree = _tiny_tree(scale) if scale else _tiny_tree(1.0)
   if not scale:
     tree = jax.tree.map(jnp.zeros_like, tree)

@@ -1,7 +1,7 @@
 """Library-wide input policies, checked on every public transform.
 
 * Integer and bool gradient leaves: a ``TypeError`` naming the leaf's path
-  (DESIGN §3.10), whatever the transform.
+  (docs/design.md#rules, item 4), whatever the transform.
 * ``update(updates, None)`` (as optax's own clipping tests call it): the
   transforms whose state only records diagnostics rebuild it and give exactly
   the result of ``update(updates, init(params))``; the transforms that carry

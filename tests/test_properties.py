@@ -1,7 +1,7 @@
 """Properties every clipper must have, run over every clipper in helpers.
 
 Hypothesis draws trees (fixed small shapes, so compiles are reused), values,
-dtypes and thresholds; the properties come from DESIGN §3: the clipped
+dtypes and thresholds; the properties come from docs/design.md#numerics: the clipped
 quantity is at most the threshold, clipping twice changes nothing, the
 direction is kept (global clippers) or each sign is kept (element-wise),
 structure and dtype are kept, finite input gives finite output, and the

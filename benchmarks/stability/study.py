@@ -5,7 +5,7 @@ the task's model at every learning rate of its grid, with the clipper's
 default threshold and with one tuned threshold, on three seeds, and reports
 the final held-out metric.
 
-How it fits on a laptop (DESIGN §9): one training run is one ``lax.scan``
+How it fits on a laptop: one training run is one ``lax.scan``
 over steps; the runs of a clipper are ``jax.vmap``-ed over (learning rate,
 seed, threshold), with the learning rate applied after the base optimizer
 (``params -= lr * base(clipper(g))``, exactly the optimizer with that learning

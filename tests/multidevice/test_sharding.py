@@ -1,4 +1,4 @@
-"""Scale-out tests (DESIGN §5) on 8 simulated CPU devices.
+"""Scale-out tests (docs/design.md#scale-out) on 8 simulated CPU devices.
 
 Two ways a gradient tree can be spread over devices are covered:
 
@@ -492,7 +492,7 @@ def _check_agc_sharded(tx, unit_axes, layout, axis_type, seed):
   _assert_keeps_shape_dtype_and_sharding(updates, sharded_grads)
   for name, x in sharded_grads.items():
     out = updates[name]
-    # Unclipped units come back bit-identical (DESIGN §3.2).
+    # Unclipped units come back bit-identical (docs/design.md#numerics, item 2).
     keep = np.broadcast_to(~clipped[name], x.shape)
     np.testing.assert_array_equal(np.asarray(out)[keep], grads[name][keep])
 

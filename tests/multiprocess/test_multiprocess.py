@@ -1,4 +1,4 @@
-"""Multi-host, for real: two processes on localhost (DESIGN §5).
+"""Multi-host, for real: two processes on localhost (docs/design.md#scale-out).
 
 Two children (``_worker.py``) join one ``jax.distributed`` runtime with gloo
 CPU collectives, 4 CPU devices each, so 8 global devices. Each builds the same
