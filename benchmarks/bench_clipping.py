@@ -334,7 +334,7 @@ def main():
       backend=jax.default_backend(), rounds=rounds,
       # glibc returns buffers above its mmap threshold (at most 32 MB by
       # default) to the OS on free, so they page-fault anew on every call:
-      # this decides the stacked tree's ratios (see README).
+      # this decides the stacked tree's ratios (see docs/benchmarks.md).
       malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
       malloc_trim_threshold=os.environ.get("MALLOC_TRIM_THRESHOLD_"))
   table = markdown(rows)
