@@ -198,57 +198,30 @@ def clip_by_value(
   .. math::
     u_i \leftarrow \min(\max(u_i, \text{min\_value}), \text{max\_value})
 
-  NaN elements stay NaN; ``+-inf`` elements are clamped to the bounds (as in
-  PyTorch's ``clip_grad_value_``). The clamp is done in float32 for bf16/fp16
-  leaves and the result is cast back, so dtypes and shapes are kept. Complex
-  leaves raise ``TypeError`` (they have no order); so do integer and bool
-  leaves, with the leaf's path in the message (the library-wide policy: they
-  cannot be clamped without truncation, and are usually a step counter or a
-  mask left in the tree).
-
-  Traced bounds (``optax.inject_hyperparams``) are not checked at
-  construction. If they are invalid at run time (``max_value < 0`` with
-  ``min_value=None``, ``min_value > max_value``, or a NaN bound) every output
-  element is NaN: loud, never a silent clamp to a swapped interval (which
-  would flip the update's sign). This costs two scalar ``where``\ s.
-
-  With ``diagnostics=True`` (the default) the state records the pre-clip
-  extremes ``value_max`` and ``value_min`` and whether anything was clamped
-  (``value_clipped``). They take one extra read of the updates (one
-  NaN-propagating max/min reduction per large leaf; small leaves share one
-  bucket, a copy of their bytes): on CPU, where XLA cannot fuse a reduction
-  with the clamp, that makes the step about 1.4-1.6x ``optax.clip``, which
-  records nothing, and compiling about 2-3x slower. A donated gradient is
-  still clamped in place (no copy of large leaves). With ``diagnostics=False``
-  the transform is exactly ``optax.clip``'s clamp (same run and compile time,
-  no temporary memory) and its state is an ``optax.EmptyState``. The default
-  is on because value clipping is mostly used where gradients misbehave and a
-  silent clamp hides it; pass ``diagnostics=False`` (or use :func:`clip`) on
-  a hot path. The clamped elements are not counted: on CPU, XLA materialises
-  the comparison mask for such a count (7x slower).
-
-  ``update(updates, None)`` works (the state is only diagnostics): it is
-  rebuilt as ``init(updates)`` would.
+  NaN elements stay NaN and ``+-inf`` elements are clamped to the bounds.
+  bf16/fp16 leaves are clamped in float32 and cast back. A traced invalid
+  bound (under ``optax.inject_hyperparams``) makes every element NaN rather
+  than clamping to a swapped interval. With ``diagnostics=True`` (the
+  default) the state records the pre-clip extremes, at the cost of one extra
+  read of the updates; ``diagnostics=False`` is exactly ``optax.clip``'s
+  program. ``update(updates, None)`` works. The costs are discussed in
+  ``docs/transforms.md#value-clipping``.
 
   Args:
     max_value: the upper bound. With ``min_value=None`` it must be ``>= 0``
       and the interval is ``[-max_value, max_value]``.
-    min_value: the lower bound; ``None`` (default) means ``-max_value``. When
-      given, ``min_value <= max_value`` is required.
-    diagnostics: keyword-only; whether the state records the pre-clip extremes
-      (a :class:`ClipByValueState`) at the cost of one extra read of the
-      updates, or nothing (an ``optax.EmptyState``, as fast as ``optax.clip``).
+    min_value: the lower bound; ``None`` (default) means ``-max_value``.
+    diagnostics: whether the state records the pre-clip extremes (a
+      :class:`ClipByValueState`) or nothing (an ``optax.EmptyState``).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`ClipByValueState` (``optax.EmptyState`` with
-    ``diagnostics=False``).
+    An ``optax.GradientTransformationExtraArgs``.
 
   Raises:
-    ValueError: for a NaN or non-scalar bound, a negative ``max_value`` without
-      ``min_value``, or ``min_value > max_value``.
-    TypeError: for a ``diagnostics`` that is not a bool; in ``update``, for
-      complex, integer or bool leaves.
+    ValueError: for a NaN or non-scalar bound, a negative ``max_value``
+      without ``min_value``, or ``min_value > max_value``.
+    TypeError: for a non-bool ``diagnostics``; in ``update``, for complex,
+      integer or bool leaves (naming the leaf's path).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -262,8 +235,7 @@ def clip_by_value(
 
   References:
     Mikolov, `Statistical Language Models Based on Neural Networks
-    <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012.
-    Peer: PyTorch ``torch.nn.utils.clip_grad_value_``.
+    <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012
   """
   fn = "clip_by_value"
   if min_value is None:
@@ -283,28 +255,28 @@ def clip_by_value(
 def clip(
   max_delta: Any, *, diagnostics: bool = False
 ) -> optax.GradientTransformationExtraArgs:
-  """Clamps every element of the updates to ``[-max_delta, max_delta]``.
+  r"""Clamps every element of the updates to ``[-max_delta, max_delta]``.
 
-  A drop-in for ``optax.clip``: by default it records nothing (its state is
-  an ``optax.EmptyState``, as ``optax.clip``'s) and costs what ``optax.clip``
-  costs, in run time, compile time and memory, while adding the library's
-  validation, its int/bool-leaf ``TypeError`` and its NaN output for traced
-  invalid ``max_delta`` (see :func:`clip_by_value`). ``diagnostics=True``
-  makes it ``clip_by_value(max_delta)``, with the :class:`ClipByValueState`
-  diagnostics and their extra read of the updates.
+  A drop-in for ``optax.clip``: by default it records nothing and compiles
+  to the same program, while adding the library's validation, the
+  integer/bool-leaf ``TypeError`` and NaN output for a traced invalid
+  ``max_delta``. ``diagnostics=True`` makes it ``clip_by_value(max_delta)``.
+
+  .. math::
+    u_i \leftarrow \min(\max(u_i, -\delta), \delta)
 
   Args:
     max_delta: the largest absolute value an element may keep; ``>= 0``.
-    diagnostics: keyword-only; ``False`` (default) records nothing, ``True``
-      records the pre-clip extremes as :func:`clip_by_value` does.
+    diagnostics: ``False`` (default) records nothing, ``True`` records the
+      pre-clip extremes as :func:`clip_by_value` does.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Raises:
     ValueError: for a negative, NaN or non-scalar ``max_delta``.
-    TypeError: for a ``diagnostics`` that is not a bool; in ``update``, for
-      complex, integer or bool leaves.
+    TypeError: for a non-bool ``diagnostics``; in ``update``, for complex,
+      integer or bool leaves.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -314,7 +286,8 @@ def clip(
     Array([-0.5 ,  0.25], dtype=float32)
 
   References:
-    Peer: ``optax.clip``.
+    Mikolov, `Statistical Language Models Based on Neural Networks
+    <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012
   """
   _validate.check_threshold("clip", "max_delta", max_delta)
   _check_diagnostics("clip", diagnostics)
