@@ -91,41 +91,24 @@ def autoclip(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips the global norm to a percentile of all past global norms.
 
-  Algorithm 1 of Seetharaman et al. (2020), step by step:
+  Algorithm 1 of Seetharaman et al.: append the global norm :math:`n_t` to
+  the history :math:`h`, then clip with the library's scale rule to
 
-  1. compute the global norm :math:`n_t` of the update and append it to the
-     history :math:`h`;
-  2. :math:`c_t = \mathrm{percentile}(h, p)` with linear interpolation (what
-     ``np.percentile`` gives);
-  3. clip the update's global norm to :math:`c_t` with the library's scale
-     rule (:func:`optaxclip.clip_by_global_norm`'s guarantees apply).
+  .. math::
+    c_t = \mathrm{percentile}(h, p) \quad \text{(linear, as np.percentile)}
 
-  While the step count is at most ``history_size`` this equals Algorithm 1
-  exactly (up to rounding). The one deviation from the paper: the
-  history holds only the most recent ``history_size`` norms, so the
-  state has a fixed shape and the per-step cost is bounded (the paper keeps
-  every norm). The history and the threshold are kept in the accumulation
-  dtype of the tree given to ``init`` (float64 for float64 parameters under
-  x64, so norms beyond the float32 range stay exact; float32 otherwise), and
-  the step counter saturates at ``2**31 - 1`` instead of wrapping (the
-  history keeps rolling). Non-finite norms are not appended (the step
-  itself comes out NaN, loudly, as in every optaxclip clipper), so one bad
-  batch does not poison the percentile. ``percentile=100`` never clips (the
-  current norm is in the history); ``percentile=0`` clips to the smallest
-  norm seen. The threshold is a statistic of past gradients and is not
-  differentiated through (``stop_gradient``).
-
-  Like every optaxclip transform, ``update`` raises a ``TypeError`` naming
-  the leaf's path for an integer or bool leaf, and, since the state carries
-  the history, a ``ValueError`` telling you to call ``init`` when given
-  ``state=None``.
+  The history keeps the most recent ``history_size`` norms (the paper keeps
+  all of them; the two agree for the first ``history_size`` steps).
+  Non-finite norms are not appended, and the threshold is not
+  differentiated through. ``percentile=100`` never clips. Details:
+  ``docs/transforms.md#autoclip``.
 
   Args:
     percentile: p in [0, 100]; the paper's default is 10. May be scheduled
       under ``optax.inject_hyperparams``.
     history_size: how many recent norms the percentile is taken over, an int
       >= 1; ``None`` means 1000. Static: under ``inject_hyperparams`` pass
-      ``static_args=("history_size",)`` to change it.
+      ``static_args=("history_size",)``.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis the update tree
       is split across (see :func:`optaxclip.global_norm`).
 
@@ -134,7 +117,9 @@ def autoclip(
     :class:`AutoClipState`.
 
   Raises:
-    ValueError: for a percentile outside [0, 100] or ``history_size < 1``.
+    ValueError: for a percentile outside [0, 100] or ``history_size < 1``;
+      from ``update``, for ``state=None``.
+    TypeError: from ``update``, for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -151,7 +136,7 @@ def autoclip(
 
   References:
     Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
-    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
   """
   _validate.check_in_range(
     _FN, "percentile", percentile, 0, 100, low_open=False, high_open=False
