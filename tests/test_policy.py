@@ -1,14 +1,22 @@
-"""Library-wide input policies, checked on every public transform.
+"""Library-wide rules, checked on every row of the registry.
 
-* Integer and bool gradient leaves: a ``TypeError`` naming the leaf's path
-  (docs/design.md#rules, item 4), whatever the transform.
+* Every public transform has a registry row (so it gets every generic suite).
+* Integer and bool gradient leaves: a ``TypeError`` naming the leaf's path,
+  whatever the transform.
 * ``update(updates, None)`` (as optax's own clipping tests call it): the
   transforms whose state only records diagnostics rebuild it and give exactly
   the result of ``update(updates, init(params))``; the transforms that carry
   history between steps raise a ``ValueError`` that says to call ``init``.
+* ``optax.inject_hyperparams`` with every numeric argument traced gives the
+  plain transform's result.
+* States are ``<Factory>State`` NamedTuples whose field names are unique
+  across the library (so ``clip_stats`` keys and logs are unambiguous).
 """
 
 from __future__ import annotations
+
+import inspect
+import numbers
 
 import chex
 import jax
@@ -16,86 +24,56 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optaxclip as oc
+import registry
 from helpers import maybe_jit
 
-# name -> (factory of the transform, whether updates carry a batch axis)
-_DIAGNOSTIC_ONLY = {
-  "clip_by_value": lambda: oc.clip_by_value(0.5),
-  "clip": lambda: oc.clip(0.5),
-  "clip_by_norm": lambda: oc.clip_by_norm(0.5),
-  "clip_by_global_norm": lambda: oc.clip_by_global_norm(0.5),
-  "clip_by_global_norm_l1": lambda: oc.clip_by_global_norm(0.5, ord=1),
-  "clip_by_block_rms": lambda: oc.clip_by_block_rms(0.5),
-  "adaptive_grad_clip": lambda: oc.adaptive_grad_clip(0.1),
-  "clip_by_global_norm_groups": lambda: oc.clip_by_global_norm(
-    0.5, groups=lambda path, leaf: "bias" if leaf.ndim == 1 else "kernel"
-  ),
-}
-_WITH_HISTORY = {
-  "autoclip": lambda: oc.autoclip(),
-  "zclip": lambda: oc.zclip(),
-  "adagc": lambda: oc.adagc(),
-  "skip_step": lambda: oc.skip_step(optax.sgd(0.1), max_norm=10.0),
-  "clip_per_example": lambda: oc.clip_per_example(0.5),
-  "skip_step_loss": lambda: oc.skip_step(
-    optax.sgd(0.1), max_norm=10.0, loss_window=8, record_skipped=True
-  ),
-  "clip_norm_growth": lambda: oc.clip_norm_growth(),
-  "spam_clip": lambda: oc.spam_clip(),
-  "momentum_reset": lambda: oc.momentum_reset(optax.sgd(0.1)),
-  "adaclip": lambda: oc.adaclip(),
-  "adagn": lambda: oc.adagn(),
-}
-_ALL = {**_DIAGNOSTIC_ONLY, **_WITH_HISTORY}
+import optaxclip as oc
+
+ROWS = registry.ROWS
+DIAGNOSTIC_ONLY = [r for r in ROWS if not r.keeps_history]
+WITH_HISTORY = [r for r in ROWS if r.keeps_history]
 
 
-def _grads(name, rng):
-  tree = {
-    "dense": {
-      "kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
-      "bias": jnp.asarray(rng.standard_normal((3,)), jnp.float32),
-    }
-  }
-  if name == "clip_per_example":  # a batch of 5 per-example gradients
-    tree = jax.tree.map(lambda x: jnp.stack([x] * 5), tree)
-  return tree
+def test_every_public_transform_has_a_registry_row():
+  states = {n for n in oc.__all__ if n.endswith("State")}
+  factories = set(oc.__all__) - states - registry.NOT_TRANSFORMS
+  covered = {r.factory.__name__ for r in ROWS}
+  assert factories <= covered, sorted(factories - covered)
+  # and the exclusions are still public (a stale name hides nothing).
+  assert set(oc.__all__) >= registry.NOT_TRANSFORMS
+  names = [r.name for r in ROWS]
+  assert len(names) == len(set(names)), names
 
 
-def _params(rng):
-  return {
-    "dense": {
-      "kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
-      "bias": jnp.asarray(rng.standard_normal((3,)), jnp.float32),
-    }
-  }
+@pytest.mark.parametrize("row", ROWS, ids=repr)
+def test_registry_row_makes_an_extra_args_transform(row):
+  for make in (row.make, row.passing):
+    if make is not None:
+      assert isinstance(make(), optax.GradientTransformationExtraArgs)
 
 
-@pytest.mark.parametrize("name", sorted(_ALL))
+@pytest.mark.parametrize("row", ROWS, ids=repr)
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_], ids=["int32", "bool"])
 def test_integer_and_bool_leaves_are_a_type_error_naming_the_path(
-  name, dtype, use_jit
+  row, dtype, use_jit
 ):
-  rng = np.random.default_rng(0)
-  tx = _ALL[name]()
-  grads = _grads(name, rng)
-  params = _params(rng)
+  tx = row.make()
+  params = registry.params(row)
   state = tx.init(params)
-  bad = dict(grads)
-  bad["step"] = {"count": jnp.zeros((5,) if name == "clip_per_example" else (),
-                                    dtype)}
-  update = maybe_jit(tx.update, use_jit)
+  bad = dict(registry.updates(row, params))
+  shape = (registry.BATCH,) if row.per_example else ()
+  bad["step"] = {"count": jnp.zeros(shape, dtype)}
+  update = maybe_jit(registry.update_fn(row, tx), use_jit)
   with pytest.raises(TypeError, match=r"step/count.*" + np.dtype(dtype).name):
     update(bad, state, params)
 
 
-@pytest.mark.parametrize("name", sorted(_DIAGNOSTIC_ONLY))
-def test_state_none_rebuilds_a_diagnostic_state(name, use_jit):
-  rng = np.random.default_rng(1)
-  tx = _DIAGNOSTIC_ONLY[name]()
-  grads, params = _grads(name, rng), _params(rng)
-  update = maybe_jit(tx.update, use_jit)
+@pytest.mark.parametrize("row", DIAGNOSTIC_ONLY, ids=repr)
+def test_state_none_rebuilds_a_diagnostic_state(row, use_jit):
+  tx = row.make()
+  params = registry.params(row, seed=1)
+  grads = registry.updates(row, params, scale=-1.5)
+  update = maybe_jit(registry.update_fn(row, tx), use_jit)
   want = update(grads, tx.init(params), params)
   got = update(grads, None, params)
   # Two programs (the state is an input in one, rebuilt in the other) may
@@ -103,9 +81,70 @@ def test_state_none_rebuilds_a_diagnostic_state(name, use_jit):
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", sorted(_WITH_HISTORY))
-def test_state_none_on_a_transform_with_history_says_call_init(name):
-  rng = np.random.default_rng(2)
-  tx = _WITH_HISTORY[name]()
+@pytest.mark.parametrize("row", WITH_HISTORY, ids=repr)
+def test_state_none_on_a_transform_with_history_says_call_init(row):
+  tx = row.make()
+  params = registry.params(row, seed=2)
   with pytest.raises(ValueError, match=r"state=None.*tx\.init"):
-    tx.update(_grads(name, rng), None, _params(rng))
+    registry.update_fn(row, tx)(registry.updates(row, params), None, params)
+
+
+def _numeric_arguments(row: registry.Row) -> dict:
+  """Every real-number argument of the factory (threshold and defaults)."""
+  kwargs = {}
+  for name, p in inspect.signature(row.factory).parameters.items():
+    value = p.default
+    if name == row.threshold_arg and value is inspect.Parameter.empty:
+      value = 0.5
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+      kwargs[name] = value
+  return kwargs
+
+
+_INJECTABLE = [r for r in ROWS if not r.wrapper and _numeric_arguments(r)]
+
+
+@pytest.mark.parametrize("row", _INJECTABLE, ids=repr)
+@pytest.mark.usefixtures("standard_promotion")  # optax's dtype of hyperparams
+def test_inject_hyperparams_with_every_number_traced(row):
+  kwargs = _numeric_arguments(row)
+  params = registry.params(row, seed=3)
+  grads = registry.updates(row, params, scale=2.0)
+  plain = row.factory(**kwargs)
+  injected = optax.inject_hyperparams(row.factory)(**kwargs)
+  step_plain = jax.jit(registry.update_fn(row, plain))
+  step_injected = jax.jit(registry.update_fn(row, injected))
+  state_plain, state_injected = plain.init(params), injected.init(params)
+  for _ in range(2):
+    want, state_plain = step_plain(grads, state_plain, params)
+    got, state_injected = step_injected(grads, state_injected, params)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0)
+  assert set(state_injected.hyperparams) == set(kwargs)
+
+
+def _state_classes() -> list[type]:
+  return [getattr(oc, n) for n in oc.__all__ if n.endswith("State")]
+
+
+def test_state_field_names_are_unique_and_annotated():
+  seen: dict[str, str] = {}
+  for cls in _state_classes():
+    assert issubclass(cls, tuple) and hasattr(cls, "_fields"), cls
+    assert set(cls.__annotations__) == set(cls._fields), cls
+    for field in cls._fields:
+      assert field not in seen, (field, cls.__name__, seen.get(field))
+      seen[field] = cls.__name__
+
+
+@pytest.mark.parametrize("row", ROWS, ids=repr)
+def test_state_is_the_factorys_state_and_plain_arrays(row):
+  tx = row.make()
+  state = tx.init(registry.params(row))
+  name = type(state).__name__
+  if not isinstance(state, optax.EmptyState):  # clip(), as optax.clip
+    # Acronyms keep their case (AdaGCState): compare case-insensitively.
+    want = row.factory.__name__.replace("_", "").lower()
+    assert name.lower().startswith(want) and name.endswith("State"), name
+    assert getattr(oc, name) is type(state), name
+  for leaf in jax.tree.leaves(state):
+    assert isinstance(leaf, (jax.Array, np.ndarray)), type(leaf)
