@@ -61,90 +61,33 @@ def zclip(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips global-norm spikes detected by an EMA z-score (ZClip).
 
-  **Warmup** (the first ``warmup_steps`` finite, nonzero norms; see below
-  for zeros): each norm is recorded
-  and the update is clipped by ``max_norm`` only (not at all with
-  ``max_norm=None``). The step that fills the buffer sets the mean to the
-  buffer's mean and the variance to its population variance.
+  During warmup (the first ``warmup_steps`` nonzero finite norms) the update
+  is clipped by ``max_norm`` only, and the last warmup step sets the mean
+  and variance from the buffer. Then, with :math:`\sigma = \sqrt{var}`:
 
-  **After warmup**, with :math:`\sigma = \sqrt{\mathrm{var}}` and
-  :math:`z = (g - \mu) / (\sigma + \epsilon)`:
+  .. math::
+    z = \frac{g - \mu}{\sigma + \epsilon}, \qquad
+    \tau = \Bigl(\mu + \frac{z_{thresh}\,\sigma}{z / z_{thresh}}\Bigr)
+      \cdot \mathrm{clip\_factor}
 
-  * ``mode="zscore"``: a spike is :math:`z > z_{thresh}`; its threshold is
-    :math:`\tau = (\mu + z_{thresh}\sigma / (z / z_{thresh})) \cdot
-    \mathrm{clip\_factor}` (``clip_option="adaptive_scaling"``) or
-    :math:`\tau = \mu` (``"mean"``);
-  * ``mode="percentile"``: a spike is :math:`g > \mu + z_{thresh}\sigma`, and
-    :math:`\tau = \mu + z_{thresh}\sigma`;
-  * the update is clipped to :math:`\min(\tau \text{ if spike else } g,
-    \mathrm{max\_norm})` (without the ``max_norm`` term when it is None);
-  * the statistics are updated with :math:`x = \tau` on a spike, else
-    :math:`x = g`: :math:`\mu \leftarrow \alpha\mu + (1-\alpha)x`, then
-    :math:`\mathrm{var} \leftarrow \alpha\,\mathrm{var} + (1-\alpha)(x -
-    \mu_{new})^2` with the *new* mean -- unless ``skip_update_on_spike`` and
-    the step was a spike.
-
-  Quirks of the reference kept on purpose: ``clip_factor`` multiplies the
-  whole adaptive threshold (not only the ``z_thresh * std`` term its
-  docstring mentions) and is ignored by ``clip_option="mean"`` and by
-  ``"percentile"`` mode; with the default ``max_norm=1.0`` a fixed cap of 1
-  is always active as well, during and after warmup (pass ``max_norm=None``
-  for purely adaptive clipping); the statistics are updated with the
-  adaptive threshold, not with the ``max_norm``-capped value.
-
-  Deviations, all for robustness: the scale is ``cap / g`` exactly (the
-  reference divides by ``g + 1e-6``; the difference is below 1e-6 relative);
-  non-finite norms give NaN updates (loud) and are neither recorded nor fed to
-  the statistics (the reference would poison its EMA with NaN forever); with
-  ``eps = 0`` and :math:`\sigma = 0`, :math:`z` is taken as ``+inf`` above
-  the mean and 0 otherwise (the reference divides by zero). The threshold
-  is a statistic of past norms and is not differentiated through.
-
-  *Zero norms are not observations.* A global norm of exactly 0 means no
-  gradient reached the parameters this step (a frozen or not-yet-used
-  ``optax.multi_transform`` group, a fully masked batch, a step zeroed
-  upstream); it says nothing about the scale of the gradients to come. The
-  reference records it anyway, and that makes zero an absorbing state: a
-  warmup of zeros gives :math:`\mu = \sigma = 0`, after which every nonzero
-  norm has :math:`z \approx g / \epsilon > z_{thresh}`, its threshold is
-  :math:`\tau = 0` (in every mode and clip option) and the EMA takes in
-  :math:`x = \tau = 0` again, so every later update is zeroed forever. (A
-  long run of zeros after warmup drives :math:`\mu` geometrically to the same
-  state.) Here a zero norm passes through unchanged (it is zero; with
-  :math:`g = 0` there is no spike), is not recorded in the warmup buffer, does
-  not advance the count, and leaves :math:`\mu` and the variance as they
-  were; likewise a spike whose threshold is 0 (``clip_factor=0``) is clipped
-  to 0 but not fed to the statistics. So warmup ends only after
-  ``warmup_steps`` nonzero norms, :math:`\mu > 0` from then on, and the
-  adaptive threshold is always positive. Should the statistics still hold
-  :math:`\mu = 0` (a state saved by an older version), no spike is flagged
-  and the norm is fed to the EMA, which recovers. On sequences without zero
-  norms this is exactly the reference. A zero *variance* with :math:`\mu >
-  0` (a constant warmup, or ``warmup_steps=1``) is kept as the reference
-  has it: norms above :math:`\mu` are spikes clipped to :math:`\mu` until
-  a norm at or below it arrives and the variance becomes positive.
-
-  The statistics are kept in the accumulation dtype of the tree given to
-  ``init`` (float64 for float64 parameters under x64, so norms beyond the
-  float32 range stay exact; float32 otherwise). The count saturates at
-  ``2**31 - 1`` instead of wrapping, so warmup is never re-entered.
-
-  Like every optaxclip transform, ``update`` raises a ``TypeError`` naming
-  the leaf's path for an integer or bool leaf, and, since the state carries
-  the statistics, a ``ValueError`` telling you to call ``init`` when given
-  ``state=None``.
+  A spike (:math:`z > z_{thresh}`) is clipped to :math:`\tau` (to
+  :math:`\mu` with ``clip_option="mean"``; ``mode="percentile"`` flags
+  :math:`g > \mu + z_{thresh}\sigma` and clips to that), and every update to
+  ``max_norm``. The EMA then takes in :math:`x = \tau` on a spike, else
+  :math:`g`: :math:`\mu \leftarrow \alpha\mu + (1-\alpha)x`, and the variance
+  with the new mean. This follows the authors' reference, quirks included;
+  zero and non-finite norms are not fed to the statistics. Details:
+  ``docs/transforms.md#zclip``.
 
   Args:
     alpha: EMA decay, in (0, 1).
     z_thresh: the z-score above which a norm is a spike, > 0.
     max_norm: a fixed cap on the global norm, >= 0; ``None`` disables it.
     eps: added to the standard deviation before dividing, >= 0.
-    warmup_steps: number of (nonzero) norms collected before the EMA starts,
-      an int >= 1; ``None`` means 25. Static
-      (``static_args=("warmup_steps",)`` under ``inject_hyperparams``).
-    mode: ``"zscore"`` or ``"percentile"`` (case-insensitive).
-    clip_option: ``"adaptive_scaling"`` or ``"mean"``; used in ``"zscore"``
-      mode only, but validated always.
+    warmup_steps: nonzero norms collected before the EMA starts, an int >= 1;
+      ``None`` means 25. Static under ``inject_hyperparams``.
+    mode: ``"zscore"`` or ``"percentile"``.
+    clip_option: ``"adaptive_scaling"`` or ``"mean"`` (``"zscore"`` mode).
     clip_factor: multiplies the adaptive threshold, >= 0.
     skip_update_on_spike: keep the statistics unchanged on spikes.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis the update tree
@@ -157,7 +100,8 @@ def zclip(
   Raises:
     ValueError: for ``alpha`` outside (0, 1), ``z_thresh <= 0``, negative
       ``max_norm``/``eps``/``clip_factor``, ``warmup_steps < 1``, or an
-      unknown ``mode``/``clip_option``.
+      unknown ``mode``/``clip_option``; from ``update``, for ``state=None``.
+    TypeError: from ``update``, for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -174,8 +118,7 @@ def zclip(
 
   References:
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-    <https://arxiv.org/abs/2504.02507>`_, 2025. Peer: the authors' PyTorch
-    reference ``bluorion-com/ZClip``.
+    <https://arxiv.org/abs/2504.02507>`_, 2025
   """
   _validate.check_in_range(
     _FN, "alpha", alpha, 0, 1, low_open=True, high_open=True
