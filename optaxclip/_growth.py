@@ -97,57 +97,19 @@ def clip_norm_growth(
     \gamma p / n_t & \text{otherwise} \end{cases}, \qquad
     p \leftarrow \min(n_t, \gamma p)
 
-  So the norm may grow by at most a factor :math:`\gamma` per step, and a
-  spike is brought down to :math:`\gamma` times the last accepted norm; after
-  it, the allowed norm recovers by a factor :math:`\gamma` per step. Norms
-  may fall freely. The scale rule (bit-identical unclipped updates, a clipped
-  norm of exactly :math:`\gamma p`, float32 statistics for bf16/fp16 trees,
-  a finite ``jax.grad`` everywhere) is that of
-  :func:`optaxclip.clip_by_global_norm`.
-
-  Decisions where the paper is silent (or where this deviates from the
-  authors' code, all on purpose):
-
-  * **Which previous norm.** The limited one, as the authors' code stores it:
-    after a spike is clipped, the next step is compared with the clipped
-    norm, not with the spike.
-  * **First step.** There is no previous norm: the update passes through
-    unchanged and its norm becomes the reference (as in the authors' code).
-  * **Zero norms are not observations.** A global norm of exactly 0 (a
-    frozen ``optax.multi_transform`` group, a fully masked batch, a step
-    zeroed upstream) passes through (it is zero) and leaves the reference as
-    it was. The authors' code would store 0 and then allow only
-    :math:`\gamma \cdot 10^{-8}`, growing by 1% per step: every later update
-    would be crushed to almost zero for thousands of steps. A reference of 0
-    (only in a fresh state) means "no previous norm".
-  * **Non-finite norms.** If the norm is inf or NaN the whole update comes
-    out NaN (loud; wrap the optimizer in :func:`optaxclip.skip_step` to skip
-    such steps), the state shows the norm, and the reference is kept: the
-    authors' code would store NaN and turn every later step into NaN.
-  * **No epsilon.** The authors divide by ``previous + 1e-8``; here the
-    reference is positive whenever it is used, so the limit is exactly
-    :math:`\gamma p` (the difference is below :math:`10^{-8}\gamma` in
-    absolute terms).
-  * **Global, not per tensor.** Fira limits the norm-scaled residual of each
-    weight matrix inside its optimizer; this transform limits the global
-    norm of whatever it receives (use ``optax.multi_transform`` for one
-    limiter per parameter group), with ``ord`` and ``axis_name`` as in
-    :func:`optaxclip.clip_by_global_norm`.
-  * The limit is a statistic of past norms and is not differentiated
-    through. ``gamma`` is validated to lie in ``[1, inf]`` when concrete
-    (``inf`` disables the limiter); a traced ``gamma`` is not checked, and a
-    NaN one gives NaN updates and is not recorded.
-
-  ``update`` raises a ``TypeError`` naming the leaf's path for an integer or
-  bool leaf, and, since the state carries the reference norm, a
-  ``ValueError`` telling you to call ``init`` when given ``state=None``.
+  The norm may grow by at most a factor :math:`\gamma` per step and may fall
+  freely. The first step passes unchanged; zero and non-finite norms leave
+  :math:`p` as it was (a non-finite norm gives NaN updates). Unlike Fira,
+  which limits each matrix inside its optimizer, this limits the global norm
+  of whatever it receives. Decisions and deviations from the authors' code:
+  ``docs/transforms.md#fira``.
 
   Args:
     gamma: the largest allowed ratio of consecutive global norms, in
-      ``[1, inf]`` (default 1.01, Fira's value). May be a schedule under
-      ``optax.inject_hyperparams``.
+      ``[1, inf]`` (default 1.01, Fira's value; ``inf`` disables it). May be
+      a schedule under ``optax.inject_hyperparams``.
     ord: 2 (default; ``None`` means 2), 1, or ``jnp.inf``/``"inf"``. Static:
-      under ``inject_hyperparams`` pass ``static_args=("ord",)`` to set it.
+      under ``inject_hyperparams`` pass ``static_args=("ord",)``.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis the update tree
       is split across (see :func:`optaxclip.global_norm`).
 
@@ -157,7 +119,7 @@ def clip_norm_growth(
 
   Raises:
     ValueError: for a ``gamma`` below 1, NaN or non-scalar, or an
-      unsupported ``ord``.
+      unsupported ``ord``; from ``update``, for ``state=None``.
     TypeError: for a non-numeric ``gamma``; from ``update``, for an integer
       or bool leaf.
 
@@ -172,16 +134,12 @@ def clip_norm_growth(
     >>> updates, state = tx.update({"g": jnp.array([30.0, 40.0])}, state)
     >>> updates["g"]  # a spike is held to 1.1 times the previous norm, 5
     Array([3.3, 4.4], dtype=float32)
-    >>> float(state.norm_growth_norm), bool(state.norm_growth_clipped)
-    (50.0, True)
-    >>> float(state.norm_growth_prev_norm)  # the next reference: 5.5
-    5.5
+    >>> float(state.norm_growth_norm), float(state.norm_growth_prev_norm)
+    (50.0, 5.5)
 
   References:
     Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
-    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024 (the
-    norm-growth limiter). Authors' code: ``xichen-fy/Fira``,
-    ``optimizer_torch/fira_adamw.py`` ("Norm-Growth Limiter").
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
   _check_gamma(gamma)
   norm_ord = _validate.canonical_ord(_FN, ord)
