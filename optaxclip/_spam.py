@@ -118,95 +118,36 @@ def spam_clip(
   r"""Spike-aware clipping (SPAM): element-wise clipping against an EMA of g².
 
   Every element keeps :math:`v`, an EMA of its squared (clipped) values. At
-  step :math:`t` (counted from 1), with :math:`\theta` = ``threshold``:
+  step :math:`t`, with :math:`\theta` = ``threshold``:
 
   .. math::
     \tilde g_t = \begin{cases}
       \operatorname{sign}(g_t)\sqrt{\theta\,(v_{t-1} + \epsilon)}
-        & \text{if } g_t^2 > \theta\,(v_{t-1} + \epsilon)
-          \text{ and } v_{t-1} > 0 \text{ and the rule is active} \\
+        & \text{if } g_t^2 > \theta\,(v_{t-1} + \epsilon) \text{ and }
+          v_{t-1} > 0 \\
       g_t & \text{otherwise}
     \end{cases}
     \qquad
     v_t = \beta_2 v_{t-1} + (1 - \beta_2)\,\tilde g_t^2
 
-  The rule is active from step ``warmup_steps`` on: on step :math:`t` iff
-  :math:`t \ge T_w`, or, with ``reset_interval`` :math:`\Delta T`, iff
-  :math:`t \bmod \Delta T \ge T_w`; then :math:`v` is also zeroed on every
-  step with :math:`t \bmod \Delta T = 0`, before the test. These are the
-  authors' rules (``step >= grad_accu_steps``, ``step % DeltaT >=
-  grad_accu_steps``, default 20), so steps :math:`1 \dots T_w - 1` and, after
-  each reset, the reset step and the :math:`T_w - 1` steps after it only feed
-  :math:`v`.
-
-  **Its own v, not Adam's.** In the authors' optimizer the spike test uses
-  Adam's second moment (the raw, not bias-corrected ``exp_avg_sq`` before this
-  step's gradient), which the clipped gradients then update. Here the clipper
-  keeps its own :math:`v` with the same update rule, so it composes with any
-  optimizer and costs one float32 buffer the size of the gradients. With the
-  same :math:`\beta_2` as Adam and the clipper first in the chain, the two
-  are identical: Adam receives :math:`\tilde g` and forms the same EMA. They
-  part only when the optimizer's moments are reset
-  (:func:`momentum_reset`): the authors' spike test then restarts from
-  :math:`v = 0` with :math:`T_w` unprotected steps, while this one keeps its
-  history, so spikes right after a reset are still caught. Pass
-  ``reset_interval`` equal to the reset interval to get the authors'
-  behaviour exactly.
-
-  Decisions where the paper is silent:
-
-  * *v is the raw EMA* (no bias correction), as in the authors' code. Early
-    on (and after a reset of :math:`v`) the effective threshold is therefore
-    :math:`\theta(1 - \beta_2^k)` times the mean square over the :math:`k`
-    steps seen: with the defaults, at step 20 an element is a spike above
-    about 10 times its RMS, and at steady state above :math:`\sqrt{5000}
-    \approx 71` times.
-  * *v = 0 is not a scale.* An element whose :math:`v` is exactly 0 has had
-    no nonzero value yet (an embedding row or MoE expert not used during the
-    warmup, a LoRA ``A`` while ``B = 0``, or :math:`v` was just reset). The
-    authors' code flags every nonzero value of it as a spike and clips it to
-    :math:`\sqrt{\theta \cdot 0} = 0`, which keeps :math:`v = 0`, so the
-    element never trains again (until the next reset of :math:`v`). Here such
-    an element is never clipped: its first nonzero value passes and starts
-    :math:`v`. On sequences without that case this is exactly the authors'
-    rule.
-  * ``eps`` (default 0, the authors' rule) floors the scale the test compares
-    against, :math:`v + \epsilon`, for elements whose :math:`v` decayed to
-    almost nothing over a long run of zeros.
-  * *Non-finite values* (inf, NaN) come out NaN (loud; an inf is not clipped
-    to a finite value) and are not folded into :math:`v`; neither is a value
-    whose square overflows the accumulation dtype (:math:`|g| > 1.8 \cdot
-    10^{19}` in float32). Use ``optaxclip.skip_step`` to skip such steps.
-  * Elements that are not clipped come back bit-identical. For bf16/fp16
-    leaves the test and the clipped value are computed in float32 and cast
-    back; :math:`v` takes in the cast values (what the optimizer receives).
-    Complex elements are scaled along :math:`g / |g|`.
-  * :math:`v` is a statistic of past steps and is not differentiated
-    through; ``jax.grad`` through ``update`` is finite everywhere, including
-    at all-zero gradients.
-
-  Place ``spam_clip`` *before* :func:`momentum_reset`, not inside the
-  optimizer it wraps: the reset zeroes every state leaf that mirrors the
-  parameters, which would include this :math:`v`.
-
-  Like every optaxclip transform, ``update`` raises a ``TypeError`` naming
-  the leaf's path for an integer or bool leaf, and, since the state carries
-  :math:`v`, a ``ValueError`` telling you to call ``init`` when given
-  ``state=None``.
+  The rule is active from step ``warmup_steps`` on (after each reset of
+  :math:`v` too), as in the authors' code. Unlike the authors, who test
+  against Adam's second moment, the clipper keeps its own :math:`v`, so it
+  works in front of any optimizer; ``reset_interval`` restores the authors'
+  behaviour under :func:`momentum_reset`. Place it before
+  ``momentum_reset``, not inside it. Non-finite elements come out NaN and
+  are not folded into :math:`v`. Decisions: ``docs/transforms.md#spam``.
 
   Args:
-    threshold: :math:`\theta`, a non-negative scalar (``inf`` disables the
-      clipping); the paper's default is 5000. May be a schedule under
-      ``optax.inject_hyperparams``.
+    threshold: :math:`\theta`, >= 0 (``inf`` disables it); the paper's 5000.
+      May be a schedule under ``optax.inject_hyperparams``.
     b2: EMA decay of :math:`v`, in (0, 1): Adam's :math:`\beta_2` (0.999).
     eps: added to :math:`v` in the test and the clipped value, ``>= 0``.
-    warmup_steps: :math:`T_w`, the first step on which the rule is active
-      (see above), an int ``>= 0``; ``None`` means 20, the authors'
-      ``grad_accu_steps``. Static (``static_args=("warmup_steps",)`` under
-      ``inject_hyperparams``).
-    reset_interval: zero :math:`v` every this many steps, and re-enter the
-      warmup, as the authors' optimizer does when it resets its moments; an
-      int ``>= 1``, or ``None`` (default) to never reset :math:`v`. Static.
+    warmup_steps: :math:`T_w`, the first step on which the rule is active,
+      an int ``>= 0``; ``None`` means 20 (the authors' ``grad_accu_steps``).
+      Static under ``inject_hyperparams``.
+    reset_interval: zero :math:`v` every this many steps and re-enter the
+      warmup; an int ``>= 1``, or ``None`` (default) to never reset. Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -215,10 +156,9 @@ def spam_clip(
   Raises:
     ValueError: for a negative or NaN ``threshold`` or ``eps``, ``b2``
       outside (0, 1), ``warmup_steps < 0`` or ``reset_interval < 1``; from
-      ``update``, for ``state=None`` or a state from ``init`` on a different
-      tree.
-    TypeError: for non-numeric arguments, non-static ``warmup_steps`` or
-      ``reset_interval``; from ``update``, for an integer or bool leaf.
+      ``update``, for ``state=None`` or a state made for another tree.
+    TypeError: for non-numeric or traced static arguments; from ``update``,
+      for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -229,13 +169,10 @@ def spam_clip(
     >>> updates, state = tx.update({"w": jnp.array([1.0, 10.0])}, state)
     >>> updates["w"]  # 10**2 > 5000 * 1e-3: clipped to sqrt(5)
     Array([1.      , 2.236068], dtype=float32)
-    >>> int(state.spam_clip_num_clipped), bool(state.spam_clip_clipped)
-    (1, True)
 
   References:
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
-    Training <https://arxiv.org/abs/2501.06842>`_, ICLR 2025. Authors' code:
-    ``TianjinYellow/SPAM-Optimizer``, ``galore_torch/SPAM.py``.
+    Training <https://arxiv.org/abs/2501.06842>`_, 2025
   """
   fn = "spam_clip"
   _validate.check_threshold(fn, "threshold", threshold)
@@ -387,52 +324,22 @@ def momentum_reset(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Resets ``inner``'s moments every ``interval`` steps (SPAM), with warmup.
 
-  On every step :math:`t` (counted from 1) with :math:`t \bmod \Delta T = 0`
-  (:math:`\Delta T` = ``interval``), before ``inner`` sees the gradient,
-  every leaf of ``inner``'s state that belongs to a copy of the parameter
-  tree (Adam's ``mu`` and ``nu``, a momentum trace: what
-  ``optax.tree.map_params`` finds) is set to zero. For the :math:`N` =
-  ``warmup_steps`` steps starting with each reset, ``inner``'s updates are
-  multiplied by the authors' cosine warmup
+  On every step :math:`t` with :math:`t \bmod \Delta T = 0`, before
+  ``inner`` sees the gradient, every leaf of ``inner``'s state that mirrors
+  the parameters (Adam's ``mu`` and ``nu``, a momentum trace: what
+  ``optax.tree.map_params`` finds) is set to zero; step counters are kept.
+  For the :math:`N` steps starting with each reset, ``inner``'s updates are
+  scaled by the authors' cosine warmup
 
   .. math::
     s_k = 1 - 0.99 \cdot \frac{1 + \cos\!\big(\pi k / (N + 1)\big)}{2},
     \qquad k = t \bmod \Delta T < N,
 
-  so :math:`s_0 = 0.01` on the reset step, rising towards 1; otherwise (and
-  before the first reset) :math:`s = 1`.
-
-  Decisions where the paper is silent, following the authors' code
-  (``galore_torch/SPAM.py``):
-
-  * *Step counters are not reset.* Adam's ``count`` keeps counting, so after
-    a reset its bias correction :math:`1 - \beta^t` uses the global step
-    :math:`t`, not the steps since the reset, exactly as the authors'
-    ``state["step"]``. (At :math:`t = 500` with :math:`\beta_2 = 0.999` the
-    first update after a reset is about twice Adam's usual size; the warmup's
-    :math:`s_0 = 0.01` absorbs it.) Other non-parameter leaves (schedule
-    counts, injected hyperparameters) are kept as well.
-  * The first reset is at step :math:`\Delta T`, and there is no warmup before
-    it (the authors start their warmup counter past :math:`N`).
-  * The warmup scales ``inner``'s whole update. In the authors' optimizer
-    weight decay is applied outside the warmup scale; to match that, wrap only
-    the moment part: ``optax.chain(momentum_reset(optax.scale_by_adam()),
-    optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr))``.
-  * Outputs keep each leaf's dtype; bf16/fp16 leaves are multiplied in
-    float32. Non-finite updates pass through (scaled), so ``inner``'s NaNs
-    stay loud.
-
-  ``optax.chain(oc.spam_clip(), oc.momentum_reset(optax.adam(lr, b1, b2)))``
-  is the authors' SPAM optimizer (with ``density=1``, no weight decay) except
-  for two documented details: Adam's ``eps`` is added to
-  :math:`\sqrt{\hat v}` in optax and to :math:`\sqrt{v}` in their code, and
-  the spike test keeps its own :math:`v` across resets (see
-  :func:`spam_clip`; ``spam_clip(reset_interval=interval)`` removes that
-  difference).
-
-  Use it with moment-based optimizers (Adam, AdamW, Lion, SGD with
-  momentum). An optimizer that keeps a copy of the *parameters* in its state
-  (schedule-free, lookahead, EMA of weights) would have that copy zeroed.
+  and by 1 otherwise. ``optax.chain(oc.spam_clip(reset_interval=500),
+  oc.momentum_reset(optax.adam(lr)))`` reproduces the authors' SPAM
+  optimizer, up to two details given in ``docs/transforms.md#spam`` with the
+  other decisions. Do not wrap optimizers that keep a copy of the parameters
+  in their state (schedule-free, lookahead, EMA of weights).
 
   Args:
     inner: the optimizer to wrap, any ``optax.GradientTransformation``.
@@ -447,9 +354,8 @@ def momentum_reset(
 
   Raises:
     TypeError: if ``inner`` is not a ``GradientTransformation``, or for a
-      non-static ``interval``/``warmup_steps`` (traced under
-      ``inject_hyperparams``: pass ``static_args``); from ``update``, for an
-      integer or bool leaf.
+      traced ``interval``/``warmup_steps`` (pass ``static_args``); from
+      ``update``, for an integer or bool leaf.
     ValueError: for ``interval < 1`` or ``warmup_steps < 0``; from
       ``update``, for ``state=None``.
 
@@ -463,20 +369,18 @@ def momentum_reset(
     >>> state = tx.init(params)
     >>> for step in range(1, 7):
     ...   updates, state = tx.update({"w": jnp.ones(1)}, state, params)
-    ...   print(step, int(state.momentum_reset_steps),
-    ...         round(float(state.momentum_reset_scale), 4),
+    ...   print(step, round(float(state.momentum_reset_scale), 4),
     ...         round(float(updates["w"][0]), 4))
-    1 1 1.0 -1.0
-    2 2 1.0 -1.9
-    3 0 0.01 -0.01
-    4 1 0.2575 -0.4892
-    5 2 1.0 -2.71
-    6 0 0.01 -0.01
+    1 1.0 -1.0
+    2 1.0 -1.9
+    3 0.01 -0.01
+    4 0.2575 -0.4892
+    5 1.0 -2.71
+    6 0.01 -0.01
 
   References:
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
-    Training <https://arxiv.org/abs/2501.06842>`_, ICLR 2025. Authors' code:
-    ``TianjinYellow/SPAM-Optimizer``, ``galore_torch/SPAM.py``.
+    Training <https://arxiv.org/abs/2501.06842>`_, 2025
   """
   fn = "momentum_reset"
   _check_inner(fn, inner)
