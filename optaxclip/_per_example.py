@@ -141,115 +141,56 @@ def clip_per_example(
     + \mathcal{N}(0, \sigma^2 C^2 I)\Big)
 
   (no :math:`1/B` with ``reduce="sum"``; no noise unless ``noise_multiplier``
-  :math:`\sigma` is given). Output leaves have the per-example shape (batch
-  axis removed) and the input dtype; bf16/fp16 examples are scaled and summed
-  in float32 and cast back once. With ``reduce="sum"`` and no noise the result
-  equals ``optax.per_example_global_norm_clip(jax.tree.leaves(updates),
-  max_norm)[0]`` on finite input.
-
-  **Non-finite examples.** optax lets an example whose norm is NaN pass
-  unclipped (poisoning the sum). Here an example with an inf/NaN norm is
-  *excluded*: its contribution is an exact zero (selected with ``where``,
-  never ``0 * nan``) and it is counted in ``num_nonfinite_examples``. With
-  ``reduce="mean"`` the sum is still divided by the full batch size :math:`B`:
-  the DP-SGD sensitivity analysis assumes a fixed denominator, and a
-  data-dependent one would leak how many examples were dropped. Under
-  ``jax.grad``, the gradient with respect to a non-finite example is NaN
-  (its norm's backward pass sees the NaN); the other examples' gradients are
-  unaffected. Masking it too would cost a second pass over the gradients.
-
-  **Noise** (DP-SGD). With ``noise_multiplier`` :math:`\sigma`, Gaussian noise
-  of standard deviation :math:`\sigma C` (the threshold used in this step) is
-  added to every element of the *sum*, before averaging. The PRNG key lives
-  in the state as a raw ``uint32[2]`` key (``jax.random.PRNGKey(seed)``, so
-  the state checkpoints as a plain array) and is split every step, so noise
-  never repeats; the same seed and state give the same noise. With
-  ``axis_name`` the key is folded with the device's axis index, so each
-  shard of a split tree gets independent noise. Privacy accounting is the
-  user's job.
-
-  **Adaptive threshold** (Andrew et al., non-private quantile estimator). With
-  ``target_quantile`` :math:`\gamma`, :math:`C` lives in the state (starting
-  at ``max_norm``) and after each step
-
-  .. math::
-    C \leftarrow C \cdot \exp\!\big(-\eta\,(\bar b - \gamma)\big),
-
-  where :math:`\bar b` is the fraction of the finite examples whose norm is
-  at most the :math:`C` used in this step and :math:`\eta` is
-  ``quantile_lr``. A batch with no finite example leaves :math:`C` unchanged.
-  The estimate of :math:`\bar b` is not privatised. In exact arithmetic the
-  update can never reach 0 or inf; in float32 it could (about 1000 steps of
-  all-zero gradients underflow :math:`C = 1` to 0 with ``target_quantile=0.5``
-  and the default ``quantile_lr``, after which every update would be zero
-  forever), so after each update :math:`C` is kept in ``[1.18e-38, 3.4e38]``
-  (float32's smallest normal and largest finite values), from where it can
-  adapt back. A ``max_norm`` of 0 or inf
-  thus starts at the floor or the ceiling after the first step. A traced
-  (``inject_hyperparams``) ``target_quantile`` outside [0, 1] or negative
-  ``quantile_lr`` makes :math:`C` NaN, and so every later update: loud.
-
-  **Batches.** Shapes are static, so these checks run at trace time: every
-  leaf needs the same leading batch size; with ``params`` passed to
-  ``update``, every leaf must be its parameter's shape behind one leading
-  batch axis (a gradient that was never ``vmap``-ed raises a ``ValueError``
-  naming the leaf instead of being read as a batch); an empty batch (size 0)
-  raises a ``ValueError`` with ``reduce="mean"`` (there is no mean of no
-  examples) and gives zeros (plus noise) with ``reduce="sum"``.
-
-  **Policies.** Integer and bool leaves raise a ``TypeError`` naming the
-  leaf's path. ``update(updates, None)`` raises a ``ValueError``: the state
-  carries history (the noise PRNG key, which must advance every step, and
-  the adaptive threshold), so call ``init`` first.
+  :math:`\sigma` is given). Outputs have the per-example shape and the input
+  dtype. An example with a non-finite norm is excluded (an exact zero) and
+  counted; the mean still divides by :math:`B`. With ``target_quantile``
+  :math:`\gamma`, :math:`C` adapts after each step (Andrew et al.):
+  :math:`C \leftarrow C \exp(-\eta(\bar b - \gamma))`, with :math:`\bar b`
+  the fraction of finite examples whose norm was at most :math:`C`; the
+  state's ``per_example_max_norm`` is the threshold for the *next* step.
+  Privacy accounting is the user's job. Details:
+  ``docs/transforms.md#per-example``.
 
   Args:
-    max_norm: the per-example threshold :math:`C` (initial value when
-      ``target_quantile`` is set), a non-negative scalar.
+    max_norm: the threshold :math:`C` (its initial value with
+      ``target_quantile``), a non-negative scalar.
     reduce: ``"mean"`` (default, divide by the batch size) or ``"sum"``.
     noise_multiplier: :math:`\sigma \ge 0`; ``None`` (default) adds no noise.
       Requires a finite ``max_norm``.
-    seed: int seed of the noise PRNG key.
+    seed: int seed of the noise PRNG key (kept in the state, split per step).
     target_quantile: :math:`\gamma \in [0, 1]` to adapt :math:`C`; ``None``
-      (default) keeps it fixed at ``max_norm``.
-    quantile_lr: :math:`\eta \ge 0`, the geometric step size of the threshold
-      update (default 0.2).
+      (default) keeps it fixed.
+    quantile_lr: :math:`\eta \ge 0`, the threshold's step size (default 0.2).
     axis_name: inside ``shard_map``/``pmap``, the mapped axis across which
-      each example's gradient is *split*; per-example partial norms are
-      combined with ``psum``. (A batch split across devices is not combined:
-      sum the outputs yourself.)
+      each example's gradient is *split* (partial norms are ``psum``-ed).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`ClipPerExampleState`.
 
   Raises:
-    ValueError: at construction, for a negative/NaN ``max_norm``, an unknown
-      ``reduce``, a negative ``noise_multiplier`` (or one with an infinite
-      ``max_norm``), ``target_quantile`` outside [0, 1], a negative
-      ``quantile_lr`` or a non-integer ``seed``; at trace time, when the
-      leaves of ``updates`` do not share one leading batch size, do not
-      match ``params`` (when given) behind a batch axis, or the batch is
-      empty with ``reduce="mean"``; for ``state=None``.
-    TypeError: at trace time, for an integer or bool leaf of ``updates``.
+    ValueError: for a negative/NaN ``max_norm``, an unknown ``reduce``, a
+      negative ``noise_multiplier`` (or one with an infinite ``max_norm``),
+      ``target_quantile`` outside [0, 1], a negative ``quantile_lr`` or a
+      non-integer ``seed``; from ``update``, for leaves without one shared
+      batch size (or not matching ``params`` behind it), an empty batch with
+      ``reduce="mean"``, or ``state=None``.
+    TypeError: from ``update``, for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from optaxclip._per_example import clip_per_example
-    >>> tx = clip_per_example(1.0, reduce="sum")
+    >>> import optaxclip as oc
+    >>> tx = oc.clip_per_example(1.0, reduce="sum")
     >>> per_example = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
     >>> updates, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
     >>> updates["w"]
     Array([0.90000004, 1.2       ], dtype=float32)
-    >>> int(state.num_clipped_examples), state.per_example_norm_mean
-    (1, Array(2.75, dtype=float32))
 
   References:
     Abadi et al., `Deep Learning with Differential Privacy
     <https://arxiv.org/abs/1607.00133>`_, 2016.
     Andrew et al., `Differentially Private Learning with Adaptive Clipping
-    <https://arxiv.org/abs/1905.03871>`_, 2019.
-    Peers: ``optax.per_example_global_norm_clip``,
-    ``optax.contrib.differentially_private_aggregate``.
+    <https://arxiv.org/abs/1905.03871>`_, 2019
   """
   _validate.check_threshold(_FN, "max_norm", max_norm)
   reduce = _validate.check_choice(_FN, "reduce", reduce, _REDUCTIONS)
