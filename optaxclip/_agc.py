@@ -52,29 +52,17 @@ def default_unit_axes(
 ) -> tuple[int, ...] | None:
   """The axes one AGC unit spans by default, or None if no rule applies.
 
-  A unit is one output neuron (one output channel for a conv): its incoming
-  weights are the slice the reduction axes span, and the remaining axes index
-  the units.
-
-  ``layout="flax"`` (the default, identical to ``optax.adaptive_grad_clip``)
-  is for kernels whose *last* axis is the output, as Flax and Haiku store
-  them:
-
-  * arrays that squeeze to at most one dimension (scalars, vectors, (1, n)
-    ...): the whole array is one unit;
-  * rank 2 (dense ``(in, out)``) and rank 3 (multi-head ``(in, heads, dim)``):
-    axis 0, one unit per output;
-  * rank 4 (conv ``HWIO``): axes (0, 1, 2), one unit per output channel;
-  * rank 5 (conv3d ``DHWIO``): axes (0, 1, 2, 3).
-
-  ``layout="torch"`` is for weights whose *first* axis is the output, as
-  PyTorch and Equinox store them (``Linear`` ``(out, in)``, ``Conv``
-  ``(out, in, *kernel)``): units are rows, every axis but 0 is reduced, for
-  any rank; vectors and scalars are one unit.
-
-  Stacked (scanned) leaves are not guessed from their rank: pass
-  ``stacked=`` to :func:`adaptive_grad_clip`, and the rule is applied to one
-  layer's slice.
+  A unit is one output neuron (one output channel for a conv): the reduction
+  axes span its incoming weights, the remaining axes index the units. In
+  both layouts an array that squeezes to at most one dimension (a scalar, a
+  vector, a ``(1, n)`` kernel) is one unit. ``layout="flax"`` (the default,
+  as ``optax.adaptive_grad_clip``) is for kernels whose *last* axis is the
+  output: rank 2 ``(in, out)`` and 3 ``(in, heads, dim)`` reduce axis 0,
+  rank 4 ``HWIO`` reduces ``(0, 1, 2)`` and rank 5 ``(0, 1, 2, 3)``.
+  ``layout="torch"`` is for weights whose *first* axis is the output
+  (PyTorch, Equinox ``(out, in, *kernel)``): every axis but 0 is reduced.
+  For stacked leaves, pass ``stacked=`` to :func:`adaptive_grad_clip` and
+  the rule applies to one layer's slice.
 
   Args:
     shape: the leaf's shape (one layer's slice for stacked leaves).
@@ -98,8 +86,7 @@ def default_unit_axes(
 
   References:
     Brock et al., `High-Performance Large-Scale Image Recognition Without
-    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021 (unit-wise
-    norms). Peer: ``optax.adaptive_grad_clip``'s ``unitwise_norm``.
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
   """
   layout = _validate.check_choice(
     "default_unit_axes", "layout", layout, LAYOUTS
@@ -200,73 +187,43 @@ def adaptive_grad_clip(
     \max(\|W_i\|, \epsilon) \\ \lambda \max(\|W_i\|, \epsilon) / \|G_i\| &
     \text{otherwise} \end{cases}
 
-  A unit is one slice of a leaf: the reduction ``axes`` span the unit, the
-  remaining axes index the units. Defaults follow ``optax.adaptive_grad_clip``
-  (see :func:`default_unit_axes`), which fit Flax's layouts: ``nnx.Linear`` /
-  ``nn.Dense`` kernels ``(in, out)`` -> one unit per output, ``nnx.Conv``
-  kernels ``HWIO`` -> one unit per output channel, biases and scales -> one
-  unit. Conv1D kernels ``(width, in, out)`` are rank 3 and get axis 0 only,
-  as in optax; pass ``axis`` for them.
-
-  Guarantees, as for every optaxclip clipper: norms of bf16/fp16 gradients
-  and params are accumulated in float32; each update keeps its gradient's
-  dtype (bf16 gradients with float32 params give bf16 updates); units that
-  need no clipping come back bit-identical; zero gradients and
-  zero-initialised params give no NaN and ``jax.grad`` through ``update`` is
-  finite; a non-finite unit norm makes that unit NaN. With ``eps`` the floor,
-  a zero-initialised bias may move by at most ``clipping * eps`` per step
-  until it grows (e.g. ``0.01 * 1e-3 = 1e-5`` with the paper's values), which
-  is the paper's intended behaviour; use ``optax.masked`` to exempt layers.
-
-  The paper leaves the final classifier unclipped::
-
-    tx = optax.chain(
-        optax.masked(oc.adaptive_grad_clip(0.01),
-                     lambda params: jax.tree_util.tree_map_with_path(
-                         lambda path, _: "head" not in jax.tree_util.keystr(
-                             path), params)),
-        optax.sgd(0.1, momentum=0.9))
+  A unit is one slice of a leaf: the reduction axes span the unit, the
+  remaining axes index the units. The default axes follow
+  ``optax.adaptive_grad_clip`` (see :func:`default_unit_axes`). Norms of
+  bf16/fp16 gradients and params accumulate in float32; unclipped units come
+  back bit-identical. A zero-initialised bias moves at most
+  ``clipping * eps`` per step until it grows, as in the paper. To leave the
+  final classifier unclipped, as the paper does, wrap the transform in
+  ``optax.masked``. Recipes: ``docs/concepts.md#adaptive-gradient-clipping``
+  and ``docs/real_models.md``.
 
   Args:
-    clipping: ``lambda``, the largest allowed ratio ``||G_i|| / max(||W_i||,
-      eps)``; a non-negative scalar, may be scheduled with
-      ``optax.inject_hyperparams``.
-    eps: the floor on parameter norms (default ``1e-3``, as in the paper and
-      optax); non-negative.
-    axis: which axes one unit spans: ``None`` (default rules), an int or tuple
-      of ints for every leaf, a callable ``(path, leaf) -> axes or None``, or
-      a pytree of the params' structure with one entry per leaf (``None``
-      meaning the default rule), e.g. ``{"conv1d": (0, 1), "dense": None}``.
-      A top-level int or tuple of ints always means "every leaf". Callables
-      receive the normalised key path (no Flax ``.value`` component); the
-      pytree form is matched by path, so an ``nnx.State`` or an Equinox
-      module of axes works. With ``stacked``, axes count within one layer's
-      slice.
-    layout: the default unit rule (:func:`default_unit_axes`): ``"flax"``
-      (default, optax-compatible) for ``(..., in, out)`` kernels, ``"torch"``
-      for ``(out, in, ...)`` weights (PyTorch, Equinox ``eqx.nn.Linear`` /
-      ``Conv``): units are rows.
-    stacked: leading axes of a leaf that index layers (scanned blocks): an
-      int, a callable ``(path, leaf) -> int`` (see
-      :func:`optaxclip.stacked_by_path`) or a pytree of ints. Each layer's
-      slice then gets exactly the units it would have unstacked, instead of
-      a rank rule misreading ``(L, in, out)`` as a 3-D kernel.
+    clipping: :math:`\lambda`, the largest allowed ratio
+      :math:`\|G_i\| / \max(\|W_i\|, \epsilon)`; a non-negative scalar, may be
+      scheduled with ``optax.inject_hyperparams``.
+    eps: the floor on parameter norms (default ``1e-3``, as in the paper).
+    axis: the axes one unit spans: ``None`` (default rules), an int or tuple
+      for every leaf, a callable ``(path, leaf) -> axes or None``, or a pytree
+      of the params' structure (``None`` entries mean the default rule). With
+      ``stacked``, axes count within one layer's slice.
+    layout: the default unit rule: ``"flax"`` for ``(..., in, out)`` kernels,
+      ``"torch"`` for ``(out, in, ...)`` weights (PyTorch, Equinox).
+    stacked: leading axes of a leaf that index layers: an int, a callable
+      ``(path, leaf) -> int`` (see :func:`optaxclip.stacked_by_path`) or a
+      pytree of ints. Each layer's slice then gets its own units.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
-    :class:`AdaptiveGradClipState`. ``update`` requires ``params``, with the
-    gradients' tree structure and, leaf by leaf, their exact shapes (no
-    broadcasting). The state only records what the step did, so
-    ``update(grads, None, params)`` works and returns a fresh state.
+    :class:`AdaptiveGradClipState`. ``update`` requires ``params`` with the
+    gradients' structure and shapes; ``update(grads, None, params)`` works.
 
   Raises:
-    TypeError: in ``update``, for an integer or bool leaf of the gradients or
-      the params (the library-wide policy), naming the leaf's path.
     ValueError: for a negative, NaN or non-scalar ``clipping`` or ``eps``, a
-      malformed ``axis``; at trace time, for a rank >= 6 leaf without axes,
-      an out-of-range axis (any explicit axis on a scalar leaf), a missing
-      ``params``, or ``params`` whose structure or a leaf's shape differs
-      from the gradients'.
+      malformed ``axis``; from ``update``, for a rank >= 6 leaf without axes,
+      an out-of-range axis, a missing ``params``, or ``params`` whose
+      structure or shapes differ from the gradients'.
+    TypeError: from ``update``, for an integer or bool leaf of the gradients
+      or the params, naming its path.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -283,8 +240,7 @@ def adaptive_grad_clip(
 
   References:
     Brock et al., `High-Performance Large-Scale Image Recognition Without
-    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
-    Peer: ``optax.adaptive_grad_clip``.
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
   """
   _validate.check_threshold(_FN, "clipping", clipping)
   _validate.check_threshold(_FN, "eps", eps)
