@@ -166,247 +166,63 @@ def skip_step(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps an optimizer so that bad steps are skipped entirely.
 
-  The global L2 norm :math:`n_t` of the incoming gradients is computed once
-  (with :func:`optaxclip.global_norm`'s kernel). Step :math:`t` is skipped
-  when
+  Step :math:`t` is skipped when a clause whose argument is set holds, with
+  :math:`n_t` the global L2 norm, :math:`\mu_t, \sigma_t` the mean and
+  population std of the last ``window`` accepted norms (:math:`A_t` so far),
+  and for ``update(..., loss=loss)`` :math:`m_t, s_t` the mean and sample std
+  of the last ``loss_window`` recorded losses (:math:`L_t` so far):
 
   .. math::
-    \neg\,\mathrm{isfinite}(n_t) \;\lor\; n_t > c \;\lor\;
-    \big(A_t \ge w_0 \,\land\, n_t > \mu_t + k\,\sigma_t\big)
-    \;\lor\; \mathrm{loss\ rule}
+    \neg\mathrm{isfinite}(n_t) \lor n_t > c \lor
+    (A_t \ge w_0 \land n_t > \mu_t + k\sigma_t) \lor
+    \neg\mathrm{isfinite}(\ell_t) \lor
+    (L_t \ge v_0 \land \ell_t - m_t > k_\ell s_t)
 
-  where :math:`c` is ``max_norm``, :math:`k` is ``spike_sigmas``,
-  :math:`\mu_t, \sigma_t` are the population mean and standard deviation of
-  the last ``window`` *accepted* norms, :math:`A_t` is the number of norms
-  accepted so far and :math:`w_0` is ``warmup_steps``. Each clause applies
-  only when its argument is set.
-
-  **Loss rule.** When ``update`` is called with the step's loss as an extra
-  argument, ``update(grads, state, params, loss=loss)`` (as MaxText and
-  Levanter pass it; ``nnx.Optimizer.update(model, grads, loss=loss)``
-  forwards it), the step is also skipped when
-
-  .. math::
-    \neg\,\mathrm{isfinite}(\ell_t) \;\lor\;
-    \big(L_t \ge v_0 \,\land\, \ell_t - m_t > k_\ell\, s_t\big)
-
-  where :math:`\ell_t` is the loss, :math:`m_t, s_t` are the mean and
-  *sample* standard deviation (Bessel's correction, divisor
-  :math:`\max(1, N-1)`) of the last ``loss_window`` recorded losses
-  (excluding :math:`\ell_t`), :math:`L_t` is the number of losses recorded
-  so far, :math:`v_0` is ``loss_warmup_steps`` and :math:`k_\ell` is
-  ``loss_spike_sigmas``. The defaults are MaxText's: window 128,
-  :math:`k_\ell = 6`, and the rule applies once
-  :math:`\max(1, \lfloor W/2 \rfloor - 1)` losses are recorded (63 for
-  :math:`W = 128`; MaxText's and OLMo-core's "at least half the window,
-  counting the current loss"). A loss is recorded when its step is accepted
-  and it is finite, so a step accepted by both rules records both its norm
-  and its loss. **Without** ``loss=`` (or with ``loss=None``) nothing
-  changes: the loss rule does not run for that step, its history and
-  ``skip_loss`` / ``loss_threshold`` keep their values and ``loss_skipped``
-  is False. The state has the same shapes either way; a jitted step
-  compiles once for each of the two call signatures and is then reused.
-
-  On a skipped step the updates are exact zeros (``jnp.zeros_like``, so NaN
-  or inf gradients cannot leak through as ``0 * nan``) and ``inner``'s state
-  is returned bit-identical; the norm and loss are *not* added to the
-  rolling histories (unless ``record_skipped=True``), so one spike cannot
-  inflate the threshold that should catch the next one. On an accepted step
-  ``inner`` runs exactly as it would unwrapped. ``inner`` is evaluated every
-  step and its result discarded on skipped steps (a leaf-wise select rather
-  than ``lax.cond``, so it works under ``vmap`` and with any state
-  structure), which costs one elementwise optimizer update -- small next to
-  the backward pass.
-
-  Compared with ``optax.apply_if_finite(inner, max_consecutive_errors)``:
-  that wrapper only reacts to NaN/inf *elements* in the updates (it tests
-  ``jnp.isfinite`` of every element, not a norm), also returns zero updates
-  (``optax.tree.zeros_like``) and keeps the inner state, but after more than
-  ``max_consecutive_errors`` consecutive non-finite steps it gives up and
-  passes the non-finite updates to ``inner``, corrupting its state. Its state
-  counts ``notfinite_count`` (consecutive), ``total_notfinite`` and
-  ``last_finite``. ``skip_step`` never gives up, also skips finite spikes
-  (``max_norm``, ``spike_sigmas``, the loss rule) and logs the norm, loss
-  and thresholds. Because it tests the float32-accumulated norm, a finite
-  gradient whose norm overflows float32 (elements around ``1e19`` or
-  larger) also counts as non-finite.
-
-  Differences from MaxText ``skip_step_on_spikes`` and OLMo-core
-  ``SkipStepOptimizer`` (which MaxText ports; Levanter's ``SkipStepConfig``
-  is similar):
-
-  * they record *every* step's loss and norm, skipped or not ("so spikes can
-    become the new baseline"); here only accepted steps are recorded by
-    default, so a spike cannot raise the bar for the next one, and
-    ``record_skipped=True`` restores their rule (their skip decisions are
-    reproduced exactly on finite losses, see the tests);
-  * they record non-finite losses too, which makes the statistics NaN and
-    skips every step until the NaN leaves the window (and both accept a
-    NaN loss during warmup); here a non-finite loss is skipped (with
-    ``skip_nonfinite``) and never recorded;
-  * their gradient-norm rule is the loss rule applied to a ``grad_norm=``
-    extra argument (sample std, the same window and warmup); here the norm
-    is computed by the wrapper and judged by ``max_norm`` / ``spike_sigmas``
-    with their own semantics (population std, warmup of ``warmup_steps``
-    accepted norms, no rule by default). ``spike_sigmas=6.0,
-    warmup_steps=63`` comes close. A ``grad_norm=`` extra argument is not
-    read (it is passed on to ``inner`` like every extra argument);
-  * MaxText ignores a missing loss by bypassing every check; here the norm
-    rules still apply;
-  * with a single recorded loss (the default warmup allows it for
-    ``loss_window <= 5``) the std is 0, as in MaxText; ``torch.std``
-    (OLMo-core) gives NaN there and skips every step. Levanter uses the population std floored at ``1e-6`` and a
-    ``W + 1`` window, and requires ``loss``.
-
-  Decisions where the references leave room:
-
-  * comparisons are strict (a norm equal to the threshold is accepted, and a
-    loss with :math:`\ell_t - m_t = k_\ell s_t`), as in
-    :func:`optaxclip.clip_by_global_norm` and MaxText. ``loss_threshold``
-    logs :math:`m_t + k_\ell s_t`; the decision uses MaxText's form
-    :math:`\ell_t - m_t \le k_\ell s_t`;
-  * the loss is cast to the norm's accumulation dtype (float32, float64 for
-    float64 params) and must be a real scalar;
-  * ``loss`` is still passed on to ``inner`` (like every extra argument:
-    plain ``GradientTransformation`` inners ignore it; optax's
-    ``GradientTransformationExtraArgs`` accept it);
-  * with ``skip_nonfinite=False``, a non-finite norm or loss is never
-    skipped, by any rule: the step goes to ``inner`` and its NaNs surface
-    loudly (the library's default for non-finite inputs); such values are
-    not recorded in the rolling histories, which they would poison for a
-    whole window;
-  * the norm spike rule is active once ``warmup_steps`` norms have been
-    accepted (not after ``warmup_steps`` steps), and its statistics cover
-    the ``min(num_accepted, window)`` most recent accepted norms; the loss
-    rule counts recorded losses the same way;
-  * an infinite ``spike_sigmas`` / ``loss_spike_sigmas`` never flags a spike
-    (:math:`\infty \cdot 0` is taken as :math:`\infty`);
-  * a finite step is accepted only when ``norm <= threshold`` (and
-    :math:`\ell_t - m_t \le k_\ell s_t`) holds, so an invalid *traced*
-    threshold fails safe: a ``max_norm`` schedule (under
-    ``optax.inject_hyperparams``) that turns NaN or negative, or a traced
-    ``spike_sigmas`` / ``loss_spike_sigmas`` that turns NaN, skips every
-    step once its rule is active (the invalid value is visible in
-    ``skip_threshold`` / ``loss_threshold`` and ``num_consecutive_skipped``
-    grows) rather than accepting steps the rule was meant to stop. Concrete
-    invalid values are rejected at construction;
-  * integer and bool gradient leaves raise a ``TypeError`` naming the leaf's
-    path (the library-wide policy); ``update(updates, None)`` raises a
-    ``ValueError`` (the state carries the inner optimizer's state and the
-    histories: call ``init`` first).
-
-  Under ``optax.MultiSteps``: ``skip_step(optax.MultiSteps(opt,
-  k).gradient_transformation())`` judges every micro-batch (pass its loss);
-  a skipped micro-batch is left out of the accumulation, which then waits
-  for one more. ``optax.MultiSteps(skip_step(opt), k)`` judges the
-  accumulated gradient once per ``k`` micro-batches, with the ``loss`` of
-  the last micro-batch unless the loop passes the accumulated one.
-
-  .. warning::
-    Because only accepted values enter the histories, a *lasting* upward
-    shift of the gradient norm or of the loss (rather than a spike) can
-    make every later step a "spike", and training stalls. Log
-    ``num_consecutive_skipped`` (e.g. via :func:`optaxclip.clip_stats`) and
-    alert on long runs of skips, or pass ``record_skipped=True``.
+  A skipped step returns exact zeros and leaves ``inner``'s state
+  bit-identical; only accepted, finite values enter the histories unless
+  ``record_skipped=True``. Unlike ``optax.apply_if_finite`` it never passes
+  NaN on. Peers, decisions, ``MultiSteps``: ``docs/transforms.md#skip-step``.
 
   Args:
-    inner: the optimizer to wrap, any ``optax.GradientTransformation``
-      (e.g. ``optax.adamw(3e-4)`` or a whole ``optax.chain``). Extra keyword
-      arguments of ``update`` (``loss`` included) are passed through to it.
-    max_norm: skip steps whose norm is above this non-negative scalar; ``None``
-      (default) disables the cap. May be a schedule under
-      ``optax.inject_hyperparams``.
-    spike_sigmas: skip steps whose norm is above the rolling mean plus
-      ``spike_sigmas`` rolling standard deviations, a positive scalar (MaxText
-      uses 6.0); ``None`` (default) disables the norm spike rule.
-    window: the number of most recent accepted norms in the rolling
-      statistics, an int >= 1; ``None`` (default) means 128. Static: it sets
-      a buffer shape.
-    warmup_steps: how many norms must have been accepted before the spike
-      rule applies, an int >= 1; ``None`` (default) means ``window``. Static.
-    skip_nonfinite: skip steps whose norm or loss is NaN or inf (default
-      True).
-    loss_spike_sigmas: the loss rule's factor :math:`k_\ell`, a positive
-      scalar (``inf`` allowed); default 6.0 (MaxText, OLMo-core). ``None``
-      disables the loss spike clause (a passed loss is then only checked
-      for being finite, and recorded). Used only for steps called with
-      ``loss=``. May be traced (``optax.inject_hyperparams``).
-    loss_window: the number of most recent recorded losses in the loss
-      rule's statistics, an int >= 1; ``None`` (default) means ``window``
-      (so 128 unless ``window`` is set: MaxText uses one interval for both).
-      Static.
-    loss_warmup_steps: how many losses must have been recorded before the
-      loss spike clause applies, an int >= 1; ``None`` (default) means
-      ``max(1, loss_window // 2 - 1)`` (MaxText, OLMo-core). Static.
-    record_skipped: also record the finite norms and losses of *skipped*
-      steps in the rolling histories (MaxText's and OLMo-core's rule: a
-      lasting shift becomes the new baseline instead of stalling training).
-      Default False: accepted steps only. Non-finite values are never
-      recorded.
-    axis_name: inside ``shard_map``/``pmap``, the mapped axis across which the
-      gradient tree is *split*; partial norms are combined with ``psum`` so
-      every device takes the same decision. The loss is averaged over it
-      (``pmean``) for the same reason: pass per-device losses of equal-sized
-      shards, or the global loss (unchanged up to rounding).
+    inner: the optimizer to wrap; extra arguments (``loss`` too) reach it.
+    max_norm: :math:`c`; ``None`` (default) disables the cap.
+    spike_sigmas: :math:`k > 0`; ``None`` (default) disables the norm rule.
+    window: accepted norms in the statistics; ``None`` means 128. Static.
+    warmup_steps: :math:`w_0`; ``None`` means ``window``. Static.
+    skip_nonfinite: skip steps whose norm or loss is NaN or inf (default).
+    loss_spike_sigmas: :math:`k_\ell > 0`, default 6.0 (MaxText); ``None``
+      keeps only the loss's finiteness check.
+    loss_window: losses in the statistics; ``None`` means ``window``. Static.
+    loss_warmup_steps: :math:`v_0`; ``None`` means
+      ``max(1, loss_window // 2 - 1)``, as MaxText. Static.
+    record_skipped: also record the finite values of skipped steps
+      (MaxText's and OLMo-core's rule): a lasting shift becomes the new
+      baseline, but repeated spikes widen the statistics too.
+    axis_name: the mapped axis the gradients are split across (``psum``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`SkipStepState`; its ``update`` accepts an optional ``loss=``
-    extra argument.
+    :class:`SkipStepState`.
 
   Raises:
-    TypeError: if ``inner`` is not a ``GradientTransformation`` (for
-      ``optax.MultiSteps``, pass ``.gradient_transformation()``), or
-      ``window`` / ``warmup_steps`` / ``loss_window`` /
-      ``loss_warmup_steps`` is not a static int; in ``update``, for an
-      integer or bool gradient leaf, or a ``loss`` that is not a real
-      number.
-    ValueError: for a negative or NaN ``max_norm``, a non-positive or NaN
-      ``spike_sigmas`` / ``loss_spike_sigmas``, or a window or warmup below
-      1; in ``update``, for ``state=None`` or a non-scalar ``loss``.
+    TypeError: for a non-transformation ``inner`` or a non-static size; from
+      ``update``, for an integer or bool leaf or a non-real ``loss``.
+    ValueError: for a negative or NaN ``max_norm``, non-positive or NaN
+      sigmas, or sizes below 1; from ``update``, for ``state=None`` or a
+      non-scalar ``loss``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import optaxclip as oc
     >>> tx = oc.skip_step(optax.sgd(1.0), max_norm=10.0)
-    >>> params = {"w": jnp.zeros(2)}
-    >>> state = tx.init(params)
-    >>> updates, state = tx.update({"w": jnp.array([3.0, 4.0])}, state)
-    >>> updates["w"], bool(state.step_skipped)
-    (Array([-3., -4.], dtype=float32), False)
-    >>> updates, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state)
-    >>> updates["w"], bool(state.step_skipped)
-    (Array([0., 0.], dtype=float32), True)
+    >>> state = tx.init({"w": jnp.zeros(2)})
     >>> updates, state = tx.update({"w": jnp.array([30.0, 40.0])}, state)
-    >>> float(state.skip_norm), int(state.num_skipped)
-    (50.0, 2)
-    >>> stats = oc.clip_stats(state)
-    >>> int(stats["skip_step/num_consecutive_skipped"])
-    2
-
-    The loss rule, with a short window (the rule starts after 3 losses):
-
-    >>> tx = oc.skip_step(optax.sgd(1.0), loss_window=8)
-    >>> state = tx.init(params)
-    >>> grads = {"w": jnp.array([0.3, 0.4])}
-    >>> for loss in [2.0, 2.1, 1.9, 2.0]:
-    ...   _, state = tx.update(grads, state, loss=loss)
-    >>> updates, state = tx.update(grads, state, loss=9.0)
-    >>> updates["w"], bool(state.loss_skipped), int(state.num_losses)
-    (Array([0., 0.], dtype=float32), True, 4)
-    >>> round(float(state.loss_threshold), 4)  # 2 + 6 * sample std
-    2.4899
+    >>> updates["w"], bool(state.step_skipped), float(state.skip_norm)
+    (Array([0., 0.], dtype=float32), True, 50.0)
 
   References:
     Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
-    <https://arxiv.org/abs/2204.02311>`_, 2022.
-    Peers: MaxText ``skip_step_on_spikes``
-    (``src/maxtext/optimizers/optimizers.py``; rolling window
-    ``skip_step_interval=128``, ``skip_step_scaling_factor=6.0``),
-    OLMo-core ``SkipStepOptimizer``
-    (``src/olmo_core/optim/skip_step_optimizer.py``, commit ``c757b7c``),
-    Levanter ``SkipStepConfig``, axlearn ``skip_and_clip_by_global_norm``,
-    ``optax.apply_if_finite``.
+    <https://arxiv.org/abs/2204.02311>`_, 2022
   """
   fn = "skip_step"
   if not isinstance(inner, optax.GradientTransformation):
