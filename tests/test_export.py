@@ -19,9 +19,9 @@ step, and so must the module after ``serialize``/``deserialize`` (needs the
 ``flatbuffers`` package, which JAX's serializer imports; the test skips
 without it).
 
-Each transform runs in a clipping and a non-clipping configuration, on a small
-tree with float32 and bfloat16 leaves (clip_per_example gets a batch of two
-examples of that tree).
+Every row of ``tests/registry.py`` runs in its acting and (if it has one) its
+passing configuration, on the registry's small tree with float32 and bfloat16
+leaves (per-example rows get a batch of two examples of that tree).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import pytest
 from jax import export
 
 import optaxclip as oc
+import registry
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -152,136 +153,28 @@ def _register_namedtuples(tree: Any) -> None:
 # The transforms under test.
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-  """A transform in a clipping ("clips") and non-clipping ("passes") setup.
+# The registry's rows, each in its acting ("clips") configuration and, if it
+# has one, its passing ("passes") one, plus inject_hyperparams.
 
-  Attributes:
-    name: test id.
-    make: regime -> GradientTransformation.
-    per_example: updates are a batch of per-example gradients.
-    standard_promotion: run under JAX's standard dtype promotion (see
-      inject_hyperparams below).
-    with_loss: ``update`` also gets a ``loss`` extra argument (computed
-      from the updates, so it is an input of the exported function).
-  """
-
-  name: str
-  make: Callable[[str], optax.GradientTransformation]
-  per_example: bool = False
-  standard_promotion: bool = False
-  with_loss: bool = False
-
-
-def _by(clips: float, passes: float) -> Callable[[str], float]:
-  return lambda regime: clips if regime == "clips" else passes
-
-
-# Gradients are ~N(0, 1) over 17 elements: a global L2 norm of about 4.
-_NORM = _by(0.5, 100.0)
-
-CASES = [
-  Case("clip_by_value", lambda r: oc.clip_by_value(_NORM(r))),
-  Case("clip", lambda r: oc.clip(_NORM(r))),
-  Case("clip_by_norm", lambda r: oc.clip_by_norm(_NORM(r))),
-  Case("global_norm_l2", lambda r: oc.clip_by_global_norm(_NORM(r))),
-  Case("global_norm_l1", lambda r: oc.clip_by_global_norm(_NORM(r), ord=1)),
-  Case(
-    "global_norm_linf", lambda r: oc.clip_by_global_norm(_NORM(r), ord="inf")
-  ),
-  Case("clip_by_block_rms", lambda r: oc.clip_by_block_rms(_NORM(r))),
-  # params == updates, so the unit-wise ratio |g|/|w| is 1.
-  Case(
-    "adaptive_grad_clip", lambda r: oc.adaptive_grad_clip(_by(0.01, 100.0)(r))
-  ),
-  # autoclip has no fixed threshold: the regimes differ in percentile.
-  Case("autoclip", lambda r: oc.autoclip(_by(10.0, 100.0)(r), history_size=4)),
-  Case("zclip", lambda r: oc.zclip(max_norm=_NORM(r), warmup_steps=1)),
-  Case("adagc", lambda r: oc.adagc(lambda_abs=_NORM(r), warmup_steps=1)),
-  Case(
-    "skip_step_sgd",
-    lambda r: oc.skip_step(
-      optax.sgd(0.1),
-      max_norm=_NORM(r),
-      spike_sigmas=3.0,
-      window=4,
-      warmup_steps=1,
-    ),
-  ),
-  Case(
-    "skip_step_loss",
-    lambda r: oc.skip_step(
-      optax.sgd(0.1),
-      max_norm=_NORM(r),
-      loss_window=8,
-      loss_warmup_steps=1,
-      loss_spike_sigmas=_by(0.5, 100.0)(r),
-    ),
-    with_loss=True,
-  ),
-  Case(
-    "global_norm_groups",
-    lambda r: oc.clip_by_global_norm(
-      _NORM(r), groups={"kernel": "k", "bias": "b", "scale": None}
-    ),
-  ),
-  Case("clip_norm_growth", lambda r: oc.clip_norm_growth(_by(1.01, 100.0)(r))),
-  Case("spam_clip", lambda r: oc.spam_clip(_by(5000.0, 1e5)(r), warmup_steps=1)),
-  Case(
-    "momentum_reset_sgd",
-    lambda r: oc.momentum_reset(
-      optax.sgd(0.1, momentum=0.9),
-      interval=1 if r == "clips" else 100,
-      warmup_steps=2,
-    ),
-  ),
-  # AdaClip trims a little even at theta = 0.01 on the 3x second step, so
-  # the regimes differ in theta only.
-  Case("adaclip", lambda r: oc.adaclip(theta=_by(0.999, 0.01)(r))),
-  # The regimes cover the per-tensor and the global statistic.
-  Case("adagn", lambda r: oc.adagn(per_tensor=(r == "clips"))),
-  # "clips" adds DP-SGD Gaussian noise, drawn from the PRNG key the state
-  # carries (seeded by ``seed``, split every step); "passes" adds none (the
-  # noise std is proportional to the large threshold) and adapts the
-  # threshold instead.
-  Case(
-    "clip_per_example",
-    lambda r: oc.clip_per_example(
-      _NORM(r),
-      noise_multiplier=1.0 if r == "clips" else None,
-      seed=7,
-      target_quantile=None if r == "clips" else 0.5,
-    ),
-    per_example=True,
-  ),
-  # optax (0.2.8) inject_hyperparams computes the params' highest dtype with
-  # jnp.promote_types, which strict promotion rejects for a float32/bfloat16
-  # tree; optaxclip's own code runs under strict promotion everywhere else.
-  Case(
-    "inject_hyperparams_global_norm",
-    lambda r: optax.inject_hyperparams(oc.clip_by_global_norm)(
-      max_norm=_NORM(r)
-    ),
-    standard_promotion=True,
-  ),
-]
-
+# optax (0.2.8) inject_hyperparams computes the params' highest dtype with
+# jnp.promote_types, which strict promotion rejects for a float32/bfloat16
+# tree; optaxclip's own code runs under strict promotion everywhere else.
+INJECTED = registry.Row(
+  "inject_hyperparams_global_norm",
+  oc.clip_by_global_norm,
+  lambda: optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=0.5),
+  lambda: optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=100.0),
+)
+STANDARD_PROMOTION = {INJECTED.name}
+CASES = [*registry.ROWS, INJECTED]
 REGIMES = ("clips", "passes")
 
 PARAMS = [
   pytest.param(case, regime, id=f"{case.name}-{regime}")
   for case in CASES
   for regime in REGIMES
+  if regime == "clips" or case.passing is not None
 ]
-
-
-def _params_tree() -> dict:
-  rng = np.random.default_rng(0)
-  return {
-    "kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
-    "bias": jnp.asarray(rng.standard_normal((3,)), jnp.float32),
-    "scale": jnp.asarray(rng.standard_normal((2,)), jnp.bfloat16),
-  }
 
 
 @dataclasses.dataclass
@@ -293,20 +186,13 @@ class Setup:
 
 
 @functools.cache
-def _setup(case: Case, regime: str) -> Setup:
+def _setup(case: registry.Row, regime: str) -> Setup:
   """Builds (once per case) the transform, its jitted update and arguments."""
-  promotion = "standard" if case.standard_promotion else "strict"
-  params = _params_tree()
-  updates = params
-  if case.per_example:
-    updates = jax.tree.map(lambda x: jnp.stack([x, -2 * x]), params)
-  tx = case.make(regime)
-  if case.with_loss:
-    update = jax.jit(
-      lambda u, s, p: tx.update(u, s, p, loss=jnp.sum(u["kernel"] ** 2))
-    )
-  else:
-    update = jax.jit(tx.update)
+  promotion = "standard" if case.name in STANDARD_PROMOTION else "strict"
+  params = registry.params(case)
+  updates = registry.updates(case, params)
+  tx = (case.make if regime == "clips" else case.passing)()
+  update = jax.jit(registry.update_fn(case, tx))
   with jax.numpy_dtype_promotion(promotion):
     state = tx.init(params)
     _, state_next = update(updates, state, params)
@@ -381,7 +267,7 @@ def test_serialize_round_trip(case):
 
 @pytest.mark.parametrize("ord", [2, 1, "inf"], ids=["l2", "l1", "linf"])
 def test_global_norm_lowers_for_every_platform(ord):  # pylint: disable=redefined-builtin
-  tree = _params_tree()
+  tree = registry.params(registry.by_name("clip_by_global_norm"))
   norm = jax.jit(functools.partial(oc.global_norm, ord=ord))
   exported = export.export(norm, platforms=PLATFORMS)(tree)
   _assert_portable(exported)
