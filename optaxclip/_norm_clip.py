@@ -356,80 +356,30 @@ def clip_by_global_norm(
     u \leftarrow u \cdot \begin{cases} 1 & \|u\| \le c \\
     c / \|u\| & \text{otherwise} \end{cases}
 
-  The norm comes from :func:`optaxclip.global_norm`: bf16/fp16 trees
-  accumulate in float32 (squares after the cast), and trees with thousands of
-  small leaves are reduced in one bucketed pass. Guarantees beyond
-  ``optax.clip_by_global_norm``:
-
-  * a clipped update has norm exactly ``max_norm``; an unclipped one comes
-    back bit-identical;
-  * ``max_norm = 0`` gives zero updates and zero gradients give zero updates
-    (never ``0/0``); ``jax.grad`` through ``update`` is finite everywhere,
-    also at tiny (1e-30) gradients and for ord 1 and inf;
-  * a finite gradient whose sum of squares overflows (elements of 1e20 in
-    float32, 1e30 in bf16) or underflows (elements of 1e-20) still gets its
-    true norm: a rare path rescales by the largest element, and costs nothing
-    when the sum is in range;
-  * if the norm is inf or NaN, every element comes out NaN (loud), and the
-    state shows the non-finite norm -- wrap the optimizer in
-    ``optaxclip.skip_step`` to skip such steps instead;
-  * a negative or NaN ``max_norm`` is a ``ValueError`` (optax silently flips
-    the sign of the updates); a *traced* negative threshold, which cannot be
-    checked, gives NaN updates.
-
-  The pre-clip norm is recorded in the state as ``global_norm``, so
-  ``optax.tree.get(opt_state, "global_norm")`` logs it without a second pass.
-  ``update`` also accepts a precomputed norm as the extra argument
-  ``global_norm=`` (e.g. ``tx.update(g, s, p, global_norm=n)`` on a chain);
-  it then skips its own reduction and trusts the given value (it must be the
-  same ``ord``, and already combined across devices).
-
-  Every leaf of ``updates`` must be floating point (or complex): an integer
-  or bool leaf is a ``TypeError`` naming its path (checked at trace time, free
-  at run time). The state only records diagnostics, so ``update(updates,
-  None)`` works and equals ``update(updates, init(updates))``.
-
-  **Groups.** With ``groups=``, every leaf gets a label and each group of
-  leaves is clipped by its own global norm against ``max_norm``, exactly as
-  ``clip_by_global_norm(max_norm)`` applied to that group's leaves alone
-  (MoE experts apart from the dense layers, the embedding apart from the
-  rest). ``groups`` is a callable ``(path, leaf) -> label`` (``path`` is the
-  normalised key path, as for ``stacked=``: Flax ``Variable`` wrappers add
-  nothing, so ``jax.tree_util.keystr(path)`` reads
-  ``"['blocks'][0]['moe']['w1']"`` on every route) or a pytree of labels
-  with the structure of the updates (a dict, an ``nnx.State``, an Equinox
-  module). A label is a string or an int; labels are resolved from the
-  tree's structure at trace time, so they are static and cost nothing at
-  run time. Under ``optax.inject_hyperparams`` a callable (or an Equinox
-  module) would be taken for a schedule: pass ``static_args=("groups",)``.
-  Decisions:
-
-  * a leaf labelled ``None`` is excluded: it enters no norm and comes back
-    exactly as given, even if it holds inf or NaN (its values cannot make
-    another group NaN); integer and bool leaves are still a ``TypeError``,
-    as everywhere in the library (exclude them with ``optax.masked``);
-  * a group whose norm is inf/NaN comes out NaN; the other groups do not;
-  * the state is a :class:`ClipByGlobalNormGroupsState` with one norm and
-    one clipped flag per group, keyed by ``str(label)`` (two labels that
-    print alike, ``1`` and ``"1"``, are a ``ValueError``), so
-    ``clip_stats`` shows ``"clip_by_global_norm/group_norms/<label>"``;
-  * the ``global_norm=`` extra argument (one precomputed norm) cannot be
-    combined with groups (``ValueError``);
-  * with ``axis_name``, each group's norm is combined across devices on its
-    own (one collective per group).
+  The norm is :func:`optaxclip.global_norm`'s: bf16/fp16 trees accumulate in
+  float32, and a finite gradient whose sum of squares overflows or
+  underflows still gets its true norm (only then is the sum recomputed from
+  the elements scaled by a fixed power of two). Unlike
+  ``optax.clip_by_global_norm``, a clipped update has norm exactly
+  ``max_norm``, an unclipped one comes back bit-identical, zeros and
+  ``max_norm = 0`` never give NaN, ``jax.grad`` is finite everywhere, and a
+  non-finite norm makes every element NaN (loud). The pre-clip norm is kept
+  in the state (``optax.tree.get(state, "global_norm")``); ``update`` also
+  accepts a precomputed norm as ``global_norm=`` and then skips its own
+  reduction. ``update(updates, None)`` works. With ``groups=``, each group
+  of leaves is clipped by its own norm, and leaves labelled ``None`` pass
+  through untouched; see ``docs/transforms.md#global-norm``.
 
   Args:
     max_norm: the largest allowed global norm, a non-negative scalar (``inf``
       disables clipping). May be a schedule under ``optax.inject_hyperparams``.
     ord: 2 (default; ``None`` means 2), 1, or ``jnp.inf``/``"inf"``. Static:
-      under ``inject_hyperparams`` pass ``static_args=("ord",)`` to set it.
+      under ``inject_hyperparams`` pass ``static_args=("ord",)``.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis across which the
-      update tree is *split* (each device holds different slices); partial
-      norms are combined with ``psum``/``pmax``. Not needed for data-parallel
-      replicas that already hold identical, reduced gradients.
-    groups: ``None`` (default: one global norm for the whole tree), a
-      callable ``(path, leaf) -> label`` or a pytree of labels; see
-      **Groups**.
+      update tree is *split*; partial norms are combined with ``psum``/``pmax``.
+    groups: ``None`` (one norm for the whole tree), a callable
+      ``(path, leaf) -> label`` or a pytree of labels (str, int or None).
+      Static under ``inject_hyperparams``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -438,46 +388,27 @@ def clip_by_global_norm(
 
   Raises:
     ValueError: for a negative, NaN or non-scalar ``max_norm`` or an
-      unsupported ``ord``; from ``update`` with ``groups``, for a pytree of
-      labels without an entry for a leaf, labels that print alike, a state
-      initialised with other groups, or ``global_norm=``.
-    TypeError: for ``groups`` that is neither None, a callable nor a pytree
-      of labels; from ``update``, for an integer or bool leaf, or a label that
-      is not a string, an int or None.
+      unsupported ``ord``; from ``update`` with ``groups``, for a leaf
+      without a label, labels that print alike, a state made for other
+      groups, or ``global_norm=``.
+    TypeError: for a malformed ``groups``; from ``update``, for an integer or
+      bool leaf (naming its path) or a label of another type.
 
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import optaxclip as oc
     >>> tx = optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(1.0))
     >>> params = {"a": jnp.zeros(1), "b": jnp.zeros(1)}
-    >>> state = tx.init(params)
     >>> grads = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
-    >>> updates, state = tx.update(grads, state, params)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
     >>> updates["a"], updates["b"]
     (Array([-0.6], dtype=float32), Array([-0.8], dtype=float32))
     >>> optax.tree.get(state, "global_norm")
     Array(5., dtype=float32)
 
-    One norm per group; ``None`` leaves are left alone:
-
-    >>> labels = {"dense": "dense", "expert": "moe", "frozen": None}
-    >>> tx = oc.clip_by_global_norm(1.0, groups=labels)
-    >>> grads = {"dense": jnp.array([0.5]), "expert": jnp.array([3.0, 4.0]),
-    ...          "frozen": jnp.array([9.0])}
-    >>> updates, state = tx.update(grads, tx.init(grads))
-    >>> updates["expert"], updates["frozen"]
-    (Array([0.6, 0.8], dtype=float32), Array([9.], dtype=float32))
-    >>> stats = oc.clip_stats(state)
-    >>> float(stats["clip_by_global_norm/group_norms/moe"])
-    5.0
-    >>> bool(stats["clip_by_global_norm/group_clipped/dense"])
-    False
-
   References:
     Pascanu et al., `On the difficulty of training Recurrent Neural Networks
-    <https://arxiv.org/abs/1211.5063>`_, 2013.
-    Peers: ``optax.clip_by_global_norm``, PyTorch
-    ``torch.nn.utils.clip_grad_norm_`` (``norm_type`` 1, 2, inf).
+    <https://arxiv.org/abs/1211.5063>`_, 2013
   """
   fn = "clip_by_global_norm"
   _validate.check_threshold(fn, "max_norm", max_norm)
@@ -566,34 +497,16 @@ def clip_by_norm(
 
   .. math::
     u_\ell \leftarrow u_\ell \cdot \min\!\left(1, c / \|u_\ell\|\right)
-    \quad \text{for every leaf } \ell
+    \quad \text{for every leaf (slice) } \ell
 
-  Each leaf keeps its own direction, but the direction of the whole update can
-  change (unlike :func:`clip_by_global_norm`). A leaf with a non-finite norm
-  comes out all NaN; the other leaves are unaffected. The other guarantees
-  are those of :func:`clip_by_global_norm`, leaf by leaf.
-
-  Every leaf of ``updates`` must be floating point (or complex): an integer
-  or bool leaf is a ``TypeError`` naming its path (checked at trace time, free
-  at run time). The state only records diagnostics, so ``update(updates,
-  None)`` works and equals ``update(updates, init(updates))``.
-  A state initialised on a different tree is a ``ValueError``.
-
-  **Stacked layers.** Scanned/vmapped layers keep every layer in one leaf
-  with leading layer axes (``(num_layers, in, out)``). With ``stacked=`` each
-  layer's slice is clipped as a tensor of its own -- exactly what this
-  transform gives on the unstacked slices -- and ``leaf_norms`` holds one
-  norm per layer. ``stacked`` is an int for every leaf, a callable
-  ``(path, leaf) -> int`` (paths are normalised, see
-  :func:`optaxclip.stacked_by_path`), or a pytree of ints (a dict, an
-  ``nnx.State``, an Equinox module).
-
-  **TF axes.** ``axis=`` reduces each norm over the given axes only, as
-  ``tf.clip_by_norm(t, c, axes)``: every other axis indexes a separate
-  slice with its own norm (``axis=0`` on an ``(in, out)`` kernel clips each
-  output column). Axes count within one layer's slice when ``stacked`` is
-  also given. Like ``stacked``, it may be an int/tuple for every leaf, a
-  callable or a pytree.
+  Each leaf keeps its own direction, but the direction of the whole update
+  can change (unlike :func:`clip_by_global_norm`, whose other guarantees
+  hold leaf by leaf). A leaf with a non-finite norm comes out all NaN; the
+  others are unaffected. With ``stacked=`` each layer slice of a scanned
+  leaf is clipped as a tensor of its own; with ``axis=`` each norm is taken
+  over those axes only, as ``tf.clip_by_norm(t, c, axes)``, and the other
+  axes index separate slices. ``update(updates, None)`` works. Details:
+  ``docs/transforms.md#per-tensor``.
 
   Args:
     max_norm: the largest allowed norm of each leaf (slice), a non-negative
@@ -601,19 +514,20 @@ def clip_by_norm(
     ord: 2 (default; ``None`` means 2), 1, or ``jnp.inf``/``"inf"``.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis across which each
       tensor is split; per-leaf partial norms are combined across it.
-    stacked: leading axes of a leaf that index layers (default ``None``: 0).
-    axis: axes each norm is taken over (default ``None``: all of a slice's).
+    stacked: leading axes that index layers: an int, a callable
+      ``(path, leaf) -> int`` (see :func:`optaxclip.stacked_by_path`) or a
+      pytree of ints; ``None`` means 0.
+    axis: axes each norm is taken over, in the same forms (counted within a
+      layer slice); ``None`` means all of a slice's axes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`ClipByNormState` (per-leaf pre-clip norms in ``jax.tree.leaves``
-    order, and the number of clipped leaves). A state initialised on a tree
-    with a different number of leaves makes ``update`` raise ``ValueError``.
+    :class:`ClipByNormState` (per-slice pre-clip norms, by path).
 
   Raises:
     ValueError: for a negative, NaN or non-scalar ``max_norm`` or an
-      unsupported ``ord``.
-    TypeError: (from ``update``) for an integer or bool leaf.
+      unsupported ``ord``; from ``update``, for a state made for another tree.
+    TypeError: from ``update``, for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -623,8 +537,6 @@ def clip_by_norm(
     >>> updates, state = tx.update(grads, tx.init(grads))
     >>> updates["a"], updates["b"]
     (Array([0.6, 0.8], dtype=float32), Array([0.5], dtype=float32))
-    >>> state.leaf_norms.values, int(state.num_clipped_leaves)
-    (Array([5. , 0.5], dtype=float32), 1)
     >>> stack = {"blocks": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
     >>> updates, _ = oc.clip_by_norm(1.0, stacked=1).update(stack, None)
     >>> updates["blocks"]
@@ -632,9 +544,8 @@ def clip_by_norm(
            [0.3, 0.4]], dtype=float32)
 
   References:
-    Peers: TensorFlow ``tf.clip_by_norm``, Keras optimizers' ``clipnorm``.
     Pascanu et al., `On the difficulty of training Recurrent Neural Networks
-    <https://arxiv.org/abs/1211.5063>`_, 2013.
+    <https://arxiv.org/abs/1211.5063>`_, 2013
   """
   fn = "clip_by_norm"
   _validate.check_threshold(fn, "max_norm", max_norm)
@@ -706,28 +617,16 @@ def clip_by_block_rms(
     \right), \quad \mathrm{rms}(u_\ell) = \sqrt{\textstyle\frac{1}{n_\ell}
     \sum_i |u_{\ell,i}|^2}
 
-  Matches ``optax.clip_by_block_rms`` on finite inputs (it divides by
-  ``max(1, rms / threshold)``; this multiplies by the equivalent scale, so
-  results agree to rounding), with the :func:`clip_by_global_norm` guarantees
-  per block: float32 accumulation for bf16/fp16, bit-identical unclipped
-  blocks, no NaN at zero, NaN for a block with a non-finite RMS, and a
-  ``ValueError`` for a negative threshold. An empty leaf has RMS 0.
-
-  Every leaf of ``updates`` must be floating point (or complex): an integer
-  or bool leaf is a ``TypeError`` naming its path (checked at trace time, free
-  at run time). The state only records diagnostics, so ``update(updates,
-  None)`` works and equals ``update(updates, init(updates))``.
-  A state initialised on a different tree is a ``ValueError``.
-
-  With ``stacked=`` (leading axes that index layers, as in
-  :func:`clip_by_norm`), every layer's slice is a block of its own: the
-  result equals this transform applied to each unstacked slice, and
-  ``block_rms`` holds one RMS per layer.
+  Matches ``optax.clip_by_block_rms`` on finite inputs to rounding, with
+  :func:`clip_by_global_norm`'s guarantees per block: float32 accumulation
+  for bf16/fp16, bit-identical unclipped blocks, no NaN at zero, NaN for a
+  block with a non-finite RMS. An empty leaf has RMS 0. With ``stacked=``
+  every layer slice is a block of its own. ``update(updates, None)`` works.
 
   Args:
     threshold: the largest allowed RMS of each leaf, a non-negative scalar.
-    stacked: leading axes of a leaf that index layers (default ``None``: 0):
-      an int, a callable ``(path, leaf) -> int`` or a pytree of ints.
+    stacked: leading axes that index layers: an int, a callable
+      ``(path, leaf) -> int`` or a pytree of ints; ``None`` means 0.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -735,8 +634,8 @@ def clip_by_block_rms(
 
   Raises:
     ValueError: for a negative, NaN or non-scalar ``threshold``; from
-      ``update``, for a state initialised on a different number of leaves.
-    TypeError: (from ``update``) for an integer or bool leaf.
+      ``update``, for a state made for another tree.
+    TypeError: from ``update``, for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -746,11 +645,8 @@ def clip_by_block_rms(
     >>> updates, state = tx.update(grads, tx.init(grads))
     >>> updates["w"], updates["b"]
     (Array([ 1., -1.], dtype=float32), Array([0.5], dtype=float32))
-    >>> state.block_rms.values
-    Array([0.5, 2. ], dtype=float32)
-
-  References:
-    Peer: ``optax.clip_by_block_rms``.
+    >>> int(state.num_clipped_blocks)
+    1
   """
   fn = "clip_by_block_rms"
   _validate.check_threshold(fn, "threshold", threshold)
