@@ -140,110 +140,33 @@ def adagc(
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaGC: clips each tensor against an EMA of its own clipped norms.
 
-  Every tensor (leaf) :math:`i` keeps a threshold :math:`\gamma_i`. At step
-  :math:`t` (counted from 1), with :math:`g_i` the tensor's update and
-  :math:`T` = ``warmup_steps``:
+  Every tensor (leaf) :math:`i` keeps a threshold :math:`\gamma_i`. During
+  warmup (:math:`t \le T`, step 1 included) the update is clipped by its
+  global norm at :math:`\lambda_{abs}` and :math:`\gamma_i` is the running
+  minimum of the clipped norms. After warmup:
 
-  * **Warmup** (:math:`t \le T`): global-norm clipping at
-    :math:`\lambda_{abs}`, and :math:`\gamma` tracks the running minimum of
-    the clipped norms:
+  .. math::
+    \hat g_i = \min\!\left(1, \frac{\lambda_{rel}\max(\gamma_{t-1,i},
+    \epsilon)}{\|g_i\|}\right) g_i, \qquad
+    \gamma_{t,i} = \beta\,\gamma_{t-1,i} + (1-\beta)\,\|\hat g_i\|
 
-    .. math::
-      \hat g_i = \min\!\left(1, \frac{\lambda_{abs}}{\|g\|}\right) g_i, \qquad
-      \gamma_{t,i} = \min(\gamma_{t-1,i}, \|\hat g_i\|),
-      \quad \gamma_{0,i} = +\infty
-
-    so step 1 sets :math:`\gamma_{1,i} = \|\hat g_i\|`.
-  * **After warmup** (:math:`t > T`): per-tensor clipping against the EMA,
-    which then takes in the *clipped* norm:
-
-    .. math::
-      \hat g_i = \min\!\left(1, \frac{\lambda_{rel}\max(\gamma_{t-1,i},
-      \epsilon)}{\|g_i\|}\right) g_i, \qquad
-      \gamma_{t,i} = \beta\,\gamma_{t-1,i} + (1-\beta)\,\|\hat g_i\|
-
-  Decisions where the paper or its ports leave room:
-
-  * *EMA input.* :math:`\gamma` averages the clipped norms
-    :math:`\|\hat g_i\|` (the paper: an EMA "of their historical clipped
-    values"), so a spike cannot raise its own future threshold by more than
-    the factor :math:`\lambda_{rel}` allows.
-  * *Warmup.* The first ``warmup_steps`` steps, step 1 included, are warmup
-    (a port that tests ``step < warmup_steps`` has one fewer), so every
-    tensor with a nonzero gradient in warmup has :math:`\gamma_i` set before
-    the EMA starts. The clipped norm :math:`\|\hat g_i\| = h\,\|g_i\|` is
-    taken from the norm already computed, not from a second pass over the
-    gradients.
-  * *Zero norms are not observations.* A tensor whose gradient is exactly
-    zero this step received no gradient at all (LoRA's ``A`` while ``B = 0``,
-    adaLN-Zero's gated branches, an MoE expert no token was routed to, a
-    frozen tensor); that says nothing about the scale of its gradients to
-    come. Taken literally, the paper's rules make it absorbing: the warmup
-    minimum gives :math:`\gamma_i = 0` from a single zero step (and the EMA
-    decays towards 0 over a run of them), after which the threshold
-    :math:`\lambda_{rel}\gamma_i` holds the tensor at (nearly) zero and lets
-    :math:`\gamma_i` grow by at most a factor :math:`\beta + (1 -
-    \beta)\lambda_{rel}` (1.001 with the defaults) per step: a LoRA ``A``
-    gets 1e-7 of its gradient after 1000 steps. So :math:`\gamma_i` only
-    ever takes in finite, *positive* clipped norms :math:`\|\hat g_i\|`: a
-    step where it is 0 leaves :math:`\gamma_i` unchanged, and a tensor that
-    has had none yet keeps :math:`\gamma_i = +\infty` (it is not clipped
-    after warmup) until its first nonzero gradient initializes
-    :math:`\gamma_i` to that gradient's clipped norm. The paper's EMA is an
-    estimate of the tensor's typical gradient norm (it is initialized from
-    the warmup's observed norms); steps without a gradient are not samples
-    of it. On sequences without zero tensors this is exactly the paper.
-  * *eps.* A floor on :math:`\gamma` inside the threshold (it never enters
-    :math:`\gamma` itself), against a tensor whose gradients are tiny but
-    nonzero; ``eps=0`` gives the paper's formula exactly. The division is the
-    library's shared rule (scale 1 when :math:`\|g_i\|` is within the
-    threshold, threshold / norm otherwise), so there is no ``0/0``, a
-    clipped tensor has norm exactly the threshold, and an unclipped one
-    comes back bit-identical.
-  * *Non-finite norms.* A tensor with an inf/NaN norm comes out all NaN (in
-    warmup: every tensor, since they share the global norm), and its
-    :math:`\gamma_i` keeps its previous value: a bad step never poisons the
-    thresholds. Wrap the optimizer in ``optaxclip.skip_step`` to skip such
-    steps. A tensor that has had no finite, nonzero clipped norm yet
-    (:math:`\gamma_i = +\infty`) is not clipped after warmup; its first one
-    initializes :math:`\gamma_i`.
-  * ``lambda_rel = inf`` disables the per-tensor clipping after warmup (the
-    EMA then tracks the raw norms).
-  * *State.* The thresholds are kept in the accumulation dtype of the tree
-    given to ``init`` (float64 for float64 parameters under x64, float32
-    otherwise); the step count saturates at ``2**31 - 1``. The state has one
-    entry per leaf of that tree, so ``update`` raises a ``ValueError`` when
-    given updates with a different number of leaves (call ``init`` on the
-    same tree). The per-tensor fields are
-    :class:`~optaxclip._tree.PathValues` (a flat vector with the paths as
-    static metadata; ``clip_stats`` returns them by path,
-    ``"adagc/adagc_norms/blocks/fc/kernel"``). An empty tree gets a
-    one-entry placeholder (see
-    :class:`AdaGCState`), so its state checkpoints like any other.
-  * Like every optaxclip transform, ``update`` raises a ``TypeError`` naming
-    the leaf's path for an integer or bool leaf, and, since the state
-    carries the thresholds, a ``ValueError`` telling you to call ``init``
-    when given ``state=None``.
-
-  Norms are L2, accumulated in float32 for bf16/fp16 tensors; outputs keep
-  each input's dtype and shape, and ``jax.grad`` through ``update`` is finite
-  everywhere, including at all-zero gradients.
+  :math:`\gamma_i` takes in only finite, positive clipped norms: a tensor
+  with a zero gradient this step (LoRA's ``A`` while ``B = 0``, an unused
+  expert) keeps its threshold, and one that has had none yet is not
+  clipped. A non-finite norm makes its tensor NaN (every tensor during
+  warmup) and is not recorded. Decisions: ``docs/transforms.md#adagc``.
 
   Args:
     beta: EMA decay of the thresholds, in (0, 1).
-    lambda_rel: relative threshold after warmup: a tensor may grow to
-      ``lambda_rel`` times its EMA. Non-negative. May be a schedule under
-      ``optax.inject_hyperparams``.
-    lambda_abs: the global-norm threshold during warmup. Non-negative.
-    warmup_steps: number of global-clipping warmup steps, an ``int >= 1``;
-      ``None`` means 100. Static: under ``inject_hyperparams`` pass
-      ``static_args=("warmup_steps",)`` to set it.
+    lambda_rel: after warmup, a tensor may grow to ``lambda_rel`` times its
+      EMA; non-negative. May be a schedule under ``optax.inject_hyperparams``.
+    lambda_abs: the global-norm threshold during warmup; non-negative.
+    warmup_steps: :math:`T`, an ``int >= 1``; ``None`` means 100. Static:
+      under ``inject_hyperparams`` pass ``static_args=("warmup_steps",)``.
     eps: floor on :math:`\gamma_i` inside the threshold, ``0 <= eps < inf``.
-    stacked: leading axes of a leaf that index layers (scanned blocks): an
-      int, a callable ``(path, leaf) -> int`` (see
-      :func:`optaxclip.stacked_by_path`) or a pytree of ints. Each layer
-      slice then is a tensor of its own, with its own :math:`\gamma_i`:
-      the result equals AdaGC on the unstacked tree.
+    stacked: leading axes that index layers: an int, a callable
+      ``(path, leaf) -> int`` (see :func:`optaxclip.stacked_by_path`) or a
+      pytree of ints. Each layer slice then has its own :math:`\gamma_i`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -253,29 +176,24 @@ def adagc(
     ValueError: for ``beta`` outside (0, 1), a negative or NaN ``lambda_rel``
       or ``lambda_abs``, a negative, NaN or infinite ``eps``, or
       ``warmup_steps < 1``; from ``update``, for ``state=None`` or a state
-      from ``init`` on a tree with a different number of leaves.
-    TypeError: for non-numeric arguments, or a ``warmup_steps`` that is not a
-      static Python ``int``; from ``update``, for an integer or bool leaf.
+      made for another tree.
+    TypeError: for non-numeric arguments or a non-static ``warmup_steps``;
+      from ``update``, for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
     >>> tx = oc.adagc(warmup_steps=1, lambda_abs=10.0, lambda_rel=2.0)
     >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
-    >>> state = tx.init(grads)
-    >>> _, state = tx.update(grads, state)   # warmup: global norm within 10
-    >>> state.adagc_gamma.values
-    Array([5., 1.], dtype=float32)
+    >>> _, state = tx.update(grads, tx.init(grads))  # warmup: gamma = 5, 1
     >>> spike = {"a": jnp.array([30.0, 40.0]), "b": jnp.array([1.0])}
     >>> updates, state = tx.update(spike, state)   # "a" held to 2 * 5
     >>> updates["a"], updates["b"]
     (Array([6., 8.], dtype=float32), Array([1.], dtype=float32))
-    >>> int(state.adagc_num_clipped)
-    1
 
   References:
     Wang et al., `AdaGC: Improving Training Stability for Large Language Model
-    Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+    Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025
   """
   _check_beta(beta)
   _validate.check_threshold(_FN, "lambda_rel", lambda_rel)
