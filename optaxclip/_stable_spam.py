@@ -297,9 +297,9 @@ def adaclip(
   r"""Stable-SPAM's AdaClip: clips spiking elements to a running maximum.
 
   Every tensor (leaf) keeps an EMA :math:`m` of its largest gradient
-  magnitude. At step :math:`t`, with :math:`g` the tensor's update, the EMA
-  first takes in this step's maximum, and the elements above its
-  bias-corrected value :math:`T_t` are scaled by :math:`T_t / \max|g|`:
+  magnitude. The EMA first takes in this step's maximum; the elements above
+  its bias-corrected value :math:`T_t` are then scaled by
+  :math:`T_t / \max|g|`:
 
   .. math::
     m_t = \theta\, m_{t-1} + (1-\theta) \max_j |g_j|, \qquad
@@ -309,69 +309,16 @@ def adaclip(
       g_j & \text{otherwise.}
     \end{cases}
 
-  The largest element lands exactly on :math:`\pm T_t`; the other clipped
-  elements are scaled by the same factor (the paper's and the authors'
-  rule, not a clamp to :math:`\pm T_t`), so they keep their order but may
-  end below elements that were not clipped. The first step never clips
-  (:math:`T_1 = \max|g|`).
-
-  In Stable-SPAM AdaClip comes first, then AdaGN (:func:`adagn`), then Adam
-  with a periodic momentum reset:
-  ``optax.chain(oc.adaclip(), oc.adagn(), optax.adam(lr))``.
-
-  Decisions where the paper is silent:
-
-  * *EMA input and order.* As in the authors' code, the EMA takes in the
-    raw (unclipped) maximum, *before* the threshold is computed, so the
-    current step is part of its own threshold.
-  * *Zero tensors are not observations.* A tensor whose gradient is exactly
-    zero this step (a frozen tensor, LoRA's ``A`` while ``B = 0``, an
-    unused embedding row block, an MoE expert nobody was routed to) leaves
-    its EMA and count unchanged. Taken literally (as the authors' code
-    does), every zero step pulls :math:`m` towards 0 while advancing
-    :math:`t`, so the tensor's first real gradient after a long idle
-    stretch is clipped to about :math:`1-\theta` (0.1%) of its size, and
-    the threshold takes about :math:`1/(1-\theta)` steps to recover. The
-    bias correction uses the number of observations, so on sequences
-    without zero tensors this is exactly the paper.
-  * *Non-finite maxima.* A tensor with an inf/NaN element comes out all
-    NaN (loud; ``optaxclip.skip_step`` skips such steps) and its EMA and
-    count keep their previous values: a bad step never poisons the
-    threshold.
-  * *The step counter.* The authors' optimizer shares one step counter
-    between AdaClip, AdaGN and Adam, and their momentum reset sets it back
-    to 1, which re-inflates AdaClip's and AdaGN's bias corrections every
-    reset interval although their EMAs were not reset. Here each transform
-    counts its own observations and never resets (the reset belongs to the
-    Adam moments only).
-  * ``per_tensor=False`` (not in the paper) keeps one EMA for the largest
-    magnitude of the whole tree, with ``axis_name`` for a tree split
-    across devices.
-  * *Precision.* The EMA is updated as :math:`m + (1-\theta)(x - m)`
-    with :math:`1-\theta` rounded once from a concrete ``theta`` (in
-    float32, ``1 - float32(0.999)`` is off by 1.3e-5 relative), and the
-    bias correction is taken as :math:`-\mathrm{expm1}(t \log1p(-(1-
-    \theta)))`; after the first observation the threshold is that maximum
-    exactly, so the first step never clips.
-  * *State.* Per-tensor statistics are
-    :class:`~optaxclip._tree.PathValues` (``clip_stats`` returns them by
-    path, ``"adaclip/adaclip_threshold/dense/kernel"``); the state is kept
-    in the accumulation dtype of the tree given to ``init`` and has one
-    entry per leaf of that tree, so ``update`` raises a ``ValueError`` for
-    updates with a different number of leaves.
-  * Like every optaxclip transform, ``update`` raises a ``TypeError``
-    naming the leaf's path for an integer or bool leaf, and a
-    ``ValueError`` telling you to call ``init`` for ``state=None``.
-
-  Magnitudes of bf16/fp16 tensors are compared in float32 and the multiply
-  happens in float32; outputs keep each input's dtype and shape, and
-  elements that are not clipped come back bit-identical. ``jax.grad``
-  through ``update`` is finite everywhere, including at all-zero gradients.
+  The largest element lands exactly on :math:`\pm T_t` (the authors' rule,
+  not a clamp); the first step never clips. Zero tensors and non-finite
+  maxima are not fed to the EMA (a non-finite tensor comes out NaN), and
+  :math:`t` counts observations. Stable-SPAM's order is
+  ``optax.chain(oc.adaclip(), oc.adagn(), optax.adam(lr))``. Decisions:
+  ``docs/transforms.md#stable-spam``.
 
   Args:
-    theta: EMA decay of the maxima, in (0, 1); the paper uses 0.999 (its
-      :math:`\gamma_3`). May be a schedule under
-      ``optax.inject_hyperparams``.
+    theta: EMA decay of the maxima, in (0, 1); the paper's 0.999. May be a
+      schedule under ``optax.inject_hyperparams``.
     per_tensor: one running maximum per tensor (default, as in the paper),
       or one for the whole tree.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis across which
@@ -383,8 +330,7 @@ def adaclip(
 
   Raises:
     ValueError: for ``theta`` outside (0, 1); from ``update``, for
-      ``state=None`` or a state from ``init`` on a tree with a different
-      number of leaves.
+      ``state=None`` or a state made for another tree.
     TypeError: for a non-numeric ``theta`` or a non-bool ``per_tensor``;
       from ``update``, for an integer or bool leaf.
 
@@ -395,20 +341,13 @@ def adaclip(
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> _, state = tx.update({"w": jnp.array([1.0, -2.0, 0.5])}, state)
     >>> spike = {"w": jnp.array([1.0, -11.0, 8.8])}
-    >>> updates, state = tx.update(spike, state)
-    >>> state.adaclip_threshold.values   # (0.25 * 2 + 0.5 * 11) / 0.75
-    Array([8.], dtype=float32)
-    >>> updates["w"]                     # -11 and 8.8 scaled by 8 / 11
+    >>> updates, state = tx.update(spike, state)  # T = (0.25*2 + 0.5*11) / 0.75
+    >>> updates["w"]                              # -11 and 8.8 scaled by 8 / 11
     Array([ 1. , -8. ,  6.4], dtype=float32)
-    >>> int(state.adaclip_num_clipped)
-    2
 
   References:
     Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than
-    16-Bit Adam <https://arxiv.org/abs/2502.17055>`_, 2025. Authors' code:
-    `TianjinYellow/StableSPAM
-    <https://github.com/TianjinYellow/StableSPAM>`_
-    (``galore_torch/stablespam.py``).
+    16-Bit Adam <https://arxiv.org/abs/2502.17055>`_, 2025
   """
   fn = "adaclip"
   _check_decay(fn, "theta", theta, "0.999")
@@ -551,61 +490,17 @@ def adagn(
     \hat g = \frac{g}{n_t} \cdot
     \frac{\mu_t / (1-\gamma_1^t)}{\sqrt{\nu_t / (1-\gamma_2^t)} + \epsilon}.
 
-  With steady norms the ratio is about 1, so every tensor's update leaves
-  with norm about 1: AdaGN *normalizes* (a burst of norms larger than the
-  recent ones shrinks the ratio, damping it). It is meant to be followed by
-  a scale-invariant optimizer such as Adam; in front of SGD it changes the
-  step size. In Stable-SPAM AdaClip (:func:`adaclip`) runs first and AdaGN
-  sees its clipped gradient:
-  ``optax.chain(oc.adaclip(), oc.adagn(), optax.adam(lr))``.
-
-  Decisions where the paper is silent:
-
-  * *Order.* As in the authors' code, the EMAs take in the current norm
-    before the ratio is formed.
-  * *Zero tensors are not observations.* A tensor whose gradient is exactly
-    zero passes through unchanged (as in the authors' code) and leaves its
-    EMAs and count unchanged (the authors' code folds the zero norm in, so
-    after a stretch of zero gradients the next real one sees a ratio
-    computed from zeros). The bias corrections use the number of
-    observations, so on sequences without zero tensors this is exactly the
-    paper. The same holds for a norm whose square over- or underflows the
-    state's dtype (beyond ~1e19 or below ~1e-19 in float32): the update is
-    rescaled by the ratio of the history so far, which it does not change
-    (unchanged if there is none).
-  * *Non-finite norms.* A tensor with an inf/NaN norm comes out all NaN
-    (loud) and its EMAs keep their values.
-  * *The step counter* is AdaGN's own (see :func:`adaclip`): the authors'
-    momentum reset also resets the counter their bias corrections use.
-  * *Scheduled* ``gamma1``. The authors' optional ``total_T`` multiplies
-    :math:`\gamma_1` by a cosine decay from 1 to 0.5 in both the EMA and
-    its bias correction :math:`1 - (\gamma_1 s_t)^t`; passing that product
-    as a schedule under ``optax.inject_hyperparams`` reproduces it (the
-    correction uses the current value).
-  * ``per_tensor=False`` (not in the paper) uses the global norm of the
-    tree, with ``axis_name`` for a tree split across devices.
-  * *Precision* as in :func:`adaclip` (EMAs and bias corrections in terms
-    of :math:`1-\gamma`, which matters for the authors' BF16 setting
-    :math:`\gamma_2 = 0.99999`: ``1 - float32(0.99999)`` is off by
-    0.14%); after the first observation the corrected moments are
-    :math:`n` and :math:`n^2` exactly.
-  * *State* as in :func:`adaclip` (per-path ``PathValues``, the tree's
-    accumulation dtype, a ``ValueError`` for a mismatched tree, a
-    ``TypeError`` for integer or bool leaves, a ``ValueError`` for
-    ``state=None``).
-
-  Norms are accumulated in float32 for bf16/fp16 tensors and the multiply
-  happens in float32; outputs keep each input's dtype and shape.
-  ``jax.grad`` through ``update`` is finite everywhere, including at
-  all-zero gradients.
+  With steady norms the ratio is about 1, so AdaGN *normalises*: it belongs
+  in front of a scale-invariant optimizer such as Adam, after
+  :func:`adaclip`. Zero tensors pass unchanged and, like non-finite norms
+  (whose tensors come out NaN), are not fed to the EMAs. Decisions:
+  ``docs/transforms.md#stable-spam``.
 
   Args:
-    gamma1: decay of the norm's EMA, in (0, 1); default 0.7 as in the
-      authors' code and scripts. May be a schedule under
-      ``optax.inject_hyperparams``.
+    gamma1: decay of the norm's EMA, in (0, 1); default 0.7, as in the
+      authors' code. May be a schedule under ``optax.inject_hyperparams``.
     gamma2: decay of the squared norm's EMA, in (0, 1); default 0.9.
-    eps: added to the root of the second moment, ``0 <= eps < inf``
-      (the authors share Adam's 1e-8).
+    eps: added to the root of the second moment, ``0 <= eps < inf``.
     per_tensor: one set of statistics per tensor (default, as in the
       paper), or one for the global norm of the tree.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis across which
@@ -618,7 +513,7 @@ def adagn(
   Raises:
     ValueError: for ``gamma1`` or ``gamma2`` outside (0, 1), or a negative,
       NaN or infinite ``eps``; from ``update``, for ``state=None`` or a
-      state from ``init`` on a tree with a different number of leaves.
+      state made for another tree.
     TypeError: for non-numeric arguments or a non-bool ``per_tensor``; from
       ``update``, for an integer or bool leaf.
 
@@ -636,10 +531,7 @@ def adagn(
 
   References:
     Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than
-    16-Bit Adam <https://arxiv.org/abs/2502.17055>`_, 2025. Authors' code:
-    `TianjinYellow/StableSPAM
-    <https://github.com/TianjinYellow/StableSPAM>`_
-    (``galore_torch/stablespam.py``).
+    16-Bit Adam <https://arxiv.org/abs/2502.17055>`_, 2025
   """
   fn = "adagn"
   _check_decay(fn, "gamma1", gamma1, "0.7")
