@@ -188,14 +188,9 @@ def adaptive_grad_clip(
     \text{otherwise} \end{cases}
 
   A unit is one slice of a leaf: the reduction axes span the unit, the
-  remaining axes index the units. The default axes follow
-  ``optax.adaptive_grad_clip`` (see :func:`default_unit_axes`). Norms of
-  bf16/fp16 gradients and params accumulate in float32; unclipped units come
-  back bit-identical. A zero-initialised bias moves at most
-  ``clipping * eps`` per step until it grows, as in the paper. To leave the
-  final classifier unclipped, as the paper does, wrap the transform in
-  ``optax.masked``. Recipes: ``docs/concepts.md#adaptive-gradient-clipping``
-  and ``docs/real_models.md``.
+  remaining axes index the units; the default axes follow
+  ``optax.adaptive_grad_clip`` (:func:`default_unit_axes`). Unclipped units
+  come back bit-identical. Notes and recipes: ``docs/transforms.md#agc``.
 
   Args:
     clipping: :math:`\lambda`, the largest allowed ratio

@@ -141,14 +141,10 @@ def clip_per_example(
     + \mathcal{N}(0, \sigma^2 C^2 I)\Big)
 
   (no :math:`1/B` with ``reduce="sum"``; no noise unless ``noise_multiplier``
-  :math:`\sigma` is given). Outputs have the per-example shape and the input
-  dtype. An example with a non-finite norm is excluded (an exact zero) and
-  counted; the mean still divides by :math:`B`. With ``target_quantile``
-  :math:`\gamma`, :math:`C` adapts after each step (Andrew et al.):
-  :math:`C \leftarrow C \exp(-\eta(\bar b - \gamma))`, with :math:`\bar b`
-  the fraction of finite examples whose norm was at most :math:`C`; the
-  state's ``per_example_max_norm`` is the threshold for the *next* step.
-  Privacy accounting is the user's job. Details:
+  :math:`\sigma` is given). An example with a non-finite norm is excluded
+  and counted. With ``target_quantile`` :math:`\gamma`, :math:`C` adapts
+  after each step (Andrew et al.); the state's ``per_example_max_norm`` is
+  the threshold for the *next* step. Details and the threshold rule:
   ``docs/transforms.md#per-example``.
 
   Args:

@@ -71,13 +71,10 @@ def zclip(
       \cdot \mathrm{clip\_factor}
 
   A spike (:math:`z > z_{thresh}`) is clipped to :math:`\tau` (to
-  :math:`\mu` with ``clip_option="mean"``; ``mode="percentile"`` flags
-  :math:`g > \mu + z_{thresh}\sigma` and clips to that), and every update to
-  ``max_norm``. The EMA then takes in :math:`x = \tau` on a spike, else
-  :math:`g`: :math:`\mu \leftarrow \alpha\mu + (1-\alpha)x`, and the variance
-  with the new mean. This follows the authors' reference, quirks included;
-  zero and non-finite norms are not fed to the statistics. Details:
-  ``docs/transforms.md#zclip``.
+  :math:`\mu` with ``clip_option="mean"``), every update to ``max_norm``,
+  and the EMAs take in :math:`\tau` on a spike, else :math:`g`. This follows
+  the authors' reference, quirks included; zero and non-finite norms are
+  not fed to the statistics. Details: ``docs/transforms.md#zclip``.
 
   Args:
     alpha: EMA decay, in (0, 1).
