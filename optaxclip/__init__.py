@@ -8,6 +8,10 @@ from optaxclip._agc import (
 )
 from optaxclip._autoclip import AutoClipState, autoclip
 from optaxclip._growth import ClipNormGrowthState, clip_norm_growth
+from optaxclip._historical import (
+  ClipByHistoricalNormState,
+  clip_by_historical_norm,
+)
 from optaxclip._monitor import RecordNormsState, record_norms, tree_norms
 from optaxclip._norm_clip import (
   ClipByBlockRmsState,
@@ -44,6 +48,7 @@ __all__ = (
   "ClipByBlockRmsState",
   "ClipByGlobalNormGroupsState",
   "ClipByGlobalNormState",
+  "ClipByHistoricalNormState",
   "ClipByNormState",
   "ClipByValueState",
   "ClipNormGrowthState",
@@ -61,6 +66,7 @@ __all__ = (
   "clip",
   "clip_by_block_rms",
   "clip_by_global_norm",
+  "clip_by_historical_norm",
   "clip_by_norm",
   "clip_by_value",
   "clip_norm_growth",

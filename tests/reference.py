@@ -925,3 +925,50 @@ def loss_margins(
         history.append(float(loss))
     margins.append(margin)
   return np.array(margins)
+
+
+# ---------------------------------------------------------------------------
+# Peer rules: Levanter, Opacus, axlearn.
+
+
+def historical_norm_reference(grad_seq, window: int = 128,
+                              sigmas: float = 3.0) -> dict[str, np.ndarray]:
+  """Levanter's ``clip_update_by_historical_norm`` on a sequence of trees.
+
+  Written from the rule in ``src/levanter/optim/clip_update_norm.py``: the
+  threshold of step t is mean + sigmas * max(std, 1e-6) (population std) of
+  the unclipped global norms of the last ``window`` earlier steps, applied
+  only once at least max(2, window // 2) norms are held; the update is scaled
+  by threshold / norm when its norm exceeds it. One deliberate difference
+  from Levanter, optaxclip's policy: a non-finite norm makes the whole step
+  NaN and is not recorded.
+
+  Args:
+    grad_seq: per step, a list of leaves.
+    window: the rolling window length.
+    sigmas: the number of standard deviations.
+
+  Returns:
+    ``outputs`` (per step, the list of float64 leaves), ``norm``,
+    ``threshold`` (inf while inactive) and ``clipped`` arrays.
+  """
+  history: list[float] = []
+  out: dict[str, list] = {"outputs": [], "norm": [], "threshold": [],
+                          "clipped": []}
+  for leaves in grad_seq:
+    n = norm(leaves)
+    if len(history) >= max(2, window // 2):
+      held = np.array(history[-window:])
+      threshold = float(held.mean() + sigmas * max(held.std(), 1e-6))
+    else:
+      threshold = math.inf
+    if not math.isfinite(n):
+      scale = math.nan
+    else:
+      scale = clip_scale(n, threshold)
+      history.append(n)
+    out["outputs"].append([_f64(x) * scale for x in leaves])
+    out["norm"].append(n)
+    out["threshold"].append(threshold)
+    out["clipped"].append(not n <= threshold)
+  return {k: (v if k == "outputs" else np.array(v)) for k, v in out.items()}

@@ -305,6 +305,16 @@ ROWS: list[Row] = [
     keeps_history=True,
     threshold_arg="gamma",
   ),
+  # Levanter's rule is inactive until max(2, window // 2) norms are held:
+  # with window=2 and sigmas=0 the third step clips to the mean of two.
+  Row(
+    "clip_by_historical_norm",
+    oc.clip_by_historical_norm,
+    lambda: oc.clip_by_historical_norm(window=2, sigmas=0.0),
+    lambda: oc.clip_by_historical_norm(window=2, sigmas=100.0),
+    keeps_history=True,
+    threshold_arg="sigmas",
+  ),
   Row(
     "spam_clip",
     oc.spam_clip,
