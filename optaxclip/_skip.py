@@ -101,14 +101,43 @@ def _rolling_mean_std(
   num_valid = jnp.minimum(count, window)
   valid = jnp.arange(window, dtype=num_valid.dtype) < num_valid
   zeros = jnp.zeros_like(history)
+  values = jnp.where(valid, history, zeros)
+  # In units of 2**(e - 1) for a largest |value| below 2**e, the sum and the
+  # squared deviations can neither overflow (losses of 1e30 in float32) nor
+  # underflow (values near 1e-30); powers of two scale exactly.
+  _, exponent = jnp.frexp(jnp.max(jnp.abs(values)))
+  unit, inverse = _power_of_two_pair(exponent - 1, history.dtype)
+  values = values * inverse
   size = jnp.maximum(num_valid, 1).astype(history.dtype)
-  mean = jnp.sum(jnp.where(valid, history, zeros)) / size
+  mean = jnp.sum(values) / size
   # Two passes (mean, then squared deviations): no cancellation when the
   # values are large and nearly constant.
-  deviations = jnp.where(valid, history - mean, zeros)
+  deviations = jnp.where(valid, values - mean, zeros)
   divisor = jnp.maximum(num_valid - ddof, 1).astype(history.dtype)
   std = _norms.std_from_variance(jnp.sum(deviations * deviations) / divisor)
-  return mean, std
+  return mean * unit, std * unit
+
+
+def _power_of_two_pair(
+  exponent: jax.Array, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+  """``(2**k, 2**-k)`` with ``k`` the exponent clamped so both are normal.
+
+  Built from the exponent bits: exact on every platform, and never
+  subnormal (XLA:CPU flushes subnormals to zero, which would turn a
+  division by a huge unit into a multiplication by 0).
+  """
+  info = jnp.finfo(dtype)
+  int_dtype = jnp.int64 if info.bits == 64 else jnp.int32
+  k = jnp.clip(exponent, info.minexp + 1, info.maxexp - 2).astype(int_dtype)
+  bias = info.maxexp - 1
+
+  def power(e):
+    return jax.lax.bitcast_convert_type(
+      jnp.left_shift(e + bias, info.nmant), dtype
+    )
+
+  return jax.lax.stop_gradient(power(k)), jax.lax.stop_gradient(power(-k))
 
 
 def _spread(sigmas: Any, std: jax.Array) -> jax.Array:
@@ -197,7 +226,9 @@ def skip_step(
       ``max(1, loss_window // 2 - 1)``, as MaxText. Static.
     record_skipped: also record the finite values of skipped steps
       (MaxText's and OLMo-core's rule): a lasting shift becomes the new
-      baseline, but repeated spikes widen the statistics too.
+      baseline, but repeated spikes widen the statistics too, so spikes
+      that recur within a window are accepted (with ``loss_window=32`` and
+      a spike every 25 steps, only the first is skipped).
     axis_name: the mapped axis the gradients are split across (``psum``).
 
   Returns:
@@ -302,6 +333,15 @@ def skip_step(
   def update_fn(updates, state, params=None, **extra_args):
     _tree.check_float_leaves(fn, updates)
     _tree.require_state(fn, state)
+    # A state restored on the host (jax.device_get, msgpack) holds NumPy
+    # arrays, which have no `.at`; `inner` converts its own state if needed.
+    state = state._replace(
+      **{
+        field: jnp.asarray(getattr(state, field))
+        for field in SkipStepState._fields
+        if field != "inner_state"
+      }
+    )
     dtype = state.skip_norm.dtype
     inf = jnp.full((), math.inf, dtype)
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(dtype)

@@ -156,6 +156,9 @@ def zclip(
     del params, extra_args
     _tree.require_state(_FN, state)
     _tree.check_float_leaves(_FN, updates)
+    # A state restored on the host (jax.device_get, msgpack) holds NumPy
+    # arrays, which have no `.at`.
+    state = jax.tree.map(jnp.asarray, state)
     f32 = state.zclip_mean.dtype
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(f32)
     g = jax.lax.stop_gradient(norm)

@@ -9,6 +9,7 @@ import pytest
 import chex
 
 import optaxclip as oc
+import registry
 
 FACTORIES = {
     "autoclip": lambda: oc.autoclip(25.0, history_size=8),
@@ -42,3 +43,24 @@ def test_orbax_round_trip_then_identical_next_step(name, tmp_path):
   grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
   chex.assert_trees_all_equal(step(grads, restored, params),
                               step(grads, state, params))
+
+
+@pytest.mark.parametrize("row", registry.ROWS, ids=str)
+def test_eager_update_on_host_numpy_state(row):
+  """A state restored as NumPy arrays (``jax.device_get``, a pickle of host
+  arrays, a msgpack restore) drives an eager update exactly as the device
+  state does."""
+  tx = row.make()
+  params = registry.params(row)
+  update = registry.update_fn(row, tx)
+  state = host_state = tx.init(params)
+  for scale in (1.0, 3.0, 0.5, 20.0):
+    grads = registry.updates(row, params, scale)
+    host_state = jax.device_get(host_state)
+    assert all(isinstance(x, np.ndarray | np.generic)
+               for x in jax.tree.leaves(host_state))
+    out, state = update(grads, state, params)
+    host_out, host_state = update(grads, host_state, params)
+    chex.assert_trees_all_equal(host_out, out)
+    chex.assert_trees_all_equal(jax.device_get(host_state),
+                                jax.device_get(state))

@@ -353,3 +353,29 @@ def test_norm_equal_to_threshold_is_accepted():
   # With zero spread, anything above the constant level is a spike.
   _, state = tx.update({"w": jnp.array([3.0, 4.001])}, state, params)
   assert bool(state.step_skipped)
+
+
+@pytest.mark.parametrize("history, spike", [
+    ([1e30, 1e30, 2.0], 1e32),  # squared deviations overflow float32
+    ([3e38, 3e38, 3e38, 2.9e38], 3.4e38),  # the sum overflows float32
+    ([1e-30, 3e-30, 2e-30], 1e-28),  # squared deviations underflow
+])
+def test_norm_statistics_do_not_overflow_float32(use_jit, history, spike):
+  norms = [*history, spike]
+  tx = oc.skip_step(optax.sgd(1.0), spike_sigmas=6.0, window=8,
+                    warmup_steps=3)
+  params = {"w": jnp.zeros(2, jnp.float32)}
+  update = jax.jit(tx.update) if use_jit else tx.update
+  state = tx.init(params)
+  for norm in norms:
+    # The norm kernel gets such norms right (rescued sums of squares).
+    _, state = update({"w": jnp.array([0.6, 0.8], jnp.float32) * norm}, state)
+  recorded = np.asarray(state.accepted_norms[:len(history)], np.float64)
+  np.testing.assert_allclose(recorded, history, rtol=1e-6)
+  (*_, (skipped, threshold)) = reference.skip_step_reference(
+      [*recorded, spike], spike_sigmas=6.0, window=8, warmup_steps=3)
+  assert skipped
+  assert math.isfinite(float(state.skip_threshold))
+  np.testing.assert_allclose(float(state.skip_threshold), threshold,
+                             rtol=1e-5)
+  assert bool(state.step_skipped)

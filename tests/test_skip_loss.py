@@ -789,3 +789,48 @@ def test_axis_name_makes_one_decision_across_devices():
   np.testing.assert_array_equal(state.skip_norm, [0.5, 0.5])
   np.testing.assert_array_equal(state.loss_history[0], state.loss_history[1])
   np.testing.assert_array_equal(updates["w"], 0.0)
+
+
+@pytest.mark.parametrize("history, spike", [
+    ([1e30, 1e30, 2.0], 1e32),  # squared deviations overflow float32
+    ([3e38, 3e38, 3e38, 2.9e38], 3.4e38),  # the sum overflows float32
+    ([-3e37, 2e37, 1e37, 3e36], 3e38),  # signed losses, a wide spread
+    ([1e-30, 3e-30, 2e-30], 1e-28),  # squared deviations underflow
+])
+def test_loss_statistics_do_not_overflow_float32(use_jit, history, spike):
+  losses = [*history, spike]
+  tx = oc.skip_step(optax.sgd(1.0), loss_window=8, loss_warmup_steps=3)
+  _, state = _loss_steps(tx, losses, use_jit=use_jit)
+  expected = skip_step_loss_reference(
+      [0.5] * len(losses), losses, loss_window=8, loss_warmup_steps=3)
+  assert expected["loss_skipped"][-1]  # the spike is far above m + 6 s
+  assert math.isfinite(float(state.loss_threshold))
+  np.testing.assert_allclose(float(state.loss_threshold),
+                             expected["loss_threshold"][-1], rtol=1e-5)
+  assert bool(state.loss_skipped) and bool(state.step_skipped)
+
+
+@pytest.mark.parametrize("record_skipped", [False, True])
+def test_record_skipped_lets_recurring_spikes_through(record_skipped):
+  """The documented cost of MaxText's rule: recorded spikes widen the
+  statistics, so a spike every 25 steps passes from the second one on."""
+  rng = np.random.default_rng(0)
+  losses = list(2.0 + 0.01 * rng.standard_normal(200))
+  spikes = list(range(24, 200, 25))
+  for step in spikes:
+    losses[step] = 2.5
+  tx = oc.skip_step(optax.sgd(1.0), loss_window=32,
+                    record_skipped=record_skipped)
+  update = jax.jit(lambda s, loss: tx.update({"w": jnp.ones(2)}, s, loss=loss))
+  state = tx.init({"w": jnp.zeros(2)})
+  skipped = []
+  for loss in losses:
+    state = update(state, jnp.float32(loss))[1]
+    skipped.append(bool(state.step_skipped))
+  expected = skip_step_loss_reference(
+      [2 ** 0.5] * 200, losses, loss_window=32, record_skipped=record_skipped)
+  np.testing.assert_array_equal(skipped, expected["skipped"])
+  skipped_spikes = [skipped[step] for step in spikes]
+  assert skipped_spikes == ([True] * 8 if not record_skipped
+                            else [True] + [False] * 7)
+  assert "repeated spikes" in oc.skip_step.__doc__
