@@ -53,14 +53,17 @@ def default_unit_axes(
   """The axes one AGC unit spans by default, or None if no rule applies.
 
   A unit is one output neuron (one output channel for a conv): the reduction
-  axes span its incoming weights, the remaining axes index the units. In
-  both layouts an array that squeezes to at most one dimension (a scalar, a
-  vector, a ``(1, n)`` kernel) is one unit. ``layout="flax"`` (the default,
-  as ``optax.adaptive_grad_clip``) is for kernels whose *last* axis is the
-  output: rank 2 ``(in, out)`` and 3 ``(in, heads, dim)`` reduce axis 0,
-  rank 4 ``HWIO`` reduces ``(0, 1, 2)`` and rank 5 ``(0, 1, 2, 3)``.
-  ``layout="torch"`` is for weights whose *first* axis is the output
-  (PyTorch, Equinox ``(out, in, *kernel)``): every axis but 0 is reduced.
+  axes span its incoming weights, the remaining axes index the units. A
+  scalar or a vector is one unit in both layouts. ``layout="flax"`` (the
+  default, exactly ``optax.adaptive_grad_clip``'s rule) is for kernels whose
+  *last* axis is the output: rank 2 ``(in, out)`` and 3 ``(in, heads, dim)``
+  reduce axis 0, rank 4 ``HWIO`` reduces ``(0, 1, 2)`` and rank 5
+  ``(0, 1, 2, 3)``; like optax, an array that squeezes to a vector is one
+  unit, so a scalar-input ``Dense`` kernel ``(1, n)`` is one unit (pass
+  ``axis=0`` for ``n``). ``layout="torch"`` is for weights whose *first*
+  axis is the output (PyTorch, Equinox ``(out, in, *kernel)``): from rank 2
+  on, every axis but 0 is reduced whatever the sizes (timm's rule), so
+  ``(n, 1)`` and ``(n, 1, 1, 1)`` are ``n`` rows.
   For stacked leaves, pass ``stacked=`` to :func:`adaptive_grad_clip` and
   the rule applies to one layer's slice.
 
@@ -81,6 +84,8 @@ def default_unit_axes(
     (0,)
     >>> oc.default_unit_axes((128, 784), layout="torch")  # (out, in): rows
     (1,)
+    >>> oc.default_unit_axes((5, 1), layout="torch")  # Linear(1, 5): 5 rows
+    (1,)
     >>> oc.default_unit_axes((3, 3, 16, 32)), oc.default_unit_axes((128,))
     ((0, 1, 2), (0,))
 
@@ -92,10 +97,11 @@ def default_unit_axes(
     "default_unit_axes", "layout", layout, LAYOUTS
   )
   ndim = len(shape)
+  if layout == "torch":
+    # Rows, even of one element: an (n, 1) weight is Linear(1, n), n units.
+    return tuple(range(1 if ndim > 1 else 0, ndim))
   if sum(d != 1 for d in shape) <= 1:
     return tuple(range(ndim))
-  if layout == "torch":
-    return tuple(range(1, ndim))
   return {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}.get(ndim)
 
 
@@ -143,7 +149,7 @@ def _normalize_axes(
 
 
 def _resolve_axes(
-  axis: Any, params: Any, stacked: Any, layout: str
+  slicing: _tree.Slicing, params: Any, layout: str
 ) -> list[tuple[int, ...]]:
   """One normalized axes tuple per param leaf, in jax.tree.leaves order.
 
@@ -153,12 +159,10 @@ def _resolve_axes(
   """
   with_path = jax.tree_util.tree_leaves_with_path(params)
   paths = [_tree.path_str(p) or "<root>" for p, _ in with_path]
-  counts = _tree.stack_counts(_FN, stacked, params)
+  counts = slicing.counts(params)
   allowed = "an int, a tuple of ints, or None (the default rule)"
   try:
-    specs = _tree.per_leaf_entries(
-      _FN, "axis", axis, params, _tree.is_axes_entry, allowed
-    )
+    specs = slicing.axis_entries(params, allowed)
   except ValueError as exc:
     raise ValueError(
       f"{_FN}: the axis pytree must have the structure of the params, one"
@@ -240,20 +244,7 @@ def adaptive_grad_clip(
   _validate.check_threshold(_FN, "clipping", clipping)
   _validate.check_threshold(_FN, "eps", eps)
   layout = _validate.check_choice(_FN, "layout", layout, LAYOUTS)
-  _tree.check_stacked(_FN, stacked)
-  if not (
-    axis is None or _tree.is_axes_entry(axis) or not _tree.is_pytree_spec(axis)
-  ):
-    entries = jax.tree.leaves(
-      axis, is_leaf=lambda x: _tree.is_axes_entry(x) or _tree.is_wrapped_leaf(x)
-    )
-    for leaf in map(_tree.unwrap, entries):
-      if not _tree.is_axes_entry(leaf):
-        raise TypeError(
-          f"{_FN}: axis must be None, an int, a tuple of ints, a callable"
-          " (path, leaf) -> axes, or a pytree of those per parameter; found"
-          f" the entry {leaf!r} in {axis!r}."
-        )
+  slicing = _tree.Slicing(_FN, stacked, axis)
 
   def init_fn(params):
     del params
@@ -283,7 +274,7 @@ def adaptive_grad_clip(
         " parameter per gradient leaf, the same containers and keys);"
         f" gradients are {treedef}, params are {jax.tree.structure(params)}."
       ) from exc
-    axes_list = _resolve_axes(axis, params, stacked, layout)
+    axes_list = _resolve_axes(slicing, params, layout)
     paths = [
       _tree.path_str(key_path) or "<root>"
       for key_path, _ in jax.tree_util.tree_leaves_with_path(updates)

@@ -264,3 +264,61 @@ def test_every_unit_is_bounded_and_clipping_twice_changes_nothing(
   twice, _ = step(out, tx.init(params), params)
   for a, b in zip(leaves64(twice), leaves64(out)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("shape, axes", [
+    ((5, 1), (1,)),  # Linear(1, 5) weight (out, in): five rows
+    ((1, 5), (1,)),  # Linear(5, 1): one row
+    ((4, 1, 1, 1), (1, 2, 3)),  # a 1x1 conv on one channel: four filters
+    ((4, 1, 3), (1, 2)),
+    ((1, 1), (1,)),
+    ((5,), (0,)),
+    ((), ()),
+])
+def test_torch_units_are_rows_for_any_shape(shape, axes):
+  # timm's unitwise_norm: every dim but 0 for ndim > 1, whatever the sizes.
+  assert oc.default_unit_axes(shape, layout="torch") == axes
+
+
+@pytest.mark.parametrize("shape, axes", [
+    ((1, 5), (0, 1)),  # optax's rule: squeezes to a vector, one unit
+    ((5, 1), (0, 1)),  # Dense(1) on 5 inputs: one output, one unit
+    ((1, 1, 1, 4), (0, 1, 2, 3)),
+    ((2, 1), (0, 1)),
+    ((3, 1, 4), (0,)),
+])
+def test_flax_squeeze_rule_is_optaxs(shape, axes):
+  assert oc.default_unit_axes(shape) == axes
+  if not OPTAX_AGC_HAS_AXIS:
+    return
+  rng = np.random.default_rng(0)
+  grads = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32)}
+  params = {"w": jnp.asarray(0.1 * rng.standard_normal(shape), jnp.float32)}
+  out, _ = _run(oc.adaptive_grad_clip(0.05), grads, params)
+  want, _ = optax.adaptive_grad_clip(0.05).update(grads, optax.EmptyState(),
+                                                  params)
+  chex.assert_trees_all_close(out, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("in_features", [1, "scalar"])
+def test_equinox_scalar_input_linear_clips_each_row(in_features, use_jit):
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.Linear(in_features, 5, key=jax.random.PRNGKey(0))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  weight = np.asarray(params.weight, np.float64)
+  assert weight.shape == (5, 1)
+  # Row 0's gradient is far above its weight, the others are small: only
+  # row 0 may be clipped.
+  grad_weight = np.full(weight.shape, 1e-4)
+  grad_weight[0, 0] = 100.0
+  grads = eqx.tree_at(lambda m: (m.weight, m.bias), params,
+                      (jnp.asarray(grad_weight, jnp.float32),
+                       jnp.zeros(5, jnp.float32)))
+  tx = oc.adaptive_grad_clip(0.1, layout="torch")
+  out, state = _run(tx, grads, params, use_jit)
+  want, clipped = reference.adaptive_grad_clip(
+      [grad_weight], [weight], 0.1, 1e-3, [(1,)])
+  np.testing.assert_allclose(np.asarray(out.weight, np.float64), want[0],
+                             rtol=1e-6)
+  assert clipped == 1 and int(state.num_clipped_units) == 1
+  np.testing.assert_array_equal(out.weight[1:], grads.weight[1:])
