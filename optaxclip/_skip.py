@@ -209,8 +209,7 @@ def skip_step(
 
   A skipped step returns exact zeros and leaves ``inner``'s state
   bit-identical; only accepted, finite values enter the histories unless
-  ``record_skipped=True``. Unlike ``optax.apply_if_finite`` it never passes
-  NaN on. Peers, decisions, ``MultiSteps``: ``docs/transforms.md#skip-step``.
+  ``record_skipped=True``. Peers, decisions: ``docs/transforms.md#skip-step``.
 
   Args:
     inner: the optimizer to wrap; extra arguments (``loss`` too) reach it.
@@ -224,11 +223,9 @@ def skip_step(
     loss_window: losses in the statistics; ``None`` means ``window``. Static.
     loss_warmup_steps: :math:`v_0`; ``None`` means
       ``max(1, loss_window // 2 - 1)``, as MaxText. Static.
-    record_skipped: also record the finite values of skipped steps
-      (MaxText's and OLMo-core's rule): a lasting shift becomes the new
-      baseline, but repeated spikes widen the statistics too, so spikes
-      that recur within a window are accepted (with ``loss_window=32`` and
-      a spike every 25 steps, only the first is skipped).
+    record_skipped: also record skipped steps' finite values (MaxText's
+      rule): a lasting shift becomes the baseline, but repeated spikes
+      widen the statistics and then pass (see the docs).
     axis_name: the mapped axis the gradients are split across (``psum``).
 
   Returns:
