@@ -6,6 +6,10 @@ example by its own global L2 norm, and sums or averages the clipped examples:
 the clipping step of DP-SGD (Abadi et al. 2016). Optionally it adds the
 Gaussian noise of DP-SGD to the sum, and adapts the threshold towards a target
 quantile of the per-example norms (Andrew et al. 2019, non-private estimator).
+Instead of the clamp ``min(1, C/||g||)`` it can apply automatic clipping
+(AUTO-S, Bu et al. 2022, as Opacus' ``clipping="automatic"`` does): every
+example is normalised to ``C/(||g|| + 0.01)``, and with ``per_layer=True``
+each leaf by its own per-example norm (Opacus' ``"automatic_per_layer"``).
 
 The per-example norms come from the one norm kernel
 (:func:`optaxclip._norms.batch_norms`: per-leaf reductions over the
@@ -16,6 +20,8 @@ References:
   <https://arxiv.org/abs/1607.00133>`_, 2016.
   Andrew et al., `Differentially Private Learning with Adaptive Clipping
   <https://arxiv.org/abs/1905.03871>`_, 2019.
+  Bu et al., `Automatic Clipping: Differentially Private Deep Learning Made
+  Easier and Stronger <https://arxiv.org/abs/2206.07136>`_, 2022.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from optaxclip import _norms, _stats, _tree, _validate
 
 _FN = "clip_per_example"
 _REDUCTIONS = ("mean", "sum")
+# "clamp": min(1, C / ||g||) (Abadi et al.); "automatic": C / (||g|| + gamma)
+# with no clamp (AUTO-S, Bu et al.; Opacus' automatic clipping).
+_RULES = ("clamp", "automatic")
 # Bounds of the adaptive threshold C: the smallest normal and the largest
 # finite float32 (see the ``target_quantile`` docs).
 _C_FLOOR = np.float32(np.finfo(np.float32).tiny)
@@ -44,7 +53,8 @@ class ClipPerExampleState(NamedTuple):
   # scalar float32: the threshold C for the *next* step (fixed at max_norm
   # unless target_quantile is set, then adapted after every step).
   per_example_max_norm: jax.Array
-  # int32 scalar: how many finite examples were rescaled in the last step.
+  # int32 scalar: how many finite examples were scaled down in the last step
+  # (with per_layer=True: examples with at least one leaf scaled down).
   num_clipped_examples: jax.Array
   # int32 scalar: how many examples had a non-finite norm (and were excluded).
   num_nonfinite_examples: jax.Array
@@ -120,6 +130,24 @@ def _sum_dtype(dtype: Any) -> jnp.dtype:
   return _norms.accumulation_dtype(dtype)
 
 
+def _example_scale(
+  norms: jax.Array, threshold: jax.Array, rule: str, stability: Any
+) -> tuple[jax.Array, jax.Array]:
+  """Per-example factors under ``rule``, and which examples they shrink."""
+  if rule == "clamp":
+    return _norms.clip_scale(norms, threshold)
+  # AUTO-S: C / (norm + stability), never clamped to 1, so small gradients
+  # are scaled up; stability > 0 keeps a zero gradient finite.
+  threshold = jnp.asarray(threshold).astype(norms.dtype)
+  stability = jnp.asarray(stability).astype(norms.dtype)
+  scale = threshold / (norms + stability)
+  # Traced values skip construction-time checks: a negative C or a
+  # non-positive stability would flip signs or divide by zero silently.
+  valid = (threshold >= 0) & (stability > 0)
+  scale = jnp.where(valid, scale, jnp.full_like(scale, jnp.nan))
+  return scale, scale < 1
+
+
 def clip_per_example(
   max_norm: Any,
   *,
@@ -128,6 +156,9 @@ def clip_per_example(
   seed: Any = 0,
   target_quantile: Any | None = None,
   quantile_lr: Any = 0.2,
+  rule: str = "clamp",
+  stability: Any = 0.01,
+  per_layer: bool = False,
   axis_name: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each example's gradient by its global L2 norm, then sums or averages.
@@ -140,23 +171,25 @@ def clip_per_example(
     \bar g = \frac{1}{B}\Big(\sum_{b} g_b \cdot \min\!\big(1, C/\|g_b\|_2\big)
     + \mathcal{N}(0, \sigma^2 C^2 I)\Big)
 
-  (no :math:`1/B` with ``reduce="sum"``; no noise unless ``noise_multiplier``
-  :math:`\sigma` is given). An example with a non-finite norm is excluded
-  and counted. With ``target_quantile`` :math:`\gamma`, :math:`C` adapts
-  after each step (Andrew et al.); the state's ``per_example_max_norm`` is
-  the threshold for the *next* step. Details and the threshold rule:
-  ``docs/transforms.md#per-example``.
+  (no :math:`1/B` with ``reduce="sum"``, no noise without ``noise_multiplier``
+  :math:`\sigma`; ``rule="automatic"`` scales by :math:`C/(\|g_b\|_2 + s)`,
+  :math:`s` = ``stability``). Non-finite examples are excluded and counted.
+  ``target_quantile`` adapts :math:`C` (Andrew et al.; the state holds the
+  *next* step's :math:`C`). Details: ``docs/transforms.md#per-example``.
 
   Args:
-    max_norm: the threshold :math:`C` (its initial value with
-      ``target_quantile``), a non-negative scalar.
+    max_norm: :math:`C \ge 0` (the initial value with ``target_quantile``).
     reduce: ``"mean"`` (default, divide by the batch size) or ``"sum"``.
     noise_multiplier: :math:`\sigma \ge 0`; ``None`` (default) adds no noise.
       Requires a finite ``max_norm``.
     seed: int seed of the noise PRNG key (kept in the state, split per step).
-    target_quantile: :math:`\gamma \in [0, 1]` to adapt :math:`C`; ``None``
-      (default) keeps it fixed.
+    target_quantile: in [0, 1], to adapt :math:`C`; ``None`` (default): fixed.
     quantile_lr: :math:`\eta \ge 0`, the threshold's step size (default 0.2).
+    rule: ``"clamp"`` (default) or ``"automatic"`` (AUTO-S, Opacus'
+      ``clipping="automatic"``: no clamp, every example normalised).
+    stability: AUTO-S's :math:`s > 0` (default 0.01, Opacus' value).
+    per_layer: scale each leaf by its own per-example norm (Opacus' per-layer
+      clipping, threshold :math:`C` each; noise std :math:`\sigma C\sqrt{L}`).
     axis_name: inside ``shard_map``/``pmap``, the mapped axis across which
       each example's gradient is *split* (partial norms are ``psum``-ed).
 
@@ -165,12 +198,10 @@ def clip_per_example(
     :class:`ClipPerExampleState`.
 
   Raises:
-    ValueError: for a negative/NaN ``max_norm``, an unknown ``reduce``, a
-      negative ``noise_multiplier`` (or one with an infinite ``max_norm``),
-      ``target_quantile`` outside [0, 1], a negative ``quantile_lr`` or a
-      non-integer ``seed``; from ``update``, for leaves without one shared
-      batch size (or not matching ``params`` behind it), an empty batch with
-      ``reduce="mean"``, or ``state=None``.
+    ValueError: for an argument out of range or an unknown ``reduce`` or
+      ``rule``; from ``update``, for leaves without one shared batch size (or
+      not matching ``params``), an empty batch with ``reduce="mean"``, or
+      ``state=None``.
     TypeError: from ``update``, for an integer or bool leaf.
 
   Examples:
@@ -186,7 +217,9 @@ def clip_per_example(
     Abadi et al., `Deep Learning with Differential Privacy
     <https://arxiv.org/abs/1607.00133>`_, 2016.
     Andrew et al., `Differentially Private Learning with Adaptive Clipping
-    <https://arxiv.org/abs/1905.03871>`_, 2019
+    <https://arxiv.org/abs/1905.03871>`_, 2019.
+    Bu et al., `Automatic Clipping: Differentially Private Deep Learning Made
+    Easier and Stronger <https://arxiv.org/abs/2206.07136>`_, 2022
   """
   _validate.check_threshold(_FN, "max_norm", max_norm)
   reduce = _validate.check_choice(_FN, "reduce", reduce, _REDUCTIONS)
@@ -211,6 +244,30 @@ def clip_per_example(
     )
   _validate.check_threshold(_FN, "quantile_lr", quantile_lr)
   _check_seed(seed)
+  rule = _validate.check_choice(_FN, "rule", rule, _RULES)
+  _validate.check_in_range(
+    _FN, "stability", stability, 0.0, np.inf, low_open=True, high_open=True
+  )
+  if not isinstance(per_layer, (bool, np.bool_)):
+    raise TypeError(f"{_FN}: per_layer must be a bool, got {per_layer!r}.")
+  if target_quantile is not None and (rule == "automatic" or per_layer):
+    raise ValueError(
+      f"{_FN}: target_quantile adapts C to a quantile of the per-example"
+      " global norms under the clamp rule; it cannot be combined with"
+      f" rule={rule!r}, per_layer={per_layer!r}. Use rule='clamp',"
+      " per_layer=False, or drop target_quantile."
+    )
+  concrete_max_norm = not _validate.is_traced(max_norm)
+  if (
+    rule == "automatic"
+    and concrete_max_norm
+    and not np.isfinite(float(np.asarray(max_norm)))
+  ):
+    raise ValueError(
+      f"{_FN}: rule='automatic' scales every example by"
+      " max_norm / (norm + stability) and needs a finite max_norm, got"
+      f" max_norm={max_norm!r}."
+    )
 
   def init_fn(params):
     del params
@@ -251,18 +308,35 @@ def clip_per_example(
         " DP-SGD with Poisson sampling does)."
       )
 
-    norms = _norms.batch_norms(leaves, 2, axis_name)
+    if per_layer:
+      layer_norms = [_norms.batch_norms([x], 2, axis_name) for x in leaves]
+      dtype = _norms.widest_dtype(n.dtype for n in layer_norms)
+      layer_norms = [n.astype(dtype) for n in layer_norms]
+      # Each example's global norm, for the diagnostics and the policy: an
+      # example with any non-finite leaf is excluded as a whole.
+      norms = _norms.batch_norms([jnp.stack(layer_norms, axis=1)], 2)
+    else:
+      norms = _norms.batch_norms(leaves, 2, axis_name)
+      layer_norms = [norms]
     finite = jnp.isfinite(norms)
-    scale, clipped = _norms.clip_scale(norms, threshold)
-    # Excluded examples contribute an exact zero: zero both factors, so the
-    # forward pass never computes 0 * nan.
-    scale = jnp.where(finite, scale, jnp.zeros_like(scale))
+    scales, clipped = [], jnp.zeros(norms.shape, jnp.bool_)
+    for layer_norm in layer_norms:
+      scale, shrunk = _example_scale(layer_norm, threshold, rule, stability)
+      # Excluded examples contribute an exact zero: zero both factors, so
+      # the forward pass never computes 0 * nan.
+      scales.append(jnp.where(finite, scale, jnp.zeros_like(scale)))
+      clipped = clipped | shrunk
+    if not per_layer:
+      scales = scales * len(leaves)
 
     if noise_multiplier is not None:
       if axis_name is not None:
         noise_rng = jax.random.fold_in(noise_rng, jax.lax.axis_index(axis_name))
       noise_keys = list(jax.random.split(noise_rng, len(leaves)))
       noise_std = jnp.asarray(noise_multiplier).astype(jnp.float32) * threshold
+      if per_layer:
+        # Opacus' per-layer sensitivity: the norm of the L per-leaf bounds.
+        noise_std = noise_std * np.float32(np.sqrt(len(leaves)))
 
     out = []
     for i, x in enumerate(leaves):
@@ -272,7 +346,8 @@ def clip_per_example(
       # A broadcast multiply and a sum over the batch axis (not tensordot):
       # under explicit sharding a batch split over devices is then reduced
       # with an all-reduce instead of being an ambiguous sharded contraction.
-      total = jnp.sum(scale.astype(dtype).reshape(mask.shape) * x_safe, axis=0)
+      scale = scales[i].astype(dtype).reshape(mask.shape)
+      total = jnp.sum(scale * x_safe, axis=0)
       if noise_multiplier is not None:
         noise = jax.random.normal(noise_keys[i], total.shape, dtype)
         total = total + noise * noise_std.astype(dtype)

@@ -972,3 +972,41 @@ def historical_norm_reference(grad_seq, window: int = 128,
     out["threshold"].append(threshold)
     out["clipped"].append(not n <= threshold)
   return {k: (v if k == "outputs" else np.array(v)) for k, v in out.items()}
+
+
+def automatic_clip_reference(examples, max_norm: float, *,
+                             stability: float = 0.01, per_layer: bool = False,
+                             reduce: str = "mean") -> list[np.ndarray]:
+  """AUTO-S (Bu et al. 2022, arXiv 2206.07136), as Opacus runs it.
+
+  Each example's gradient g_i is scaled by C / (||g_i|| + gamma), never
+  clamped to 1; with ``per_layer`` every leaf of g_i is scaled by
+  C / (||g_i^l|| + gamma) of its own norm (Opacus'
+  ``DPPerLayerAutomaticClippingOptimizer``). The scaled examples are summed
+  and, for ``reduce="mean"``, divided by the batch size. An example with a
+  non-finite norm (any leaf, with ``per_layer``) contributes zero, as in
+  every optaxclip per-example rule.
+
+  Args:
+    examples: a list of leaves, each of shape (batch, ...).
+    max_norm: C.
+    stability: gamma.
+    per_layer: scale leaf by leaf.
+    reduce: "mean" or "sum".
+
+  Returns:
+    The aggregated float64 leaves, without the batch axis.
+  """
+  leaves = [_f64(x) for x in examples]
+  batch = leaves[0].shape[0]
+  totals = [np.zeros(x.shape[1:]) for x in leaves]
+  for b in range(batch):
+    parts = [x[b] for x in leaves]
+    if not math.isfinite(norm(parts)):
+      continue
+    for i, part in enumerate(parts):
+      n = norm([part]) if per_layer else norm(parts)
+      totals[i] = totals[i] + part * (max_norm / (n + stability))
+  if reduce == "mean":
+    totals = [t / batch for t in totals]
+  return totals

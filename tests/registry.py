@@ -368,4 +368,16 @@ ROWS: list[Row] = [
     per_example=True,
     threshold_arg="max_norm",
   ),
+  # Opacus' automatic per-layer clipping (AUTO-S): every example is scaled,
+  # so there is no passing configuration.
+  Row(
+    "clip_per_example_automatic_per_layer",
+    oc.clip_per_example,
+    lambda: oc.clip_per_example(
+      0.5, rule="automatic", per_layer=True, noise_multiplier=1.0, seed=7
+    ),
+    keeps_history=True,
+    per_example=True,
+    threshold_arg="max_norm",
+  ),
 ]

@@ -291,3 +291,197 @@ def test_mismatched_batch_sizes():
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     oc.clip_per_example(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Automatic clipping (AUTO-S, Bu et al.), flat and per layer, against a
+# float64 reference and Opacus' own optimizers.
+
+import pathlib  # noqa: E402
+
+from reference import automatic_clip_reference  # noqa: E402
+
+OPACUS = pathlib.Path(__file__).parent / "data" / "opacus_trajectories.npz"
+OPACUS_LEAVES = ("w1", "b1", "w2", "b2")
+
+
+def _wide_batch(seed=0, batch=6, dtype=jnp.float32):
+  """Per-example norms from 1e-4 to 1e3, one all-zero example."""
+  rng = np.random.default_rng(seed)
+  factors = 10.0 ** np.linspace(-4, 3, batch)
+  factors[2] = 0.0
+  w = rng.normal(size=(batch, 3, 4)) * factors[:, None, None]
+  bias = rng.normal(size=(batch, 4)) * factors[:, None] * 7.0
+  return {"w": jnp.asarray(w, dtype), "b": jnp.asarray(bias, dtype)}
+
+
+@pytest.mark.parametrize("per_layer", [False, True], ids=["flat", "layer"])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_automatic_matches_reference(per_layer, reduce, use_jit):
+  grads = _wide_batch()
+  tx = oc.clip_per_example(
+    0.8, rule="automatic", per_layer=per_layer, reduce=reduce
+  )
+  update = maybe_jit(tx.update, use_jit)
+  out, state = update(grads, tx.init(_params(grads)))
+  want = automatic_clip_reference(
+    [grads["b"], grads["w"]], 0.8, per_layer=per_layer, reduce=reduce
+  )
+  _close(out, want, rtol=2e-6)
+  # Small examples are scaled *up*: AUTO-S never clamps.
+  assert int(state.num_clipped_examples) < 6
+  assert int(state.num_nonfinite_examples) == 0
+
+
+def test_automatic_hand_computed():
+  tx = oc.clip_per_example(1.0, rule="automatic", reduce="sum")
+  grads = {"w": jnp.array([[3.0, 4.0], [0.03, 0.04], [0.0, 0.0]])}
+  out, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+  # 1 / (5 + 0.01) * (3, 4) + 1 / (0.05 + 0.01) * (0.03, 0.04) + 0.
+  want = np.array([3.0, 4.0]) / 5.01 + np.array([0.03, 0.04]) / 0.06
+  np.testing.assert_allclose(out["w"], want, rtol=1e-6)
+  assert int(state.num_clipped_examples) == 1  # only the first shrinks
+  tx = oc.clip_per_example(
+    2.0, rule="automatic", per_layer=True, reduce="sum", stability=0.5
+  )
+  grads = {"a": jnp.array([[3.0, 4.0]]), "b": jnp.array([[0.5]])}
+  out, _ = tx.update(grads, tx.init({"a": jnp.zeros(2), "b": jnp.zeros(1)}))
+  np.testing.assert_allclose(out["a"], [2 * 3 / 5.5, 2 * 4 / 5.5], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], [2 * 0.5 / 1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["flat_mean", "flat_sum", "layer_mean"])
+def test_automatic_matches_opacus(case, use_jit):
+  """Opacus' DP(PerLayer)AutomaticClippingOptimizer, recorded by
+  tests/data/make_opacus_trajectories.py, step for step."""
+  data = np.load(OPACUS)
+  max_norm, mean, per_layer = data[f"{case}_config"]
+  tx = oc.clip_per_example(
+    float(max_norm),
+    rule="automatic",
+    per_layer=bool(per_layer),
+    reduce="mean" if mean else "sum",
+  )
+  update = maybe_jit(tx.update, use_jit)
+  steps = data[f"{case}_in_w1"].shape[0]
+  state = None
+  for t in range(steps if use_jit else 3):
+    grads = {k: jnp.asarray(data[f"{case}_in_{k}"][t]) for k in OPACUS_LEAVES}
+    state = tx.init(_params(grads)) if state is None else state
+    out, state = update(grads, state)
+    for k in OPACUS_LEAVES:
+      np.testing.assert_allclose(
+        out[k], data[f"{case}_out_{k}"][t], rtol=2e-5, atol=1e-9,
+        err_msg=f"{case} step {t} {k}",
+      )
+
+
+@pytest.mark.parametrize("case", ["flat_mean", "layer_mean"])
+def test_automatic_noise_std_matches_opacus(case):
+  """The noise std Opacus uses: sigma * C, and sigma * C * sqrt(L) per layer
+  (the norm of the L per-layer bounds). Measured on zero gradients."""
+  data = np.load(OPACUS)
+  max_norm, _, per_layer = data[f"{case}_config"]
+  shapes = {"w1": (3, 400), "b1": (300,), "w2": (2, 300), "b2": (200,)}
+  grads = {k: jnp.zeros((2, *s)) for k, s in shapes.items()}
+  tx = oc.clip_per_example(
+    float(max_norm),
+    rule="automatic",
+    per_layer=bool(per_layer),
+    reduce="sum",
+    noise_multiplier=1.3,
+    seed=3,
+  )
+  out, _ = tx.update(grads, tx.init(_params(grads)))
+  sample = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out)])
+  assert sample.size == 2300
+  np.testing.assert_allclose(
+    np.std(sample), data[f"{case}_noise_std"], rtol=0.05
+  )
+
+
+def test_automatic_nonfinite_example_is_excluded_whole():
+  grads = _wide_batch()
+  grads["b"] = grads["b"].at[4, 1].set(jnp.inf)
+  for per_layer in (False, True):
+    tx = oc.clip_per_example(1.0, rule="automatic", per_layer=per_layer)
+    out, state = tx.update(grads, tx.init(_params(grads)))
+    assert int(state.num_nonfinite_examples) == 1
+    want = automatic_clip_reference(
+      [grads["b"], grads["w"]], 1.0, per_layer=per_layer
+    )
+    _close(out, want, rtol=2e-6)
+
+
+def test_automatic_grad_is_finite_at_zero():
+  grads = jax.tree.map(jnp.zeros_like, _batch())
+  for per_layer in (False, True):
+    tx = oc.clip_per_example(1.0, rule="automatic", per_layer=per_layer)
+    state = tx.init(_params(grads))
+
+    def loss(g, tx=tx, state=state):
+      out, _ = tx.update(g, state)
+      return sum(jnp.sum(x) for x in jax.tree.leaves(out))
+
+    for leaf in jax.tree.leaves(jax.grad(loss)(grads)):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_automatic_low_precision(dtype):
+  grads = _wide_batch(dtype=dtype)
+  tx = oc.clip_per_example(1.0, rule="automatic", per_layer=True)
+  out, state = jax.jit(tx.update)(grads, tx.init(_params(grads)))
+  assert out["w"].dtype == dtype and out["w"].shape == (3, 4)
+  assert state.per_example_norm_mean.dtype == jnp.float32
+  want = automatic_clip_reference(
+    [np.asarray(grads["b"], np.float32), np.asarray(grads["w"], np.float32)],
+    1.0,
+    per_layer=True,
+  )
+  _close(out, want, rtol=1e-2)
+
+
+def test_automatic_injected_threshold():
+  schedule = optax.linear_schedule(1.0, 0.5, 4)
+  tx = optax.inject_hyperparams(oc.clip_per_example)(
+    max_norm=schedule, rule="automatic", per_layer=True
+  )
+  grads = _wide_batch()
+  state = tx.init(_params(grads))
+  step = jax.jit(tx.update)
+  with jax.numpy_dtype_promotion("standard"):
+    for _ in range(3):
+      out, state = step(grads, state)
+  # The third update runs at schedule count 2: C = 1 - 0.5 * 2 / 4.
+  want = automatic_clip_reference(
+    [grads["b"], grads["w"]], 0.75, per_layer=True
+  )
+  _close(out, want, rtol=2e-6)
+
+
+@pytest.mark.parametrize(
+  "kwargs,error,pattern",
+  [
+    (dict(rule="auto"), ValueError, "rule must be one of 'clamp', 'automatic'"),
+    (dict(rule="automatic", stability=0.0), ValueError, "stability must be"),
+    (dict(stability=-1.0), ValueError, "stability must be in"),
+    (dict(stability=float("nan")), ValueError, "stability must be"),
+    (dict(per_layer="yes"), TypeError, "per_layer must be a bool"),
+    (
+      dict(rule="automatic", target_quantile=0.5),
+      ValueError,
+      "cannot be combined",
+    ),
+    (dict(per_layer=True, target_quantile=0.5), ValueError, "cannot be"),
+    (
+      dict(max_norm=float("inf"), rule="automatic"),
+      ValueError,
+      "needs a finite max_norm",
+    ),
+  ],
+)
+def test_automatic_validation(kwargs, error, pattern):
+  kwargs = {"max_norm": 1.0, **kwargs}
+  with pytest.raises(error, match="clip_per_example: .*" + pattern):
+    oc.clip_per_example(**kwargs)
