@@ -90,8 +90,8 @@ def clip_stats(
   each clipper state found, keyed ``"<factory>/<field>"``, e.g.
   ``"clip_by_global_norm/global_norm"``. When a state holds several clippers
   of the same kind, the second is keyed ``"<factory>_1/<field>"``, the third
-  ``"<factory>_2/<field>"``, and so on, in pytree-flattening order (for
-  ``optax.chain``, the order of the chain).
+  ``"<factory>_2/<field>"``, and so on, in chain order: depth-first, a
+  wrapper's (``skip_step``'s) inner clippers right after the wrapper.
 
   What is returned is what a logger wants:
 
@@ -173,10 +173,11 @@ def _collect(
 ) -> None:
   """Adds the fields of every clipper state in ``tree`` to ``stats``.
 
-  A field holding a whole state (``skip_step``'s wrapped optimizer) is
-  searched in turn, after the fields of the state that holds it.
+  Depth-first, in pytree order: a field holding a whole state
+  (``skip_step``'s wrapped optimizer) is searched right after the fields of
+  the state that holds it, before that state's next sibling, so same-kind
+  clippers are numbered in chain order wherever they sit.
   """
-  nested = []
   is_node = lambda n: _is_clip_state(n) or _is_hyperparams_state(n)
   for node in jax.tree.leaves(tree, is_leaf=is_node):
     if _is_hyperparams_state(node):
@@ -196,6 +197,7 @@ def _collect(
     if not _is_clip_state(node):
       continue
     key_prefix = _key_prefix(node, seen)
+    nested = []
     for field, value in zip(node._fields, node, strict=True):
       if field in HISTORY_FIELDS:
         if include_history:
@@ -220,5 +222,5 @@ def _collect(
         if _is_prng_key(leaf) and not include_history:
           continue
         stats[f"{key_prefix}/{field}"] = leaf
-  for value in nested:
-    _collect(value, stats, seen, include_history)
+    for value in nested:
+      _collect(value, stats, seen, include_history)

@@ -113,3 +113,37 @@ def test_clippers_inside_skip_step_are_found():
                              rtol=1e-6)
   np.testing.assert_allclose(float(stats["clip_by_global_norm/global_norm"]),
                              13.0, rtol=1e-6)
+
+
+def test_numbering_follows_chain_order_through_wrappers():
+  """Same-kind clippers are numbered depth-first in chain order, whether
+  or not one sits inside a wrapper."""
+  # The global norm of _grads() is 13: each threshold leaves a trace.
+  tx = optax.chain(
+      oc.skip_step(oc.clip_by_global_norm(1.0)),
+      oc.clip_by_global_norm(100.0),
+      oc.momentum_reset(optax.chain(oc.clip_by_global_norm(2.0),
+                                    optax.sgd(1.0, momentum=0.9)),
+                        interval=10),
+      optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=0.5),
+      oc.skip_step(optax.chain(oc.skip_step(oc.clip_by_global_norm(3.0)))),
+  )
+  grads = _grads()
+  _, state = tx.update(grads, tx.init(grads))
+  stats = oc.clip_stats(state)
+  # Expected pre-clip norms, in chain order: 13, then 1 (the first clipper
+  # clipped to 1), 1, 1, then 0.5.
+  want = [(1.0, 13.0), (100.0, 1.0), (2.0, 1.0), (0.5, 1.0), (3.0, 0.5)]
+  keys = ["clip_by_global_norm"] + [f"clip_by_global_norm_{i}"
+                                    for i in range(1, 5)]
+  for key, (_, norm) in zip(keys, want):
+    np.testing.assert_allclose(float(stats[f"{key}/global_norm"]), norm,
+                               rtol=1e-6)
+  assert float(stats["clip_by_global_norm_3/max_norm"]) == 0.5
+  assert [k for k in stats if k.startswith("skip_step")] == [
+      k for k in stats if k.startswith("skip_step") and "/" in k]
+  assert {k.split("/")[0] for k in stats if k.startswith("skip_step")} == {
+      "skip_step", "skip_step_1", "skip_step_2"}
+  # The outer skip_step of the last element comes before the inner one.
+  np.testing.assert_allclose(float(stats["skip_step_1/skip_norm"]), 0.5,
+                             rtol=1e-6)
