@@ -24,6 +24,7 @@ from optaxclip._norm_clip import (
 )
 from optaxclip._norms import global_norm
 from optaxclip._per_example import ClipPerExampleState, clip_per_example
+from optaxclip._qk_clip import QKClipState, max_attention_logits, qk_clip
 from optaxclip._skip import SkipStepState, skip_step
 from optaxclip._spam import (
   MomentumResetState,
@@ -54,6 +55,7 @@ __all__ = (
   "ClipNormGrowthState",
   "ClipPerExampleState",
   "MomentumResetState",
+  "QKClipState",
   "RecordNormsState",
   "SkipStepState",
   "SpamClipState",
@@ -74,7 +76,9 @@ __all__ = (
   "clip_stats",
   "default_unit_axes",
   "global_norm",
+  "max_attention_logits",
   "momentum_reset",
+  "qk_clip",
   "record_norms",
   "skip_step",
   "spam_clip",

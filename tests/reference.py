@@ -1010,3 +1010,98 @@ def automatic_clip_reference(examples, max_norm: float, *,
   if reduce == "mean":
     totals = [t / batch for t in totals]
   return totals
+
+
+# ---------------------------------------------------------------------------
+# QK-Clip (Kimi K2's MuonClip, arXiv:2507.20534, Section 2.1 / Algorithm 1).
+#
+# Per-head loops written from the paper's rule, MaxText's MLA variant
+# (``qk_clip_utils.py``: non-rotary q/k parts by sqrt(gamma), the rotary
+# query part by gamma, values untouched) and Megatron-LM's grouped rule, with
+# optaxclip's documented decisions: a head clips only when its maximum is a
+# finite number above tau (negative, -inf, NaN and +inf maxima leave it
+# alone); a key head shared by a group of query heads takes the group's
+# largest maximum. Weights are in canonical per-head form: heads on axis -2
+# (``(..., heads, width)``).
+
+
+def qk_gamma(max_logits, tau: float) -> np.ndarray:
+  """gamma_h = tau / S_h for finite S_h > tau, else 1 (float64, per head)."""
+  s = np.asarray(max_logits, np.float64)
+  out = np.ones_like(s)
+  for idx in np.ndindex(s.shape):
+    v = float(s[idx])
+    if math.isfinite(v) and v > tau:
+      out[idx] = tau / v
+  return out
+
+
+def qk_clip_heads(wq, wk, max_logits, tau: float, *,
+                  group_queries: bool = False):
+  """New query and key weights (float64) after QK-Clip of one layer.
+
+  Args:
+    wq: ``(..., heads, width)``: every query weight of the layer (kernel or
+      bias), heads on axis -2.
+    wk: ``(..., kv_heads, width)``.
+    max_logits: ``(heads,)``.
+    tau: the threshold.
+    group_queries: query heads take their group's gamma (Megatron-LM).
+  """
+  wq = np.array(wq, np.float64)
+  wk = np.array(wk, np.float64)
+  gamma = qk_gamma(max_logits, tau)
+  heads, kv_heads = wq.shape[-2], wk.shape[-2]
+  group = heads // kv_heads
+  for g in range(kv_heads):
+    members = range(g * group, (g + 1) * group)
+    s_group = [float(max_logits[h]) for h in members]
+    finite = [v for v in s_group if math.isfinite(v)]
+    group_gamma = tau / max(finite) if finite and max(finite) > tau else 1.0
+    wk[..., g, :] *= math.sqrt(group_gamma)
+    for h in members:
+      own = group_gamma if group_queries else float(gamma[h])
+      wq[..., h, :] *= math.sqrt(own)
+  return wq, wk
+
+
+def qk_clip_mla(wq, wkv, max_logits, tau: float, nope: int):
+  """MaxText's MLA rule on ``wq_b`` (..., heads, nope + rope) and ``wkv_b``
+  (..., heads, nope + v): q/k content by sqrt(gamma), rotary query by gamma,
+  values untouched."""
+  wq = np.array(wq, np.float64)
+  wkv = np.array(wkv, np.float64)
+  gamma = qk_gamma(max_logits, tau)
+  for h in range(wq.shape[-2]):
+    wq[..., h, :nope] *= math.sqrt(gamma[h])
+    wq[..., h, nope:] *= gamma[h]
+    wkv[..., h, :nope] *= math.sqrt(gamma[h])
+  return wq, wkv
+
+
+def attention_max_logits(q, k, *, causal: bool = False, mask=None,
+                         scale: Optional[float] = None) -> np.ndarray:
+  """S_h = max over batch b and positions i, j (kept by the mask) of
+  scale * q[b, i, h] . k[b, j, h // (heads / kv_heads)], by plain loops.
+
+  ``q``: (B, T, heads, d), ``k``: (B, S, kv_heads, d), ``mask``: (B, heads,
+  T, S) bool or None.
+  """
+  q = np.asarray(q, np.float64)
+  k = np.asarray(k, np.float64)
+  batch, length, heads, depth = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  scale = 1.0 / math.sqrt(depth) if scale is None else scale
+  out = np.full(heads, -np.inf)
+  for b in range(batch):
+    for h in range(heads):
+      for i in range(length):
+        for j in range(kv_len):
+          if causal and j > i:
+            continue
+          if mask is not None and not mask[b, h, i, j]:
+            continue
+          v = scale * float(np.dot(q[b, i, h], k[b, j, h // group]))
+          out[h] = max(out[h], v)
+  return out

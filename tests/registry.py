@@ -55,6 +55,7 @@ NOT_TRANSFORMS = frozenset(
     "clip_stats",
     "default_unit_axes",
     "global_norm",
+    "max_attention_logits",
     "stacked_by_path",
     "tree_norms",
   }
@@ -322,6 +323,24 @@ ROWS: list[Row] = [
     lambda: oc.spam_clip(1e5, warmup_steps=1),
     keeps_history=True,
     threshold_arg="threshold",
+  ),
+  # QK-Clip rescales the query/key weights of the heads whose reported
+  # maximum logit (the extra argument: 40 and 1) exceeds the threshold.
+  Row(
+    "qk_clip",
+    oc.qk_clip,
+    lambda: oc.qk_clip(10.0),
+    lambda: oc.qk_clip(100.0),
+    needs_params=True,
+    extra_args=lambda u: {"max_logits": {"attn": jnp.asarray([40.0, 1.0])}},
+    threshold_arg="threshold",
+    tree=lambda rng: {
+      "attn": {
+        "query": jnp.asarray(rng.standard_normal((3, 2, 2)), jnp.float32),
+        "key": jnp.asarray(rng.standard_normal((3, 2, 2)), jnp.bfloat16),
+      },
+      "bias": jnp.asarray(rng.standard_normal((3,)), jnp.float32),
+    },
   ),
   Row(
     "momentum_reset",
