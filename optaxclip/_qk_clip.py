@@ -467,8 +467,7 @@ def qk_clip(
   log_only: bool = False,
   axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""QK-Clip (MuonClip): rescales query/key weights of heads whose logits
-  exceeded ``threshold``.
+  r"""QK-Clip (MuonClip): shrinks W_q, W_k of heads whose logits exceed tau.
 
   Placed last in a chain (after the optimizer and the learning rate), with
   ``update(updates, state, params, max_logits=...)`` given the step's
@@ -484,8 +483,7 @@ def qk_clip(
   :math:`\gamma_h` and the value part of the key projection is untouched.
   NaN and ``+inf`` maxima leave their head unchanged and are counted in
   ``qk_num_nonfinite_heads``; maxima at or below :math:`\tau` (negative,
-  ``-inf``) never clip. Layout spec, GQA and recipes:
-  ``docs/llm_stability.md``.
+  ``-inf``) never clip. Spec and recipes: ``docs/llm_stability.md``.
 
   Args:
     threshold: :math:`\tau > 0`, finite; may be a schedule under

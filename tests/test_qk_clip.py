@@ -588,3 +588,28 @@ def test_max_attention_logits_fully_masked_head_is_minus_inf():
 def test_max_attention_logits_bad_shapes():
   with pytest.raises(ValueError, match="divide"):
     oc.max_attention_logits(jnp.ones((1, 2, 3, 2)), jnp.ones((1, 2, 2, 2)))
+
+
+# --------------------------------------------------------------------------
+# The documented example.
+
+
+@pytest.mark.usefixtures("standard_promotion")  # optax.adamw in the example
+@pytest.mark.skipif(helpers.flax_version() < (0, 11), reason="nnx API")
+def test_nnx_char_lm_example_trains_with_its_logits_held_near_tau():
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parent.parent / "examples"
+  spec = importlib.util.spec_from_file_location(
+    "optaxclip_example_qk_clip_nnx", path / "qk_clip_nnx.py"
+  )
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  history = example.main(steps=40, threshold=TAU, verbose=False)
+  losses = np.array(history["loss"])
+  assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+  assert sum(history["clipped"]) > 0
+  # A step's maximum is measured before its clip: it may pass tau by one
+  # step's growth, never run away.
+  assert max(history["max_logit"]) < 1.5 * TAU
