@@ -32,6 +32,7 @@ from optaxclip._spam import (
   momentum_reset,
   spam_clip,
 )
+from optaxclip._spectral import SpectralClipState, spectral_clip
 from optaxclip._stable_spam import AdaClipState, AdaGNState, adaclip, adagn
 from optaxclip._stats import clip_stats
 from optaxclip._tree import stacked_by_path
@@ -59,6 +60,7 @@ __all__ = (
   "RecordNormsState",
   "SkipStepState",
   "SpamClipState",
+  "SpectralClipState",
   "ZClipState",
   "adaclip",
   "adagc",
@@ -82,6 +84,7 @@ __all__ = (
   "record_norms",
   "skip_step",
   "spam_clip",
+  "spectral_clip",
   "stacked_by_path",
   "tree_norms",
   "zclip",

@@ -1105,3 +1105,64 @@ def attention_max_logits(q, k, *, causal: bool = False, mask=None,
           v = scale * float(np.dot(q[b, i, h], k[b, j, h // group]))
           out[h] = max(out[h], v)
   return out
+
+
+# ---------------------------------------------------------------------------
+# SPECTRA's soft spectral clipping (Jiang et al., arXiv 2603.14315).
+
+
+def spectra_gram_bound(u) -> float:
+  """The authors' bound on sigma_max(u)^2: the smaller of the largest
+  absolute row sum and the Frobenius norm of the Gram matrix of u's wide
+  orientation (the smaller Gram matrix)."""
+  u = _f64(u)
+  w = u if u.shape[0] <= u.shape[1] else u.T
+  gram = w @ w.conj().T
+  return float(min(np.abs(gram).sum(axis=1).max(), np.linalg.norm(gram)))
+
+
+def spectra_clip_exact(u, c: float) -> np.ndarray:
+  """H_c(u) from an SVD: every singular value s becomes s / sqrt(1 + s^2/c^2)."""
+  u = _f64(u)
+  left, sigma, right = np.linalg.svd(u, full_matrices=False)
+  return (left * (sigma / np.sqrt(1 + (sigma / c) ** 2))) @ right
+
+
+def spectra_ns_gain(lam, ns_steps: int) -> np.ndarray:
+  """The coupled Newton-Schulz iteration Y0 = A, Z0 = I, T = (3I - ZY)/2,
+  Y <- YT, Z <- TZ on an eigenvalue lam of A (every iterate is a polynomial
+  in A, so the matrices share A's eigenvectors and each eigenvalue follows
+  this scalar recursion); returns Z_K, which tends to lam^(-1/2)."""
+  lam = np.asarray(lam, np.float64)
+  y, z = lam.copy(), np.ones_like(lam)
+  for _ in range(ns_steps):
+    t = (3 - z * y) / 2
+    y, z = y * t, t * z
+  return z
+
+
+def spectra_clip_ns(u, c: float, ns_steps: int = 10) -> np.ndarray:
+  """What the authors' iteration computes in exact arithmetic: A = I +
+  u u^T / c^2 is divided by alpha = 1 + bound / c^2, each eigenvalue of
+  A / alpha goes through ``spectra_ns_gain``, and the result is rescaled by
+  alpha^(-1/2). On the SVD u = L diag(s) R: s -> s * Z_K(lam) / sqrt(alpha)
+  with lam = (1 + s^2/c^2) / alpha."""
+  u = _f64(u)
+  alpha = 1 + spectra_gram_bound(u) / c**2
+  left, sigma, right = np.linalg.svd(u, full_matrices=False)
+  lam = (1 + (sigma / c) ** 2) / alpha
+  gain = spectra_ns_gain(lam, ns_steps) / np.sqrt(alpha)
+  return (left * (sigma * gain)) @ right
+
+
+def spectra_vector(v, c: float) -> np.ndarray:
+  """The authors' vector rule: v while |v| <= c, else v / sqrt(1 + |v|^2/c^2)."""
+  v = _f64(v)
+  n = float(np.linalg.norm(v))
+  return v if n <= c else v / math.sqrt(1 + (n / c) ** 2)
+
+
+def spectra_rectangular_factor(rows: int, cols: int) -> float:
+  """The factor SPECTRA's step multiplies a clipped (out, in) PyTorch weight
+  by: sqrt(max(1, out / in)), as Muon does."""
+  return math.sqrt(max(1.0, rows / cols))

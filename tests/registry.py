@@ -324,6 +324,13 @@ ROWS: list[Row] = [
     keeps_history=True,
     threshold_arg="threshold",
   ),
+  # A soft clip changes every matrix it sees: no passing configuration.
+  Row(
+    "spectral_clip",
+    oc.spectral_clip,
+    lambda: oc.spectral_clip(0.5),
+    threshold_arg="threshold",
+  ),
   # QK-Clip rescales the query/key weights of the heads whose reported
   # maximum logit (the extra argument: 40 and 1) exceeds the threshold.
   Row(
