@@ -25,6 +25,7 @@ from optaxclip._norm_clip import (
 from optaxclip._norms import global_norm
 from optaxclip._per_example import ClipPerExampleState, clip_per_example
 from optaxclip._qk_clip import QKClipState, max_attention_logits, qk_clip
+from optaxclip._shadow import ShadowState, shadow
 from optaxclip._skip import SkipStepState, skip_step
 from optaxclip._spam import (
   MomentumResetState,
@@ -58,6 +59,7 @@ __all__ = (
   "MomentumResetState",
   "QKClipState",
   "RecordNormsState",
+  "ShadowState",
   "SkipStepState",
   "SpamClipState",
   "SpectralClipState",
@@ -82,6 +84,7 @@ __all__ = (
   "momentum_reset",
   "qk_clip",
   "record_norms",
+  "shadow",
   "skip_step",
   "spam_clip",
   "spectral_clip",

@@ -324,6 +324,15 @@ ROWS: list[Row] = [
     keeps_history=True,
     threshold_arg="threshold",
   ),
+  # A shadow never changes the updates; its inner clipper's diagnostics
+  # record what it would have done (tests/test_shadow.py runs it over every
+  # row).
+  Row(
+    "shadow",
+    oc.shadow,
+    lambda: oc.shadow(oc.clip_by_global_norm(0.5)),
+    wrapper=True,
+  ),
   # A soft clip changes every matrix it sees: no passing configuration.
   Row(
     "spectral_clip",
