@@ -352,10 +352,10 @@ ROWS: list[Row] = [
     threshold_arg="threshold",
     tree=lambda rng: {
       "attn": {
-        "query": jnp.asarray(rng.standard_normal((3, 2, 2)), jnp.float32),
-        "key": jnp.asarray(rng.standard_normal((3, 2, 2)), jnp.bfloat16),
+        "query": jnp.asarray(rng.standard_normal((4, 2, 2)), jnp.float32),
+        "key": jnp.asarray(rng.standard_normal((4, 2, 2)), jnp.bfloat16),
       },
-      "bias": jnp.asarray(rng.standard_normal((3,)), jnp.float32),
+      "mlp": jnp.asarray(rng.standard_normal((8,)), jnp.float32),
     },
   ),
   Row(
