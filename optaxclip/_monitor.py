@@ -122,6 +122,7 @@ def record_norms(
   *,
   ord: Any | None = None,  # pylint: disable=redefined-builtin
   stacked: Any = None,
+  name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """An identity transform that records per-leaf norms of what flows through.
 
@@ -146,18 +147,23 @@ def record_norms(
   Args:
     ord: ``2`` (default, ``None`` means 2), ``1`` or ``jnp.inf``.
     stacked: leading layer axes, as in :func:`tree_norms`.
+    name: the :func:`clip_stats` key prefix instead of ``"record_norms"``:
+      ``name="pre_clip"`` gives keys ``"pre_clip/<path>"`` (a second one of
+      the same name ``"pre_clip_1/<path>"``). A non-empty string without
+      ``"/"`` that is not a clipper's prefix; ``None`` (default) keeps
+      ``"record_norms"``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optaxclip as oc
-    >>> tx = optax.chain(oc.record_norms(), oc.clip_by_global_norm(1.0),
-    ...                  oc.record_norms())
+    >>> tx = optax.chain(oc.record_norms(name="pre_clip"),
+    ...                  oc.clip_by_global_norm(1.0), oc.record_norms())
     >>> grads = {"w": jnp.array([3.0, 4.0])}
     >>> _, state = tx.update(grads, tx.init(grads))
     >>> stats = oc.clip_stats(state)
-    >>> float(stats["record_norms/w"]), float(stats["record_norms_1/w"])
+    >>> float(stats["pre_clip/w"]), float(stats["record_norms/w"])
     (5.0, 1.0)
 
   References:
@@ -166,6 +172,7 @@ def record_norms(
   """
   fn = "record_norms"
   norm_ord = _validate.canonical_ord(fn, 2 if ord is None else ord)
+  state_cls = _stats.named_state(RecordNormsState, fn, name)
   _tree.check_stacked(fn, stacked)
 
   def recorded(tree, dtype=None):
@@ -180,12 +187,12 @@ def record_norms(
 
   def init_fn(params):
     values = recorded(jax.tree.map(jnp.zeros_like, params))
-    return RecordNormsState(recorded_norms=values)
+    return state_cls(recorded_norms=values)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     if state is None:
-      return updates, RecordNormsState(recorded_norms=recorded(updates))
+      return updates, state_cls(recorded_norms=recorded(updates))
     # The dtype init chose, every step (lax.cond in MultiSteps needs it).
     values = recorded(updates, state.recorded_norms.dtype)
     if values.segments != state.recorded_norms.segments:
@@ -196,6 +203,6 @@ def record_norms(
         f" and layer shapes {want}), but the updates give {got}. Call init"
         " on the tree you update."
       )
-    return updates, RecordNormsState(recorded_norms=values)
+    return updates, state_cls(recorded_norms=values)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,10 +11,12 @@ a logger.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 
 from optaxclip import _tree
 
@@ -40,6 +42,59 @@ def register_state(
     return cls
 
   return register
+
+
+# (state class, name) -> the subclass keyed ``name`` in clip_stats.
+_NAMED_STATES: dict[tuple[type, str], type] = {}
+
+
+def named_state(cls: type[_StateT], fn: str, name: Any) -> type[_StateT]:
+  """The state class ``cls``, keyed ``"<name>/..."`` in clip_stats.
+
+  A transform with a user-given ``name`` returns its state in a subclass
+  of ``cls`` (same fields, ``isinstance`` holds) registered under that
+  name, so the name is static pytree metadata (the state's type) rather
+  than a state leaf. ``None`` gives ``cls`` itself.
+  """
+  if name is None:
+    return cls
+  if not isinstance(name, str):
+    raise TypeError(
+      f"{fn}: name must be a string or None, got {name!r} of type"
+      f" {type(name).__name__}."
+    )
+  named = _NAMED_STATES.get((cls, name))
+  if named is not None:
+    return named
+  if not name or "/" in name:
+    raise ValueError(
+      f"{fn}: name must be a non-empty string without '/' (clip_stats keys"
+      f" its values '<name>/<path>'), got {name!r}."
+    )
+  if name in set(_STATE_PREFIXES.values()):
+    raise ValueError(
+      f"{fn}: name={name!r} is the clip_stats prefix of an optaxclip clipper;"
+      " choose a name of your own, e.g. name='pre_clip'."
+    )
+
+  def reduce(self: Any) -> tuple:
+    # Pickled by reference to the base class and the name: the subclass
+    # itself is not importable by name.
+    return _restore_named, (cls, name, tuple(self))
+
+  namespace = {
+    "__slots__": (),
+    "__module__": cls.__module__,
+    "__reduce__": reduce,
+  }
+  named = type(cls.__name__, (cls,), namespace)
+  _NAMED_STATES[(cls, name)] = named
+  _STATE_PREFIXES[named] = name
+  return named
+
+
+def _restore_named(cls: Any, name: str, fields: tuple) -> Any:
+  return named_state(cls, "unpickle", name)(*fields)
 
 
 def _is_clip_state(node: Any) -> bool:
@@ -82,7 +137,11 @@ def _unwrap(value: Any) -> Any:
 
 
 def clip_stats(
-  opt_state: Any, *, include_history: bool = False
+  opt_state: Any,
+  *,
+  include_history: bool = False,
+  include: str | Sequence[str] | None = None,
+  summary: bool = False,
 ) -> dict[str, jax.Array]:
   """Collects every optaxclip clipper's diagnostics from an optimizer state.
 
@@ -106,14 +165,22 @@ def clip_stats(
     beside the norm it was compared with.
   * Histories and randomness (ring buffers of past norms, PRNG keys) are left
     out unless ``include_history=True``.
+  * Fewer keys: ``include`` keeps the keys matching any of its glob
+    patterns (``fnmatch``; ``*`` also matches ``/``), e.g.
+    ``include=("*/global_norm", "skip_step/*")``; ``summary=True`` turns
+    each per-path field into one scalar, its maximum over paths and layers
+    (the worst leaf), keyed ``"<factory>/<field>"``
+    (``"record_norms/recorded_norms"``).
 
-  Values are plain ``jax.Array``s: Flax ``nnx.Optimizer`` variable wrappers
-  (``OptArray``) are unwrapped. The function only reads the state, so it
-  costs nothing inside a jitted step and can be called on the host after it.
+  Values are plain ``jax.Array``s (Flax ``OptArray`` wrappers unwrapped);
+  it only reads the state, inside a jitted step or on the host after it.
 
   Args:
     opt_state: any optimizer state (or ``nnx.Optimizer.opt_state``).
     include_history: also return history buffers and PRNG keys.
+    include: a glob pattern or a sequence of them; ``None`` (default) keeps
+      every key.
+    summary: one scalar per field (per-path fields reduced by ``max``).
 
   Returns:
     A flat ``dict[str, jax.Array]``; empty if the state holds no optaxclip
@@ -136,9 +203,39 @@ def clip_stats(
     Peer: PyTorch's ``clip_grad_norm_`` returns the pre-clip total norm for
     logging; this gathers the same information from a whole optax state.
   """
+  patterns = _include_patterns(include)
   stats: dict[str, jax.Array] = {}
-  _collect(opt_state, stats, {}, include_history)
-  return stats
+  _collect(opt_state, stats, {}, include_history, summary)
+  if patterns is None:
+    return stats
+  return {
+    key: value
+    for key, value in stats.items()
+    if any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+  }
+
+
+def _include_patterns(include: Any) -> tuple[str, ...] | None:
+  """``include`` as a tuple of glob patterns (``None``: keep every key)."""
+  if include is None:
+    return None
+  patterns = (include,) if isinstance(include, str) else include
+  try:
+    patterns = tuple(patterns)
+  except TypeError:
+    patterns = (include,)
+  if not all(isinstance(pattern, str) for pattern in patterns):
+    raise TypeError(
+      "clip_stats: include must be a glob pattern (a string such as"
+      " '*/global_norm') or a sequence of them, or None for every key; got"
+      f" {include!r}."
+    )
+  return patterns
+
+
+def _worst(values: Any) -> jax.Array:
+  """A per-path field's summary: the maximum over paths and layers."""
+  return jnp.max(jnp.asarray(values))
 
 
 def _key_prefix(node: Any, seen: dict[str, int]) -> str:
@@ -170,6 +267,7 @@ def _collect(
   stats: dict[str, jax.Array],
   seen: dict[str, int],
   include_history: bool,
+  summary: bool = False,
 ) -> None:
   """Adds the fields of every clipper state in ``tree`` to ``stats``.
 
@@ -192,7 +290,7 @@ def _collect(
           stats[f"{key_prefix}/{name}"] = _unwrap(value)
       # In place, not deferred: the inner clipper takes its prefix now, in
       # pytree order, before any clipper that follows it.
-      _collect(inner, stats, seen, include_history)
+      _collect(inner, stats, seen, include_history, summary)
       continue
     if not _is_clip_state(node):
       continue
@@ -206,6 +304,12 @@ def _collect(
       inner_leaves = jax.tree.leaves(value, is_leaf=is_node)
       if any(is_node(x) for x in inner_leaves):
         nested.append(value)  # a wrapped optimizer's state, not a statistic
+      elif summary and isinstance(value, (_tree.PathValues, Mapping)):
+        entries = [_unwrap(entry) for _, entry in value.items()]
+        if entries:
+          stats[f"{key_prefix}/{field}"] = jnp.max(
+            jnp.stack([_worst(entry) for entry in entries])
+          )
       elif isinstance(value, _tree.PathValues):
         # A state whose only field is per-path values (record_norms) is
         # keyed by path alone: "record_norms/<path>".
@@ -223,4 +327,4 @@ def _collect(
           continue
         stats[f"{key_prefix}/{field}"] = leaf
     for value in nested:
-      _collect(value, stats, seen, include_history)
+      _collect(value, stats, seen, include_history, summary)

@@ -147,3 +147,110 @@ def test_numbering_follows_chain_order_through_wrappers():
   # The outer skip_step of the last element comes before the inner one.
   np.testing.assert_allclose(float(stats["skip_step_1/skip_norm"]), 0.5,
                              rtol=1e-6)
+
+
+def _two_named_record_norms():
+  tx = optax.chain(oc.record_norms(name="pre_clip"),
+                   oc.clip_by_global_norm(1.0),
+                   oc.record_norms(name="post_clip"), oc.record_norms())
+  grads = {"w": jnp.array([3.0, 4.0]), "b": {"c": jnp.array([12.0])}}
+  return tx, grads
+
+
+def test_named_record_norms_keys(use_jit):
+  tx, grads = _two_named_record_norms()
+  update = jax.jit(tx.update) if use_jit else tx.update
+  _, state = update(grads, tx.init(grads))
+  stats = oc.clip_stats(state)
+  assert list(stats) == [
+      "pre_clip/b/c", "pre_clip/w",
+      "clip_by_global_norm/global_norm",
+      "clip_by_global_norm/global_norm_clipped",
+      "post_clip/b/c", "post_clip/w",
+      "record_norms/b/c", "record_norms/w"]
+  np.testing.assert_allclose(float(stats["pre_clip/b/c"]), 12.0)
+  np.testing.assert_allclose(float(stats["post_clip/b/c"]), 12.0 / 13.0,
+                             rtol=1e-6)
+  assert isinstance(state[0], oc.RecordNormsState)
+  # Two with one name are numbered like unnamed ones.
+  tx = optax.chain(oc.record_norms(name="g"), oc.record_norms(name="g"))
+  _, state = tx.update(grads, tx.init(grads))
+  assert set(oc.clip_stats(state)) == {"g/w", "g/b/c", "g_1/w", "g_1/b/c"}
+
+
+def test_named_record_norms_state_round_trips():
+  import pickle  # pylint: disable=g-import-not-at-top
+  tx, grads = _two_named_record_norms()
+  _, state = jax.jit(tx.update)(grads, tx.init(grads))
+  restored = pickle.loads(pickle.dumps(state))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  assert oc.clip_stats(restored).keys() == oc.clip_stats(state).keys()
+  host = jax.device_get(state)
+  _, again = jax.jit(tx.update)(grads, host)
+  assert jax.tree.structure(again) == jax.tree.structure(state)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("", "non-empty"), ("a/b", "'/'"), (3, "string"),
+    ("clip_by_global_norm", "clipper"),
+])
+def test_record_norms_bad_name(name, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    oc.record_norms(name=name)
+
+
+def _adaclip_adagn_state():
+  params = {f"l{i}": {"w": jnp.full((3, 2), i + 1.0), "b": jnp.ones(2)}
+            for i in range(3)}
+  tx = optax.chain(oc.adaclip(), oc.adagn(), oc.clip_by_global_norm(1.0))
+  _, state = tx.update(params, tx.init(params), params)
+  return state
+
+
+def test_include_patterns_select_keys():
+  state = _adaclip_adagn_state()
+  every = oc.clip_stats(state)
+  assert len(every) > 30  # per-leaf fields for 6 leaves
+  picked = oc.clip_stats(state, include=("*/global_norm", "adaclip/*_num_*"))
+  assert set(picked) == {"clip_by_global_norm/global_norm",
+                         "adaclip/adaclip_num_clipped"}
+  for key, value in picked.items():
+    np.testing.assert_array_equal(value, every[key])
+  one = oc.clip_stats(state, include="adagn/adagn_scale/l1/*")
+  assert set(one) == {"adagn/adagn_scale/l1/b", "adagn/adagn_scale/l1/w"}
+  assert oc.clip_stats(state, include=()) == {}
+
+
+def test_summary_gives_one_scalar_per_field():
+  state = _adaclip_adagn_state()
+  every = oc.clip_stats(state)
+  summary = oc.clip_stats(state, summary=True)
+  fields = {k.split("/")[0] + "/" + k.split("/")[1] for k in every}
+  assert set(summary) == fields
+  assert len(summary) <= 12 < len(every)
+  for key, value in summary.items():
+    assert np.shape(value) == ()
+    per_path = [np.max(v) for k, v in every.items()
+                if k == key or k.startswith(key + "/")]
+    assert value == max(per_path)  # the worst leaf
+  # record_norms, named or not, and stacked leaves: the largest norm.
+  tx = optax.chain(oc.record_norms(name="pre_clip"),
+                   oc.record_norms(stacked=1))
+  grads = {"blocks": jnp.stack([jnp.ones(4), 3 * jnp.ones(4)]),
+           "out": jnp.ones(9)}
+  _, state = tx.update(grads, tx.init(grads))
+  summary = oc.clip_stats(state, summary=True)
+  assert set(summary) == {"pre_clip/recorded_norms",
+                          "record_norms/recorded_norms"}
+  np.testing.assert_allclose(float(summary["pre_clip/recorded_norms"]),
+                             np.sqrt(40.0), rtol=1e-6)
+  np.testing.assert_allclose(float(summary["record_norms/recorded_norms"]),
+                             6.0, rtol=1e-6)
+  picked = oc.clip_stats(state, summary=True, include="pre_clip/*")
+  assert set(picked) == {"pre_clip/recorded_norms"}
+
+
+@pytest.mark.parametrize("include", [3, [b"x"], ("a", None)])
+def test_bad_include(include):
+  with pytest.raises(TypeError, match="include"):
+    oc.clip_stats({}, include=include)
