@@ -613,3 +613,26 @@ def test_nnx_char_lm_example_trains_with_its_logits_held_near_tau():
   # A step's maximum is measured before its clip: it may pass tau by one
   # step's growth, never run away.
   assert max(history["max_logit"]) < 1.5 * TAU
+
+
+def test_linen_multi_head_dot_product_attention():
+  nn = pytest.importorskip("flax.linen")
+  mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+  x = jax.random.normal(jax.random.key(4), (2, 5, 8))
+  params = mha.init(jax.random.key(5), x)["params"]
+  params = jax.tree.map(lambda w: 5 * w + 0.5, params)
+
+  def max_logits(p):  # the projections as linen's DenseGeneral computes them
+    def project(w):
+      return jnp.einsum("btd,dhk->bthk", x, w["kernel"]) + w["bias"][None, None]
+
+    return oc.max_attention_logits(project(p["query"]), project(p["key"]))
+
+  s = max_logits(params)
+  tx = optax.chain(optax.sgd(0.0), oc.qk_clip(TAU))
+  out, _ = _run(tx, params, params, s)  # one attention module: a bare array
+  assert float(jnp.max(s)) > TAU
+  np.testing.assert_allclose(
+    np.minimum(s, TAU), max_logits(optax.apply_updates(params, out)),
+    rtol=1e-5,
+  )
