@@ -485,3 +485,37 @@ def test_automatic_validation(kwargs, error, pattern):
   kwargs = {"max_norm": 1.0, **kwargs}
   with pytest.raises(error, match="clip_per_example: .*" + pattern):
     oc.clip_per_example(**kwargs)
+
+
+def test_state_threshold_is_documented_and_is_the_next_steps():
+  doc = oc.clip_per_example.__doc__
+  # The public example uses the public API only (no private module).
+  assert "optaxclip._" not in doc and "import optaxclip as oc" in doc
+  assert "*next* step's" in doc
+  # With target_quantile, step t is clipped with the C that step t - 1 left
+  # in the state, and leaves the adapted C for step t + 1.
+  tx = oc.clip_per_example(1.0, reduce="sum", target_quantile=0.0,
+                           quantile_lr=1.0)
+  grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]], jnp.float32)}
+  out, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+  ref, _, _ = per_example_reference([np.asarray(grads["w"])], 1.0)
+  np.testing.assert_allclose(out["w"], ref[0], rtol=1e-6)
+  # One of two examples within C = 1: C <- C * exp(-(1/2 - 0)).
+  c_next = math.exp(-0.5)
+  np.testing.assert_allclose(float(state.per_example_max_norm), c_next,
+                             rtol=1e-6)
+  out, _ = tx.update(grads, state)
+  ref, _, _ = per_example_reference([np.asarray(grads["w"])], c_next)
+  np.testing.assert_allclose(out["w"], ref[0], rtol=1e-6)
+  # Without it, each step reads max_norm (a schedule's current value) and
+  # the state shows that value.
+  schedule = lambda count: 1.0 / (1.0 + count.astype(jnp.float32))
+  tx = optax.inject_hyperparams(oc.clip_per_example)(max_norm=schedule,
+                                                      reduce="sum")
+  state = tx.init({"w": jnp.zeros(2)})
+  for step in range(3):
+    out, state = tx.update(grads, state)
+    c = 1.0 / (1.0 + step)
+    assert float(state.inner_state.per_example_max_norm) == np.float32(c)
+    ref, _, _ = per_example_reference([np.asarray(grads["w"])], c)
+    np.testing.assert_allclose(out["w"], ref[0], rtol=1e-6)
