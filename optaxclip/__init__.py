@@ -26,7 +26,12 @@ from optaxclip._norms import global_norm
 from optaxclip._per_example import ClipPerExampleState, clip_per_example
 from optaxclip._qk_clip import QKClipState, max_attention_logits, qk_clip
 from optaxclip._shadow import ShadowState, shadow
-from optaxclip._skip import SkipStepState, skip_step
+from optaxclip._skip import (
+  SkipAndClipByGlobalNormState,
+  SkipStepState,
+  skip_and_clip_by_global_norm,
+  skip_step,
+)
 from optaxclip._spam import (
   MomentumResetState,
   SpamClipState,
@@ -60,6 +65,7 @@ __all__ = (
   "QKClipState",
   "RecordNormsState",
   "ShadowState",
+  "SkipAndClipByGlobalNormState",
   "SkipStepState",
   "SpamClipState",
   "SpectralClipState",
@@ -85,6 +91,7 @@ __all__ = (
   "qk_clip",
   "record_norms",
   "shadow",
+  "skip_and_clip_by_global_norm",
   "skip_step",
   "spam_clip",
   "spectral_clip",

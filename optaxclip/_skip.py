@@ -14,6 +14,10 @@ This is the loss-spike recipe of large-scale language-model training, where
 rare huge gradients (bad batches, numerical blow-ups) do more harm through the
 optimizer's moments than the single step they belong to.
 
+:func:`skip_and_clip_by_global_norm` is axlearn's rule of the same family,
+step for step: thresholds from bias-corrected EMAs of the norm of valid
+steps, and a global-norm clip of the steps it keeps.
+
 References:
   Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
   <https://arxiv.org/abs/2204.02311>`_, 2022 (skipping batches around loss
@@ -179,6 +183,39 @@ def _as_loss(fn: str, loss: Any, dtype: Any) -> jax.Array:
   return loss.astype(dtype)
 
 
+def _check_inner(fn: str, inner: Any) -> None:
+  """A clear error when a wrapper is given something that is no optimizer."""
+  if isinstance(inner, optax.GradientTransformation):
+    return
+  if callable(getattr(inner, "gradient_transformation", None)):
+    # optax.MultiSteps (and look-alikes) is an object holding an optimizer;
+    # the GradientTransformation is what its method returns.
+    raise TypeError(
+      f"{fn}: inner must be an optax.GradientTransformation, got an"
+      f" instance of {type(inner).__name__}, which is not one but builds"
+      " one: pass inner.gradient_transformation(), e.g."
+      f" {fn}(optax.MultiSteps(opt, k).gradient_transformation())."
+    )
+  raise TypeError(
+    f"{fn}: inner must be an optax.GradientTransformation (an optimizer"
+    f" such as optax.adam(1e-3) or an optax.chain), got {inner!r} of type"
+    f" {type(inner).__name__}. Pass the optimizer itself, not its factory:"
+    f" {fn}(optax.adam(1e-3)), not {fn}(optax.adam)."
+  )
+
+
+def _discard_if(skip, new_updates, old_inner_state, new_inner_state):
+  """Zeros for the updates and the old inner state where ``skip`` holds."""
+  # A select, not `updates * 0`: 0 * nan = nan.
+  updates = jax.tree.map(
+    lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates
+  )
+  inner_state = jax.tree.map(
+    lambda old, new: jnp.where(skip, old, new), old_inner_state, new_inner_state
+  )
+  return updates, inner_state
+
+
 def skip_step(
   inner: optax.GradientTransformation,
   *,
@@ -253,22 +290,7 @@ def skip_step(
     <https://arxiv.org/abs/2204.02311>`_, 2022
   """
   fn = "skip_step"
-  if not isinstance(inner, optax.GradientTransformation):
-    if callable(getattr(inner, "gradient_transformation", None)):
-      # optax.MultiSteps (and look-alikes) is an object holding an optimizer;
-      # the GradientTransformation is what its method returns.
-      raise TypeError(
-        f"{fn}: inner must be an optax.GradientTransformation, got an"
-        f" instance of {type(inner).__name__}, which is not one but builds"
-        " one: pass inner.gradient_transformation(), e.g."
-        " skip_step(optax.MultiSteps(opt, k).gradient_transformation())."
-      )
-    raise TypeError(
-      f"{fn}: inner must be an optax.GradientTransformation (an optimizer"
-      f" such as optax.adam(1e-3) or an optax.chain), got {inner!r} of type"
-      f" {type(inner).__name__}. Pass the optimizer itself, not its factory:"
-      " skip_step(optax.adam(1e-3)), not skip_step(optax.adam)."
-    )
+  _check_inner(fn, inner)
   if max_norm is not None:
     _validate.check_threshold(fn, "max_norm", max_norm)
   for name, sigmas in (
@@ -394,14 +416,8 @@ def skip_step(
     new_updates, new_inner_state = inner.update(
       updates, state.inner_state, params, **extra_args
     )
-    # A select, not `updates * 0`: 0 * nan = nan.
-    new_updates = jax.tree.map(
-      lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates
-    )
-    new_inner_state = jax.tree.map(
-      lambda old, new: jnp.where(skip, old, new),
-      state.inner_state,
-      new_inner_state,
+    new_updates, new_inner_state = _discard_if(
+      skip, new_updates, state.inner_state, new_inner_state
     )
 
     keep = jnp.ones((), jnp.bool_) if record_skipped else ~skip
@@ -436,6 +452,326 @@ def skip_step(
       loss_history=loss_history,
       num_losses=num_losses,
       loss_threshold=loss_threshold,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# axlearn's skip_and_clip_by_global_norm -------------------------------------
+
+# axlearn's default multipliers of both drop-norm rules.
+_DROP_MULTIPLIERS = (20, 40, 100)
+# drop_norm_by_grad_norm_stddev: the statistics needed before it drops, and
+# the threshold it uses until then (a finite 1e10, not inf: axlearn drops
+# norms of 1e10 and more even while it collects statistics).
+_DROP_MIN_COUNT = 500
+_DROP_WARMUP_THRESHOLD = 1e10
+_DROP_RULES = ("mean", "stddev")
+
+
+@_stats.register_state("skip_and_clip_by_global_norm")
+class SkipAndClipByGlobalNormState(NamedTuple):
+  """State of :func:`skip_and_clip_by_global_norm` (axlearn's SkipClipState).
+
+  Float fields have the accumulation dtype of the tree given to ``init``.
+  """
+
+  # The wrapped optimizer's state, unchanged by dropped steps.
+  drop_inner_state: Any
+  # float scalar: the last step's global L2 norm, before clipping.
+  drop_grad_norm: jax.Array
+  # bool scalar: whether the last step was dropped (axlearn's not is_valid).
+  drop_skipped: jax.Array
+  # int32 scalar: dropped steps so far (axlearn's nonvalid_count).
+  drop_num_nonvalid: jax.Array
+  # int32 scalar: valid steps folded into the EMAs (axlearn's count).
+  drop_count: jax.Array
+  # float scalar: bias-corrected EMA of valid steps' norms; 1 before any.
+  drop_norm_ema: jax.Array
+  # float scalar: the same EMA of the squared norms; 1 before any.
+  drop_norm_square_ema: jax.Array
+  # dict[str, float scalar]: the thresholds the last step's norm was
+  # compared with, by axlearn's names ("20x_mean", "20x_stddev", ...).
+  drop_thresholds: dict
+  # dict[str, int32 scalar]: per threshold, how many steps had a norm at or
+  # above it ("count_exceeds_20x_mean", ...: axlearn's drop_stats).
+  drop_exceed_counts: dict
+  # float scalar: the last step's clip factor min(1, max_norm / norm); 1
+  # without max_norm.
+  drop_clip_scale: jax.Array
+
+
+def _mean_rule(multipliers):
+  """axlearn's ``drop_norm_by_grad_norm_ema``: multiples of the EMA."""
+
+  def thresholds(*, count, mean, stddev):
+    del count, stddev
+    return {f"{v}x_mean": mean * v for v in multipliers}
+
+  return thresholds
+
+
+def _stddev_rule(multipliers, min_count):
+  """axlearn's ``drop_norm_by_grad_norm_stddev``: mean + k std, after
+  ``min_count`` valid steps (1e10 before)."""
+
+  def thresholds(*, count, mean, stddev):
+    early = jnp.full_like(mean, _DROP_WARMUP_THRESHOLD)
+    return {
+      f"{v}x_stddev": jnp.where(count < min_count, early, mean + stddev * v)
+      for v in multipliers
+    }
+
+  return thresholds
+
+
+def _norm_moments(norm, ema, square_ema, count, decay):
+  """One bias-corrected EMA step (Shazeer and Stern 2018, Sec. 7.1).
+
+  The effective decay is ``decay * (1 - decay**c) / (1 - decay**(c + 1))``
+  for ``c`` earlier valid steps: 0 on the first, so the initial EMA of 1 is
+  forgotten at once, and ``decay`` in the limit.
+  """
+  dtype = ema.dtype
+  decay = jnp.asarray(decay).astype(dtype)
+  c = count.astype(dtype)
+  step_decay = decay * (1 - decay**c) / (1 - decay ** (c + 1))
+  return (
+    step_decay * ema + (1 - step_decay) * norm,
+    step_decay * square_ema + (1 - step_decay) * norm * norm,
+  )
+
+
+def _check_multipliers(fn: str, multipliers: Any) -> tuple:
+  if isinstance(multipliers, (int, float)) or not multipliers:
+    raise ValueError(
+      f"{fn}: drop_multipliers must be a non-empty tuple of positive numbers,"
+      f" got {multipliers!r}."
+    )
+  for v in multipliers:
+    value = _validate.check_real(fn, "drop_multipliers", v)
+    if value is None or not value > 0:
+      raise ValueError(
+        f"{fn}: drop_multipliers must hold positive static numbers, got"
+        f" {multipliers!r}."
+      )
+  return tuple(multipliers)
+
+
+def skip_and_clip_by_global_norm(
+  inner: optax.GradientTransformation,
+  *,
+  drop_norm: Any = None,
+  max_norm: Any | None = None,
+  grad_norm_ema_decay: Any | None = None,
+  drop_multipliers: tuple | None = None,
+  drop_min_count: int | None = None,
+  axis_name: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""axlearn's ``skip_and_clip_by_global_norm``: drop, else clip, then step.
+
+  With :math:`n_t` the global norm and :math:`\mu_t, \nu_t` bias-corrected
+  EMAs of the norms and squared norms of earlier *valid* steps
+  (:math:`s_t = \sqrt{\nu_t - \mu_t^2}`), step :math:`t` is dropped (zero
+  updates, ``inner``'s state untouched) when :math:`n_t` is non-finite or
+  :math:`n_t \ge \tau` for any threshold :math:`\tau`:
+
+  .. math::
+    \tau = \text{drop\_norm}, \quad \tau_k = k\,\mu_t \;(\texttt{"mean"}),
+    \quad \tau_k = \mu_t + k\,s_t \;(\texttt{"stddev"}; 10^{10}
+    \text{ before } \texttt{drop\_min\_count} \text{ valid steps})
+
+  Otherwise the gradients are clipped to ``max_norm`` and passed to
+  ``inner``; only valid steps advance the EMAs, and every threshold keeps
+  its own exceed counter. Switching from axlearn and the two deviations
+  (an exact clip without ``eps``; a negative EMA variance counts as 0) are
+  in docs/llm_stability.md ("Peer rules").
+
+  Args:
+    inner: the optimizer to wrap (extra arguments reach it).
+    drop_norm: a fixed threshold; ``"mean"`` (axlearn's
+      ``drop_norm_by_grad_norm_ema``) or ``"stddev"``
+      (``drop_norm_by_grad_norm_stddev``); a callable ``(*, count, mean,
+      stddev) -> dict[str, threshold]`` as in axlearn; ``None``: only
+      non-finite norms drop.
+    max_norm: the clip threshold for valid steps; ``None``: no clipping.
+    grad_norm_ema_decay: the EMA decay in [0, 1); required by the rules.
+    drop_multipliers: the rules' :math:`k`; ``None`` means (20, 40, 100).
+    drop_min_count: ``"stddev"``'s warm-up; ``None`` means 500. Static.
+    axis_name: the mapped axis the gradients are split across (``psum``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`SkipAndClipByGlobalNormState`.
+
+  Raises:
+    TypeError: for a non-transformation ``inner`` or a traced
+      ``drop_min_count``; from ``update``, for an integer or bool leaf.
+    ValueError: for an invalid threshold, decay or multiplier, an unknown
+      rule, or a rule without ``grad_norm_ema_decay``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import optaxclip as oc
+    >>> tx = oc.skip_and_clip_by_global_norm(
+    ...   optax.sgd(1.0), drop_norm="mean", grad_norm_ema_decay=0.9,
+    ...   drop_multipliers=(10,), max_norm=4.0)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> u, state = tx.update({"w": jnp.array([3.0, 4.0])}, state)
+    >>> u["w"], float(state.drop_norm_ema)  # clipped to 4; EMA = 5
+    (Array([-2.4, -3.2], dtype=float32), 5.0)
+    >>> u, state = tx.update({"w": jnp.array([30.0, 40.0])}, state)
+    >>> u["w"], bool(state.drop_skipped)  # 50 >= 10 x 5: dropped
+    (Array([0., 0.], dtype=float32), True)
+
+  References:
+    axlearn, ``skip_and_clip_by_global_norm``
+    (``axlearn/common/optimizers.py``).
+  """
+  fn = "skip_and_clip_by_global_norm"
+  _check_inner(fn, inner)
+  if max_norm is not None:
+    _validate.check_threshold(fn, "max_norm", max_norm)
+  if grad_norm_ema_decay is not None:
+    _validate.check_in_range(
+      fn,
+      "grad_norm_ema_decay",
+      grad_norm_ema_decay,
+      0.0,
+      1.0,
+      low_open=False,
+      high_open=True,
+    )
+  multipliers = (
+    _DROP_MULTIPLIERS
+    if drop_multipliers is None
+    else _check_multipliers(fn, drop_multipliers)
+  )
+  min_count = (
+    _DROP_MIN_COUNT
+    if drop_min_count is None
+    else _validate.check_static_int(
+      fn, "drop_min_count", drop_min_count, minimum=0
+    )
+  )
+  if isinstance(drop_norm, str):
+    rule = _validate.check_choice(fn, "drop_norm", drop_norm, _DROP_RULES)
+    thresholds_fn = (
+      _mean_rule(multipliers)
+      if rule == "mean"
+      else _stddev_rule(multipliers, min_count)
+    )
+  elif callable(drop_norm):
+    thresholds_fn = drop_norm
+  else:
+    thresholds_fn = None
+    if drop_norm is not None:
+      _validate.check_threshold(fn, "drop_norm", drop_norm)
+  if thresholds_fn is not None and grad_norm_ema_decay is None:
+    raise ValueError(
+      f"{fn}: drop_norm={drop_norm!r} sets its thresholds from EMAs of the"
+      " gradient norm and needs grad_norm_ema_decay (in [0, 1), e.g. 0.99),"
+      " as in axlearn."
+    )
+  inner = optax.with_extra_args_support(inner)
+
+  def thresholds(count, mean, stddev):
+    if thresholds_fn is not None:
+      found = thresholds_fn(count=count, mean=mean, stddev=stddev)
+      return {k: jnp.asarray(v).astype(mean.dtype) for k, v in found.items()}
+    if drop_norm is None:
+      return {}
+    return {"drop_norm": jnp.asarray(drop_norm).astype(mean.dtype)}
+
+  def init_fn(params):
+    dtype = _norms.tree_accumulation_dtype(params)
+    one = jnp.ones((), dtype)
+    zero = jnp.zeros((), jnp.int32)
+    names = thresholds(zero, one, one)
+    return SkipAndClipByGlobalNormState(
+      drop_inner_state=inner.init(params),
+      drop_grad_norm=jnp.zeros((), dtype),
+      drop_skipped=jnp.zeros((), jnp.bool_),
+      drop_num_nonvalid=zero,
+      drop_count=zero,
+      # axlearn starts both EMAs at 1 so no threshold is 0 on the first step.
+      drop_norm_ema=one,
+      drop_norm_square_ema=one,
+      drop_thresholds={k: jnp.full((), math.inf, dtype) for k in names},
+      drop_exceed_counts={f"count_exceeds_{k}": zero for k in names},
+      drop_clip_scale=one,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _tree.check_float_leaves(fn, updates)
+    _tree.require_state(fn, state)
+    # NumPy arrays from a host restore become arrays (`inner` sees its own).
+    state = state._replace(
+      **{
+        f: jax.tree.map(jnp.asarray, getattr(state, f))
+        for f in SkipAndClipByGlobalNormState._fields
+        if f != "drop_inner_state"
+      }
+    )
+    ema, square_ema = state.drop_norm_ema, state.drop_norm_square_ema
+    norm = _norms.global_norm_from(updates, 2, axis_name).astype(ema.dtype)
+    observed = jax.lax.stop_gradient(norm)
+    # A finite tree has a finite norm here (the kernel rescues overflowing
+    # sums), so the norm alone tells whether every element is finite.
+    valid = jnp.isfinite(observed)
+    # axlearn takes sqrt(mean_square - mean**2), NaN when rounding makes it
+    # negative (near-constant norms), which then drops every later step.
+    variance = jnp.maximum(square_ema - ema * ema, jnp.zeros_like(ema))
+    stddev = _norms.std_from_variance(variance)
+    limits = thresholds(state.drop_count, ema, stddev)
+    exceed_counts = {}
+    for name, limit in limits.items():
+      # `<` must hold to pass: a NaN threshold or norm drops (as axlearn).
+      below = observed < limit
+      valid = valid & below
+      key = f"count_exceeds_{name}"
+      count = state.drop_exceed_counts[key]
+      exceed_counts[key] = jnp.where(
+        below, count, optax.safe_int32_increment(count)
+      )
+    drop = jnp.logical_not(valid)
+
+    scale = jnp.ones_like(norm)
+    if max_norm is not None:
+      scale, _ = _norms.clip_scale(norm, max_norm)
+      updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
+    new_updates, new_inner_state = inner.update(
+      updates, state.drop_inner_state, params, **extra_args
+    )
+    new_updates, new_inner_state = _discard_if(
+      drop, new_updates, state.drop_inner_state, new_inner_state
+    )
+
+    if grad_norm_ema_decay is not None:
+      new_ema, new_square_ema = _norm_moments(
+        observed, ema, square_ema, state.drop_count, grad_norm_ema_decay
+      )
+      ema = jnp.where(valid, new_ema, ema)
+      square_ema = jnp.where(valid, new_square_ema, square_ema)
+    return new_updates, SkipAndClipByGlobalNormState(
+      drop_inner_state=new_inner_state,
+      drop_grad_norm=observed,
+      drop_skipped=drop,
+      drop_num_nonvalid=jnp.where(
+        valid,
+        state.drop_num_nonvalid,
+        optax.safe_int32_increment(state.drop_num_nonvalid),
+      ),
+      drop_count=jnp.where(
+        valid,
+        optax.safe_int32_increment(state.drop_count),
+        state.drop_count,
+      ),
+      drop_norm_ema=ema,
+      drop_norm_square_ema=square_ema,
+      drop_thresholds=limits,
+      drop_exceed_counts=exceed_counts,
+      drop_clip_scale=jax.lax.stop_gradient(scale),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

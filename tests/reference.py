@@ -1012,6 +1012,69 @@ def automatic_clip_reference(examples, max_norm: float, *,
   return totals
 
 
+def skip_and_clip_reference(grad_seq, *, drop_norm=None, multipliers=(),
+                            min_count=500, decay=None, max_norm=None):
+  """axlearn's ``skip_and_clip_by_global_norm`` with an identity optimizer.
+
+  Written from ``axlearn/common/optimizers.py``: the thresholds of step t
+  come from bias-corrected EMAs of the norms and squared norms of earlier
+  *valid* steps (both start at 1; the effective decay after c valid steps is
+  decay (1 - decay^c) / (1 - decay^(c+1))): ``"mean"`` gives k * mean,
+  ``"stddev"`` gives mean + k * std (1e10 while fewer than ``min_count``
+  valid steps), a number is a fixed threshold. The step is valid when its
+  norm is finite and below every threshold; each threshold counts the steps
+  at or above it; a valid step's gradient is clipped to ``max_norm``
+  (exactly, without axlearn's eps) and returned, an invalid one gives zeros.
+  One documented difference: a negative EMA variance counts as 0 (axlearn's
+  square root would be NaN).
+
+  Returns:
+    A dict of per-step lists/arrays: ``outputs`` (float64 leaves),
+    ``valid``, ``count``, ``nonvalid``, ``ema``, ``square_ema``,
+    ``thresholds`` (dicts) and ``exceeds`` (dicts of counters).
+  """
+  ema = square_ema = 1.0
+  count = nonvalid = 0
+  exceeds: dict[str, int] = {}
+  out: dict[str, list] = {k: [] for k in (
+    "outputs", "valid", "count", "nonvalid", "ema", "square_ema",
+    "thresholds", "exceeds")}
+  for leaves in grad_seq:
+    n = norm(leaves)
+    std = math.sqrt(max(square_ema - ema * ema, 0.0))
+    if drop_norm == "mean":
+      limits = {f"{v}x_mean": ema * v for v in multipliers}
+    elif drop_norm == "stddev":
+      limits = {f"{v}x_stddev": 1e10 if count < min_count else ema + std * v
+                for v in multipliers}
+    elif drop_norm is None:
+      limits = {}
+    else:
+      limits = {"drop_norm": float(drop_norm)}
+    valid = math.isfinite(n)
+    for key, limit in limits.items():
+      below = n < limit
+      valid = valid and below
+      exceeds[key] = exceeds.get(key, 0) + (not below)
+    scale = 1.0 if max_norm is None else clip_scale(n, max_norm)
+    if valid:
+      out["outputs"].append([_f64(x) * scale for x in leaves])
+      if decay is not None:
+        d = decay * (1 - decay**count) / (1 - decay ** (count + 1))
+        ema = d * ema + (1 - d) * n
+        square_ema = d * square_ema + (1 - d) * n * n
+      count += 1
+    else:
+      out["outputs"].append([np.zeros(np.shape(x)) for x in leaves])
+      nonvalid += 1
+    for key, value in (("valid", valid), ("count", count),
+                       ("nonvalid", nonvalid), ("ema", ema),
+                       ("square_ema", square_ema), ("thresholds", limits),
+                       ("exceeds", dict(exceeds))):
+      out[key].append(value)
+  return out
+
+
 # ---------------------------------------------------------------------------
 # QK-Clip (Kimi K2's MuonClip, arXiv:2507.20534, Section 2.1 / Algorithm 1).
 #

@@ -298,6 +298,26 @@ ROWS: list[Row] = [
     wrapper=True,
     extra_args=_loss,
   ),
+  # axlearn's rule: the EMA thresholds act from the second step on; the
+  # clip acts at once.
+  Row(
+    "skip_and_clip_by_global_norm",
+    oc.skip_and_clip_by_global_norm,
+    lambda: oc.skip_and_clip_by_global_norm(
+      optax.sgd(0.1),
+      drop_norm="stddev",
+      grad_norm_ema_decay=0.9,
+      drop_min_count=1,
+      drop_multipliers=(3,),
+      max_norm=0.5,
+    ),
+    lambda: oc.skip_and_clip_by_global_norm(
+      optax.sgd(0.1), drop_norm=1e6, max_norm=100.0
+    ),
+    keeps_history=True,
+    wrapper=True,
+    threshold_arg="max_norm",
+  ),
   Row(
     "clip_norm_growth",
     oc.clip_norm_growth,
