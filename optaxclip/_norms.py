@@ -156,6 +156,16 @@ def _magnitudes(x: jax.Array) -> jax.Array:
   return jnp.abs(x.astype(accumulation_dtype(x.dtype)))
 
 
+def _element_norms(x: jax.Array) -> jax.Array:
+  """Norms over zero axes: every element is its own slice, of every order.
+
+  The norm of one element is its magnitude, taken directly: squaring it
+  first (a sum of squares over a size-1 axis) overflows at 1e20 and flushes
+  1e-25 to zero in float32, which the rescue would then have to undo.
+  """
+  return _magnitudes(x)
+
+
 def _partial(x: jax.Array, ord: float, axis=None) -> jax.Array:  # pylint: disable=redefined-builtin
   """The un-finalized reduction of ``x``: sum |x|^2, sum |x|, or max |x|.
 
@@ -843,7 +853,7 @@ def slice_norms(
     if x.size == 0:
       out[i] = jnp.zeros(x.shape[:k], dtype)
     elif not axes:  # every axis indexes layers: each element is a slice
-      out[i] = _finalize(_partial(x[..., None], ord, axis=-1), ord)
+      out[i] = _element_norms(x)
     elif ord == math.inf:
       out[i] = _partial(x, ord, axis=axes)
     else:
@@ -907,7 +917,7 @@ def axes_norms(
   if x.size == 0:
     return jnp.zeros(kept, dtype)
   if not axes:
-    return _finalize(_partial(x[..., None], ord, axis=-1), ord)
+    return _element_norms(x)
   partial = jnp.expand_dims(_partial(x, ord, axis=axes), axes)
   partial = _cross_device(partial, ord, axis_name)
   if ord == math.inf:
@@ -932,9 +942,7 @@ def axes_norms_each(
   full = []
   for i, (x, axes) in enumerate(zip(xs, axes_list, strict=True)):
     if not axes:
-      # Every element is its own slice: its norm is its magnitude, exactly
-      # (no square to overflow).
-      out[i] = _magnitudes(x)
+      out[i] = _element_norms(x)
     elif x.size == 0 or ord == math.inf:
       out[i] = axes_norms(x, axes, ord)
     else:

@@ -136,3 +136,26 @@ def test_safe_sqrt():
 def test_global_norm_rejects_bad_ord():
   with pytest.raises(ValueError, match=r"global_norm: ord must be one of"):
     oc.global_norm({"a": jnp.ones(2)}, ord=3)
+
+
+@pytest.mark.parametrize("ord", [2, 1, "inf"])
+def test_every_element_its_own_slice_matches_float64(ord, use_jit):
+  # stacked= equal to the leaf's rank (or axis=()) makes each element a slice:
+  # its norm is |x|, so 1e20 must not overflow and 1e-25 must not flush to 0.
+  x = np.array([1e20, 1e-25, -3.0, 0.0], np.float32)
+  want = np.abs(x.astype(np.float64))
+  norms = maybe_jit(lambda t: oc.tree_norms(t, ord=ord, stacked=1),
+                    use_jit)({"w": jnp.asarray(x)})
+  np.testing.assert_allclose(np.asarray(norms["w"], np.float64), want,
+                             rtol=1e-6)
+  # clip_by_norm clips each element to magnitude 1 (0 stays 0).
+  ref = [np.where(want > 1, x / np.where(want > 1, want, 1), x)]
+  for tx in (oc.clip_by_norm(1.0, ord=ord, stacked=1),
+             oc.clip_by_norm(1.0, ord=ord, axis=())):
+    out, state = maybe_jit(tx.update, use_jit)({"w": jnp.asarray(x)},
+                                               tx.init({"w": jnp.asarray(x)}))
+    np.testing.assert_allclose(np.asarray(out["w"], np.float64), ref[0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(dict(state.leaf_norms.items())["w"], np.float64), want,
+        rtol=1e-6)
