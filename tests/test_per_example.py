@@ -519,3 +519,14 @@ def test_state_threshold_is_documented_and_is_the_next_steps():
     assert float(state.inner_state.per_example_max_norm) == np.float32(c)
     ref, _, _ = per_example_reference([np.asarray(grads["w"])], c)
     np.testing.assert_allclose(out["w"], ref[0], rtol=1e-6)
+
+
+def test_clamp_per_layer_hand_computed():
+  """Opacus' per-layer clipping with one C for every leaf: each leaf by its
+  own norm, min(1, C / ||g_l||)."""
+  tx = oc.clip_per_example(1.0, per_layer=True, reduce="sum")
+  grads = {"a": jnp.array([[3.0, 4.0], [0.3, 0.4]]), "b": jnp.array([[2.0], [0.5]])}
+  out, state = tx.update(grads, tx.init({"a": jnp.zeros(2), "b": jnp.zeros(1)}))
+  np.testing.assert_allclose(out["a"], [0.6 + 0.3, 0.8 + 0.4], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], [1.0 + 0.5], rtol=1e-6)
+  assert int(state.num_clipped_examples) == 1
