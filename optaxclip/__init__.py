@@ -41,7 +41,7 @@ from optaxclip._spam import (
 from optaxclip._spectral import SpectralClipState, spectral_clip
 from optaxclip._stable_spam import AdaClipState, AdaGNState, adaclip, adagn
 from optaxclip._stats import clip_stats
-from optaxclip._tree import stacked_by_path
+from optaxclip._tree import PathValues, stacked_by_path
 from optaxclip._value import ClipByValueState, clip, clip_by_value
 from optaxclip._zclip import ZClipState, zclip
 
@@ -62,6 +62,7 @@ __all__ = (
   "ClipNormGrowthState",
   "ClipPerExampleState",
   "MomentumResetState",
+  "PathValues",
   "QKClipState",
   "RecordNormsState",
   "ShadowState",

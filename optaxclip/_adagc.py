@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optaxclip import _norms, _stats, _tree, _validate
@@ -75,49 +74,6 @@ def _check_eps(eps: Any) -> None:
     raise ValueError(
       f"{_FN}: eps must be finite and non-negative (0 <= eps < inf), got"
       f" {eps!r}."
-    )
-
-
-def _values(field: Any) -> jax.Array:
-  """The flat vector of a per-slice state field (PathValues or a raw array)."""
-  return field.values if isinstance(field, _tree.PathValues) else field
-
-
-def _layout(tree: Any, stacked: Any) -> tuple[list[int], tuple]:
-  """Per leaf: stacked leading axes; and the static (path, layer shape)."""
-  with_path = jax.tree_util.tree_leaves_with_path(tree)
-  counts = _tree.stack_counts(_FN, stacked, tree)
-  segments = tuple(
-    (_tree.path_str(key_path), tuple(np.shape(leaf))[:count])
-    for (key_path, leaf), count in zip(with_path, counts, strict=True)
-  )
-  return counts, segments
-
-
-def _num_slices(segments: tuple) -> int:
-  return sum(int(np.prod(shape, dtype=np.int64)) for _, shape in segments)
-
-
-def _state_size(num_leaves: int) -> int:
-  """Entries of the per-tensor state arrays: one per leaf, at least one.
-
-  An empty tree gets one placeholder entry, because checkpointers (orbax:
-  "Cannot save arrays with zero size") refuse zero-size arrays.
-  """
-  return max(num_leaves, 1)
-
-
-def _check_state_size(state: Any, num_leaves: int) -> None:
-  """A clear error for a state that ``init`` made for a different tree."""
-  size = jnp.shape(_values(state.adagc_gamma))
-  if size != (_state_size(num_leaves),):
-    have = size[0] if len(size) == 1 else size
-    raise ValueError(
-      f"{_FN}: the state holds thresholds for {have} tensors, but the"
-      f" updates have {num_leaves} leaves (tensors). The state must come"
-      " from tx.init on a tree with the same structure as the updates: call"
-      " init on the same tree (e.g. the params the updates are gradients"
-      " of)."
     )
 
 
@@ -201,22 +157,17 @@ def adagc(
   _check_eps(eps)
   num_warmup = _warmup_steps(warmup_steps)
 
-  _tree.check_stacked(_FN, stacked)
+  slicing = _tree.Slicing(_FN, stacked)
 
   def init_fn(params):
-    _, segments = _layout(params, stacked)
-    num_slices = _state_size(_num_slices(segments))
+    layout = slicing.layout(params)
     dtype = _norms.tree_accumulation_dtype(params)
-
-    def per_slice(fill):
-      return _tree.PathValues(jnp.full((num_slices,), fill, dtype), segments)
-
     return AdaGCState(
       adagc_count=jnp.zeros((), jnp.int32),
-      adagc_gamma=per_slice(jnp.inf),
-      adagc_norms=per_slice(0.0),
+      adagc_gamma=layout.full(jnp.inf, dtype),
+      adagc_norms=layout.full(0.0, dtype),
       adagc_global_norm=jnp.zeros((), dtype),
-      adagc_thresholds=per_slice(0.0),
+      adagc_thresholds=layout.full(0.0, dtype),
       adagc_num_clipped=jnp.zeros((), jnp.int32),
     )
 
@@ -226,11 +177,10 @@ def adagc(
     _tree.check_float_leaves(_FN, updates)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
-    counts, segments = _layout(updates, stacked)
-    num_leaves = _num_slices(segments)
-    _check_state_size(state, num_leaves)
-    dtype = _values(state.adagc_gamma).dtype
-    if not num_leaves:
+    layout = slicing.layout(updates)
+    layout.check(_FN, state.adagc_gamma)
+    dtype = state.adagc_gamma.dtype
+    if not layout.size:
       # Nothing to clip; the per-tensor placeholders pass through.
       return updates, state._replace(
         adagc_count=optax.safe_int32_increment(state.adagc_count),
@@ -238,14 +188,14 @@ def adagc(
         adagc_num_clipped=jnp.zeros((), jnp.int32),
       )
     # One norm per tensor, or per layer slice of a stacked leaf, flattened.
-    norms = _norms.flat_slice_norms(leaves, counts, 2).astype(dtype)
+    norms = _norms.flat_slice_norms(leaves, layout.counts, 2).astype(dtype)
     # The global norm is the norm of the per-tensor norms: no second pass.
     global_norm = _norms.global_norm_from(norms, 2).astype(dtype)
     beta_ = jnp.asarray(beta).astype(dtype)
     lambda_rel_ = jnp.asarray(lambda_rel).astype(dtype)
     lambda_abs_ = jnp.asarray(lambda_abs).astype(dtype)
     eps_ = jnp.asarray(eps).astype(dtype)
-    gamma = _values(state.adagc_gamma)
+    gamma = _tree.values_of(state.adagc_gamma)
     in_warmup = state.adagc_count < num_warmup
 
     # Warmup: one global scale for every tensor; gamma is a running minimum.
@@ -283,22 +233,16 @@ def adagc(
     )
     clipped = jnp.where(in_warmup, global_clipped, leaf_clipped)
 
-    new_leaves, start = [], 0
-    for x, count in zip(leaves, counts, strict=True):
-      layers = x.shape[:count]
-      size = int(np.prod(layers, dtype=np.int64))
-      scale = scales[start : start + size].reshape(
-        layers + (1,) * (x.ndim - count)
-      )
-      new_leaves.append(_norms.scale_leaf(x, scale if count else scale[()]))
-      start += size
-    per_slice = lambda v: _tree.PathValues(v, segments)
+    new_leaves = [
+      _norms.scale_leaf(x, scale)
+      for x, scale in zip(leaves, layout.broadcast(scales, leaves), strict=True)
+    ]
     return jax.tree.unflatten(treedef, new_leaves), AdaGCState(
       adagc_count=optax.safe_int32_increment(state.adagc_count),
-      adagc_gamma=per_slice(new_gamma),
-      adagc_norms=per_slice(norms),
+      adagc_gamma=layout.wrap(new_gamma),
+      adagc_norms=layout.wrap(norms),
       adagc_global_norm=global_norm,
-      adagc_thresholds=per_slice(thresholds),
+      adagc_thresholds=layout.wrap(thresholds),
       adagc_num_clipped=jnp.sum(clipped, dtype=jnp.int32),
     )
 

@@ -149,7 +149,7 @@ def _normalize_axes(
 
 
 def _resolve_axes(
-  axis: Any, params: Any, stacked: Any, layout: str
+  slicing: _tree.Slicing, params: Any, layout: str
 ) -> list[tuple[int, ...]]:
   """One normalized axes tuple per param leaf, in jax.tree.leaves order.
 
@@ -159,12 +159,10 @@ def _resolve_axes(
   """
   with_path = jax.tree_util.tree_leaves_with_path(params)
   paths = [_tree.path_str(p) or "<root>" for p, _ in with_path]
-  counts = _tree.stack_counts(_FN, stacked, params)
+  counts = slicing.counts(params)
   allowed = "an int, a tuple of ints, or None (the default rule)"
   try:
-    specs = _tree.per_leaf_entries(
-      _FN, "axis", axis, params, _tree.is_axes_entry, allowed
-    )
+    specs = slicing.axis_entries(params, allowed)
   except ValueError as exc:
     raise ValueError(
       f"{_FN}: the axis pytree must have the structure of the params, one"
@@ -246,20 +244,7 @@ def adaptive_grad_clip(
   _validate.check_threshold(_FN, "clipping", clipping)
   _validate.check_threshold(_FN, "eps", eps)
   layout = _validate.check_choice(_FN, "layout", layout, LAYOUTS)
-  _tree.check_stacked(_FN, stacked)
-  if not (
-    axis is None or _tree.is_axes_entry(axis) or not _tree.is_pytree_spec(axis)
-  ):
-    entries = jax.tree.leaves(
-      axis, is_leaf=lambda x: _tree.is_axes_entry(x) or _tree.is_wrapped_leaf(x)
-    )
-    for leaf in map(_tree.unwrap, entries):
-      if not _tree.is_axes_entry(leaf):
-        raise TypeError(
-          f"{_FN}: axis must be None, an int, a tuple of ints, a callable"
-          " (path, leaf) -> axes, or a pytree of those per parameter; found"
-          f" the entry {leaf!r} in {axis!r}."
-        )
+  slicing = _tree.Slicing(_FN, stacked, axis)
 
   def init_fn(params):
     del params
@@ -289,7 +274,7 @@ def adaptive_grad_clip(
         " parameter per gradient leaf, the same containers and keys);"
         f" gradients are {treedef}, params are {jax.tree.structure(params)}."
       ) from exc
-    axes_list = _resolve_axes(axis, params, stacked, layout)
+    axes_list = _resolve_axes(slicing, params, layout)
     paths = [
       _tree.path_str(key_path) or "<root>"
       for key_path, _ in jax.tree_util.tree_leaves_with_path(updates)

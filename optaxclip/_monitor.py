@@ -71,40 +71,35 @@ def tree_norms(
   """
   fn = "tree_norms"
   norm_ord = _validate.canonical_ord(fn, 2 if ord is None else ord)
-  _tree.check_stacked(fn, stacked)
+  slicing = _tree.Slicing(fn, stacked)
   _tree.check_float_leaves(fn, tree, arg="tree")
-  flat, segments, dtypes = _flat_norms(fn, tree, norm_ord, stacked)
+  layout, flat, dtypes = _flat_norms(slicing, tree, norm_ord)
   if flat is None:
     return {}
   return {
     path: value.astype(dtype)
     for (path, value), dtype in zip(
-      _tree.PathValues(flat, segments).items(), dtypes, strict=True
+      layout.wrap(flat).items(), dtypes, strict=True
     )
   }
 
 
 def _flat_norms(
-  fn: str, tree: Any, norm_ord: float, stacked: Any
-) -> tuple[jax.Array | None, tuple, list]:
+  slicing: _tree.Slicing, tree: Any, norm_ord: float
+) -> tuple[_tree.Layout, jax.Array | None, list]:
   """Every leaf's (per-layer) norms as one flat vector in leaf order.
 
-  Returns ``(flat, segments, dtypes)``: the vector in the widest
-  accumulation dtype (``None`` for a tree without leaves), the static
-  ``(path, layer shape)`` of each leaf, and each leaf's own accumulation
-  dtype. Small leaves of one shape are reduced as one vmapped stack
-  (:func:`_norms.map_leaves`) and never sliced back out, so a 2000-leaf tree
-  costs a few reductions.
+  Returns ``(layout, flat, dtypes)``: the tree's layout, the vector in the
+  widest accumulation dtype (``None`` for a tree without leaves), and each
+  leaf's own accumulation dtype. Small leaves of one shape are reduced as
+  one vmapped stack (:func:`_norms.map_leaves`) and never sliced back out,
+  so a 2000-leaf tree costs a few reductions.
   """
-  with_path = jax.tree_util.tree_leaves_with_path(tree)
-  counts = _tree.stack_counts(fn, stacked, tree)
-  leaves = [jnp.asarray(x) for _, x in with_path]
-  segments = tuple(
-    (_tree.path_str(key_path), tuple(x.shape[:k]))
-    for (key_path, _), x, k in zip(with_path, leaves, counts, strict=True)
-  )
+  layout = slicing.layout(tree)
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
   dtypes = [_norms.accumulation_dtype(x.dtype) for x in leaves]
-  return _norms.flat_slice_norms(leaves, counts, norm_ord), segments, dtypes
+  flat = _norms.flat_slice_norms(leaves, layout.counts, norm_ord)
+  return layout, flat, dtypes
 
 
 @_stats.register_state("record_norms")
@@ -133,7 +128,8 @@ def record_norms(
   ``"record_norms/<path>"`` in :func:`clip_stats`) and post-clip norms
   (``"record_norms_1/<path>"``) side by side. The updates pass through
   untouched (the same arrays). The state keeps the norms as one flat
-  ``PathValues`` vector with the paths and layer shapes ``init`` saw
+  :class:`~optaxclip.PathValues` vector with the paths and layer shapes
+  ``init`` saw
   (``dict(state.recorded_norms.items())`` is path -> norm), so it is
   fixed-shape for ``jit``, ``lax.scan`` and checkpoints, and a 2000-leaf tree
   costs one state leaf; ``update(updates, None)`` works (the state holds no
@@ -172,37 +168,29 @@ def record_norms(
   """
   fn = "record_norms"
   norm_ord = _validate.canonical_ord(fn, 2 if ord is None else ord)
+  slicing = _tree.Slicing(fn, stacked)
   state_cls = _stats.named_state(RecordNormsState, fn, name)
-  _tree.check_stacked(fn, stacked)
 
   def recorded(tree, dtype=None):
     _tree.check_float_leaves(fn, tree)
-    flat, segments, dtypes = _flat_norms(fn, tree, norm_ord, stacked)
+    layout, flat, dtypes = _flat_norms(slicing, tree, norm_ord)
     if dtype is None:
       dtype = _norms.widest_dtype(dtypes) if dtypes else jnp.float32
-    if flat is None or not flat.size:
-      # The placeholder of an empty tree: orbax cannot save zero-size arrays.
-      flat = jnp.zeros((1,), dtype)
-    return _tree.PathValues(flat.astype(dtype), segments)
+    return layout, layout.flat(flat, dtype)
 
   def init_fn(params):
-    values = recorded(jax.tree.map(jnp.zeros_like, params))
-    return state_cls(recorded_norms=values)
+    _tree.check_float_leaves(fn, params, "params")
+    layout = slicing.layout(params)
+    dtype = _norms.tree_accumulation_dtype(params)
+    return state_cls(recorded_norms=layout.full(0, dtype))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     if state is None:
-      return updates, state_cls(recorded_norms=recorded(updates))
+      return updates, state_cls(recorded_norms=recorded(updates)[1])
     # The dtype init chose, every step (lax.cond in MultiSteps needs it).
-    values = recorded(updates, state.recorded_norms.dtype)
-    if values.segments != state.recorded_norms.segments:
-      want = dict(state.recorded_norms.segments)
-      got = dict(values.segments)
-      raise ValueError(
-        f"{fn}: the state was created by init on a different tree (paths"
-        f" and layer shapes {want}), but the updates give {got}. Call init"
-        " on the tree you update."
-      )
+    layout, values = recorded(updates, state.recorded_norms.dtype)
+    layout.check(fn, state.recorded_norms)
     return updates, state_cls(recorded_norms=values)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

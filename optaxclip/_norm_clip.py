@@ -39,7 +39,7 @@ class ClipByGlobalNormState(NamedTuple):
 class ClipByGlobalNormGroupsState(NamedTuple):
   """State of ``clip_by_global_norm(..., groups=...)``: one norm per group.
 
-  Both fields are :class:`~optaxclip._tree.PathValues` with one scalar entry
+  Both fields are :class:`~optaxclip.PathValues` with one scalar entry
   per group, keyed by ``str(label)``, in the order in which the groups first
   appear among the leaves (``jax.tree.leaves`` order); ``clip_stats``
   returns them as ``"clip_by_global_norm/group_norms/<label>"`` and
@@ -61,7 +61,7 @@ class ClipByGlobalNormGroupsState(NamedTuple):
 class ClipByNormState(NamedTuple):
   """State of :func:`clip_by_norm`: what the last step did, per tensor.
 
-  ``leaf_norms`` is a :class:`~optaxclip._tree.PathValues`: one flat float
+  ``leaf_norms`` is a :class:`~optaxclip.PathValues`: one flat float
   vector (a pytree leaf, so it checkpoints like any array) whose entries are
   the pre-clip norms of every slice, leaf after leaf in ``jax.tree.leaves``
   order, with the leaves' paths as static metadata. An unstacked leaf has one
@@ -117,75 +117,6 @@ def _count_clipped(norms: list[jax.Array], threshold: Any) -> jax.Array:
   return jnp.sum(jnp.logical_not(within), dtype=jnp.int32)
 
 
-def _check_axis_arg(fn: str, axis: Any) -> None:
-  # Only the obviously wrong kinds are rejected here: a tuple or list may
-  # also be a pytree of per-leaf entries, checked leaf by leaf in update.
-  if isinstance(axis, (bool, np.bool_, float, str)):
-    raise TypeError(
-      f"{fn}: axis must be None, an int, a tuple of ints, a callable"
-      f" (path, leaf) -> axes, or a pytree of those; got {axis!r}."
-    )
-
-
-def _slice_layout(
-  fn: str, tree: Any, stacked: Any, axis: Any
-) -> tuple[list[tuple[int, ...]], tuple[tuple[str, tuple], ...]]:
-  """Per leaf: the reduced axes, and the static ``(path, slice shape)``.
-
-  ``stacked`` leading axes index layers; ``axis`` (relative to one layer's
-  slice, as TF's ``clip_by_norm(t, c, axes)``) names the reduced axes, by
-  default all of the slice's axes.
-  """
-  with_path = jax.tree_util.tree_leaves_with_path(tree)
-  counts = _tree.stack_counts(fn, stacked, tree)
-  specs = (
-    [None] * len(with_path)
-    if axis is None
-    else _tree.per_leaf_entries(
-      fn,
-      "axis",
-      axis,
-      tree,
-      _tree.is_axes_entry,
-      "an int, a tuple of ints, or None (every axis of the slice)",
-    )
-  )
-  reduced, segments = [], []
-  for (key_path, leaf), count, spec in zip(
-    with_path, counts, specs, strict=True
-  ):
-    shape = tuple(np.shape(leaf))
-    ndim = len(shape)
-    slice_ndim = ndim - count
-    if spec is None:
-      axes = tuple(range(count, ndim))
-    else:
-      spec = (spec,) if isinstance(spec, (int, np.integer)) else tuple(spec)
-      for a in spec:
-        if not -slice_ndim <= a < slice_ndim:
-          raise ValueError(
-            f"{fn}: axis {a} is out of range for the leaf at"
-            f" {_tree.path_str(key_path)!r} of shape {shape} (stacked"
-            f" leading axes: {count}); allowed axes of one slice are"
-            f" {-slice_ndim}..{slice_ndim - 1}."
-          )
-      axes = tuple(sorted({count + int(a) % slice_ndim for a in spec}))
-    reduced.append(axes)
-    kept = tuple(d for a, d in enumerate(shape) if a not in axes)
-    segments.append((_tree.path_str(key_path), kept))
-  return reduced, tuple(segments)
-
-
-def _path_values(
-  values: list[jax.Array], segments: tuple, dtype: jnp.dtype
-) -> _tree.PathValues:
-  if not values:
-    # The placeholder of an empty tree: orbax cannot save zero-size arrays.
-    return _tree.PathValues(jnp.zeros((1,), dtype), segments)
-  flat = jnp.concatenate([v.astype(dtype).reshape(-1) for v in values])
-  return _tree.PathValues(flat, segments)
-
-
 def _clip_each(
   leaves: list[jax.Array],
   reduced: list[tuple[int, ...]],
@@ -216,38 +147,6 @@ def _clip_each(
     num_flat=1,
   )
   return [r[0] for r in results], flat
-
-
-def _flat_values(
-  flat: jax.Array | None, segments: tuple, dtype: jnp.dtype
-) -> _tree.PathValues:
-  """:func:`_path_values` of values already flattened in leaf order."""
-  if flat is None or not flat.size:
-    return _path_values([], segments, dtype)
-  return _tree.PathValues(flat.astype(dtype), segments)
-
-
-def _zero_values(segments: tuple, dtype: jnp.dtype) -> _tree.PathValues:
-  size = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in segments)
-  return _tree.PathValues(jnp.zeros((max(size, 1),), dtype), segments)
-
-
-def _check_layout(fn: str, field: Any, segments: tuple) -> None:
-  """A clear error when the state was initialised on a different tree.
-
-  Without it the per-slice state would silently change shape from step to
-  step, which breaks ``lax.cond``/``lax.scan`` carries and checkpoints.
-  """
-  known = getattr(field, "segments", None)
-  if known is not None and tuple(known) != segments:
-    raise ValueError(
-      f"{fn}: the state was initialised on a tree with {len(known)} leaves"
-      f" (paths and slice shapes {list(known)[:4]}"
-      f"{'...' if len(known) > 4 else ''}), but the updates have"
-      f" {len(segments)} leaves ({list(segments)[:4]}"
-      f"{'...' if len(segments) > 4 else ''}). Call init on the same tree the"
-      " updates have (init(params) with params shaped like the updates)."
-    )
 
 
 _GROUP_LABEL = "a string or int label, or None to exclude the leaf"
@@ -283,9 +182,9 @@ def _check_groups_arg(fn: str, groups: Any) -> None:
 
 def _group_layout(
   fn: str, groups: Any, tree: Any
-) -> tuple[list[str | None], tuple[tuple[str, tuple], ...]]:
+) -> tuple[list[str | None], _tree.Layout]:
   """Per leaf: its group's key (``str(label)``, None if excluded); and the
-  static ``(key, ())`` segments of the groups, in order of first appearance.
+  layout of one value per group, in order of first appearance.
   """
   labels = _tree.per_leaf_entries(
     fn, "groups", groups, tree, _is_group_label, _GROUP_LABEL
@@ -305,42 +204,7 @@ def _group_layout(
       )
     first.setdefault(key, label)
     keys.append(key)
-  return keys, tuple((key, ()) for key in first)
-
-
-def _check_group_layout(fn: str, field: Any, segments: tuple) -> None:
-  """A clear error when the state was initialised with other groups."""
-  known = getattr(field, "segments", None)
-  if known is not None and tuple(known) != segments:
-    raise ValueError(
-      f"{fn}: the state was initialised with the groups"
-      f" {[key for key, _ in known]}, but the updates fall into the groups"
-      f" {[key for key, _ in segments]}. Call init on a tree with the"
-      " structure of the updates (init(params) with params shaped like the"
-      " updates)."
-    )
-
-
-def _grouped_state(
-  norms: list[jax.Array],
-  clipped: list[jax.Array],
-  segments: tuple,
-  dtype: jnp.dtype,
-) -> ClipByGlobalNormGroupsState:
-  if not norms:
-    # Zeros for init; for a tree without groups, one placeholder entry:
-    # orbax refuses zero-size arrays.
-    size = max(len(segments), 1)
-    return ClipByGlobalNormGroupsState(
-      group_norms=_tree.PathValues(jnp.zeros((size,), dtype), segments),
-      group_clipped=_tree.PathValues(jnp.zeros((size,), jnp.bool_), segments),
-    )
-  return ClipByGlobalNormGroupsState(
-    group_norms=_tree.PathValues(
-      jnp.stack([n.astype(dtype) for n in norms]), segments
-    ),
-    group_clipped=_tree.PathValues(jnp.stack(clipped), segments),
-  )
+  return keys, _tree.keyed_layout(list(first))
 
 
 def clip_by_global_norm(
@@ -449,8 +313,12 @@ def _clip_by_group_norms(
   """``clip_by_global_norm(..., groups=groups)``: one global norm per group."""
 
   def init_fn(params):
-    _, segments = _group_layout(fn, groups, params)
-    return _grouped_state([], [], segments, _state_dtype(params))
+    _, layout = _group_layout(fn, groups, params)
+    dtype = _state_dtype(params)
+    return ClipByGlobalNormGroupsState(
+      group_norms=layout.full(0, dtype),
+      group_clipped=layout.full(False, jnp.bool_),
+    )
 
   def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
     del params, extra_args
@@ -463,23 +331,25 @@ def _clip_by_group_norms(
     _tree.check_float_leaves(fn, updates)
     if state is None:  # the state only records diagnostics: rebuild it
       state = init_fn(updates)
-    keys, segments = _group_layout(fn, groups, updates)
-    _check_group_layout(fn, state.group_norms, segments)
+    keys, layout = _group_layout(fn, groups, updates)
+    layout.check(fn, state.group_norms, groups=True)
+    dtype = state.group_norms.dtype
     leaves, treedef = jax.tree.flatten(updates)
     new_leaves = list(leaves)  # excluded (None-labelled) leaves stay as given
     norms, clipped = [], []
-    for key, _ in segments:
+    for key in layout.paths:
       members = [i for i, k in enumerate(keys) if k == key]
       norm = _norms.global_norm_from(
         [leaves[i] for i in members], norm_ord, axis_name
-      ).astype(state.group_norms.dtype)
+      ).astype(dtype)
       scale, was_clipped = _norms.clip_scale(norm, max_norm)
       for i in members:
         new_leaves[i] = _norms.scale_leaf(leaves[i], scale)
       norms.append(norm)
       clipped.append(was_clipped)
-    return jax.tree.unflatten(treedef, new_leaves), _grouped_state(
-      norms, clipped, segments, state.group_norms.dtype
+    return jax.tree.unflatten(treedef, new_leaves), ClipByGlobalNormGroupsState(
+      group_norms=layout.gather(norms, dtype),
+      group_clipped=layout.gather(clipped, jnp.bool_),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -550,13 +420,11 @@ def clip_by_norm(
   fn = "clip_by_norm"
   _validate.check_threshold(fn, "max_norm", max_norm)
   norm_ord = _validate.canonical_ord(fn, ord)
-  _tree.check_stacked(fn, stacked)
-  _check_axis_arg(fn, axis)
+  slicing = _tree.Slicing(fn, stacked, axis)
 
   def init_fn(params):
-    _, segments = _slice_layout(fn, params, stacked, axis)
     return ClipByNormState(
-      leaf_norms=_zero_values(segments, _state_dtype(params)),
+      leaf_norms=slicing.layout(params).full(0, _state_dtype(params)),
       num_clipped_leaves=jnp.zeros((), jnp.int32),
     )
 
@@ -565,8 +433,9 @@ def clip_by_norm(
     _tree.check_float_leaves(fn, updates)
     if state is None:  # the state only records diagnostics: rebuild it
       state = init_fn(updates)
-    reduced, segments = _slice_layout(fn, updates, stacked, axis)
-    _check_layout(fn, state.leaf_norms, segments)
+    layout = slicing.layout(updates)
+    layout.check(fn, state.leaf_norms)
+    reduced, dtype = list(layout.reduced), state.leaf_norms.dtype
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
     if axis_name is None:
@@ -578,7 +447,7 @@ def clip_by_norm(
         max_norm,
       )
       return jax.tree.unflatten(treedef, new_leaves), ClipByNormState(
-        leaf_norms=_flat_values(flat, segments, state.leaf_norms.dtype),
+        leaf_norms=layout.flat(flat, dtype),
         num_clipped_leaves=_count_clipped(
           [] if flat is None else [flat], max_norm
         ),
@@ -600,7 +469,7 @@ def clip_by_norm(
       for x, n in zip(leaves, norms, strict=True)
     ]
     return jax.tree.unflatten(treedef, new_leaves), ClipByNormState(
-      leaf_norms=_path_values(norms, segments, state.leaf_norms.dtype),
+      leaf_norms=layout.gather(norms, dtype),
       num_clipped_leaves=_count_clipped(norms, max_norm),
     )
 
@@ -650,12 +519,11 @@ def clip_by_block_rms(
   """
   fn = "clip_by_block_rms"
   _validate.check_threshold(fn, "threshold", threshold)
-  _tree.check_stacked(fn, stacked)
+  slicing = _tree.Slicing(fn, stacked)
 
   def init_fn(params):
-    _, segments = _slice_layout(fn, params, stacked, None)
     return ClipByBlockRmsState(
-      block_rms=_zero_values(segments, _state_dtype(params)),
+      block_rms=slicing.layout(params).full(0, _state_dtype(params)),
       num_clipped_blocks=jnp.zeros((), jnp.int32),
     )
 
@@ -664,20 +532,20 @@ def clip_by_block_rms(
     _tree.check_float_leaves(fn, updates)
     if state is None:  # the state only records diagnostics: rebuild it
       state = init_fn(updates)
-    reduced, segments = _slice_layout(fn, updates, stacked, None)
-    _check_layout(fn, state.block_rms, segments)
+    layout = slicing.layout(updates)
+    layout.check(fn, state.block_rms)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
     new_leaves, flat = _clip_each(
       leaves,
-      reduced,
+      list(layout.reduced),
       lambda x: _norms.leaf_rms([x])[0],
       _norms.axes_rms,
       threshold,
     )
     rms = [] if flat is None else [flat]
     return jax.tree.unflatten(treedef, new_leaves), ClipByBlockRmsState(
-      block_rms=_flat_values(flat, segments, state.block_rms.dtype),
+      block_rms=layout.flat(flat, state.block_rms.dtype),
       num_clipped_blocks=_count_clipped(rms, threshold),
     )
 

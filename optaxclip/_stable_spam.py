@@ -35,7 +35,7 @@ class AdaClipState(NamedTuple):
   """State of :func:`adaclip`.
 
   With ``per_tensor=True`` the per-tensor fields are
-  :class:`~optaxclip._tree.PathValues` holding one entry per leaf in
+  :class:`~optaxclip.PathValues` holding one entry per leaf in
   ``jax.tree.leaves`` order (``clip_stats`` returns them by path); a tree
   with no leaves gets one placeholder entry, because checkpointers such as
   orbax refuse zero-size arrays. With ``per_tensor=False`` they are scalars.
@@ -62,7 +62,7 @@ class AdaGNState(NamedTuple):
   """State of :func:`adagn`.
 
   Per-tensor fields are laid out as in :class:`AdaClipState`:
-  :class:`~optaxclip._tree.PathValues` with ``per_tensor=True`` (one entry
+  :class:`~optaxclip.PathValues` with ``per_tensor=True`` (one entry
   per leaf, one placeholder for an empty tree), scalars with
   ``per_tensor=False``, in the accumulation dtype of the tree given to
   ``init``.
@@ -113,54 +113,25 @@ def _check_per_tensor(fn: str, per_tensor: Any) -> None:
     )
 
 
-def _values(field: Any) -> jax.Array:
-  """The array of a per-tensor state field (PathValues or a raw array)."""
-  return field.values if isinstance(field, _tree.PathValues) else field
-
-
-def _segments(tree: Any) -> tuple:
-  """Static ``(path, ())`` per leaf: the PathValues layout of a tree."""
-  return tuple(
-    (_tree.path_str(key_path), ())
-    for key_path, _ in jax.tree_util.tree_leaves_with_path(tree)
-  )
-
-
 class _Layout(NamedTuple):
-  """How a transform's statistics map onto a tree's leaves."""
+  """A tree's per-tensor layout, or one statistic for the whole tree."""
 
   per_tensor: bool
-  segments: tuple
-
-  @property
-  def size(self) -> int:
-    # An empty tree keeps one placeholder entry (orbax refuses size 0).
-    return max(len(self.segments), 1) if self.per_tensor else 1
+  tensors: _tree.Layout
 
   def wrap(self, values: jax.Array) -> Any:
     if self.per_tensor:
-      return _tree.PathValues(values, self.segments)
+      return self.tensors.wrap(values)
     return values.reshape(())
 
   def fill(self, value: Any, dtype: Any) -> Any:
-    shape = (self.size,) if self.per_tensor else ()
-    return self.wrap(jnp.full(shape, value, dtype))
+    if self.per_tensor:
+      return self.tensors.full(value, dtype)
+    return jnp.full((), value, dtype)
 
 
-def _check_state_size(fn: str, field: Any, layout: _Layout) -> None:
-  """A clear error for a state that ``init`` made for a different tree."""
-  if not layout.per_tensor:
-    return
-  size = jnp.shape(_values(field))
-  if size != (layout.size,):
-    have = size[0] if len(size) == 1 else size
-    raise ValueError(
-      f"{fn}: the state holds statistics for {have} tensors, but the updates"
-      f" have {len(layout.segments)} leaves (tensors). The state must come"
-      " from tx.init on a tree with the same structure as the updates: call"
-      " init on the same tree (e.g. the params the updates are gradients"
-      " of)."
-    )
+def _layout(fn: str, tree: Any, per_tensor: bool) -> _Layout:
+  return _Layout(per_tensor, _tree.Slicing(fn).layout(tree))
 
 
 def _begin_update(
@@ -174,8 +145,9 @@ def _begin_update(
   _tree.require_state(fn, state)
   _tree.check_float_leaves(fn, updates)
   leaves, treedef = jax.tree.flatten(updates)
-  layout = _Layout(per_tensor, _segments(updates))
-  _check_state_size(fn, getattr(state, statistic), layout)
+  layout = _layout(fn, updates, per_tensor)
+  if per_tensor:
+    layout.tensors.check(fn, getattr(state, statistic))
   return [jnp.asarray(x) for x in leaves], treedef, layout
 
 
@@ -355,7 +327,7 @@ def adaclip(
   per_tensor = bool(per_tensor)
 
   def init_fn(params):
-    layout = _Layout(per_tensor, _segments(params))
+    layout = _layout(fn, params, per_tensor)
     dtype = _norms.tree_accumulation_dtype(params)
     return AdaClipState(
       adaclip_count=layout.fill(0, jnp.int32),
@@ -370,11 +342,14 @@ def adaclip(
     leaves, treedef, layout = _begin_update(
       fn, updates, state, "adaclip_max_ema", per_tensor
     )
-    dtype = _values(state.adaclip_max_ema).dtype
+    dtype = _tree.values_of(state.adaclip_max_ema).dtype
 
     # An empty tree's placeholder entry gets max 0: never an observation.
     max_abs = _statistics(leaves, math.inf, per_tensor, axis_name, dtype)
-    ema, count = _values(state.adaclip_max_ema), _values(state.adaclip_count)
+    ema, count = (
+      _tree.values_of(state.adaclip_max_ema),
+      _tree.values_of(state.adaclip_count),
+    )
     new_ema, new_count, threshold, scale = adaclip_rule(
       max_abs.reshape(ema.shape), ema, count, _complement(theta, dtype)
     )
@@ -541,7 +516,7 @@ def adagn(
   per_tensor = bool(per_tensor)
 
   def init_fn(params):
-    layout = _Layout(per_tensor, _segments(params))
+    layout = _layout(fn, params, per_tensor)
     dtype = _norms.tree_accumulation_dtype(params)
     return AdaGNState(
       adagn_count=layout.fill(0, jnp.int32),
@@ -556,15 +531,15 @@ def adagn(
     leaves, treedef, layout = _begin_update(
       fn, updates, state, "adagn_norm_mean", per_tensor
     )
-    mean = _values(state.adagn_norm_mean)
+    mean = _tree.values_of(state.adagn_norm_mean)
     dtype = mean.dtype
 
     norms = _statistics(leaves, 2, per_tensor, axis_name, dtype)
     new_mean, new_sq_mean, new_count, scale = adagn_rule(
       norms.reshape(mean.shape),
       mean,
-      _values(state.adagn_norm_sq_mean),
-      _values(state.adagn_count),
+      _tree.values_of(state.adagn_norm_sq_mean),
+      _tree.values_of(state.adagn_count),
       _complement(gamma1, dtype),
       _complement(gamma2, dtype),
       jnp.asarray(eps).astype(dtype),

@@ -1,22 +1,63 @@
-"""Tree plumbing shared by every transform: paths and leaf checks.
+"""Paths and per-leaf layouts: the one home of "which leaf, which slice".
 
-One module answers "what is this leaf called" so that every path the library
-prints in an error, passes to a user callable, or returns as a key is spelled
-the same way: ``"/"``-joined dict keys, attribute names and sequence indices
-(``"blocks/fc/kernel"``), with Flax ``Variable`` wrappers adding nothing (no
-``value`` component).
+Every transform that speaks of a tree's leaves by name, or keeps values per
+leaf (or per layer slice of a leaf) in its state, goes through this module.
+It answers four questions, each in one place:
+
+* **What is this leaf's path?** :func:`path_str`: dict keys, attribute names
+  and sequence indices joined by ``"/"`` (``"blocks/fc/kernel"``); Flax
+  ``Variable`` wrappers add nothing (no ``value`` component), so a parameter
+  has the same path through ``nnx.Optimizer`` and a direct ``tx.update``.
+  Two leaves of one tree whose paths print alike (``{"a/b": x, "a": {"b":
+  y}}``; a key may contain ``"/"``, as Haiku's ``"mlp/~/linear_0"`` does)
+  are a ``ValueError`` naming both leaves, raised wherever a result keyed by
+  path would be ambiguous: a per-path state, :func:`optaxclip.tree_norms`,
+  and a pytree of per-leaf options matched by path. Paths are not escaped,
+  so the common spelling stays readable; a tree with such a clash works
+  everywhere nothing is keyed by path (global clipping, callables, which
+  see the key path itself).
+* **Which slices of a leaf are separate tensors?** :class:`Slicing` holds a
+  transform's ``stacked=`` (leading axes that index layers) and ``axis=``
+  (the axes one norm reduces, as ``tf.clip_by_norm``), each an entry for
+  every leaf, a callable ``(path, leaf) -> entry`` or a pytree of entries.
+  It checks them once, when the transform is built (a traced value is an
+  error that says to pass ``static_args``), and resolves them against a
+  tree when ``update`` is traced.
+* **How are per-slice values laid out in the state?** :class:`Layout`: one
+  flat vector per field, leaf after leaf in ``jax.tree.leaves`` order, a
+  leaf owning one entry per slice. With paths and slice shapes it makes the
+  field a :class:`PathValues` (the paths are static pytree metadata, free
+  at run time, and what lets ``clip_stats`` key the values by path); it
+  zero-fills, wraps and splits such vectors, and checks that a state was
+  made for the tree ``update`` receives, with an error naming both layouts.
+* **How are they restored and serialised?** :class:`PathValues` is a pytree
+  node whose only child is the vector, so jit, scan, orbax, pickle and a
+  NumPy round trip see one array. It is registered for ``jax.export``
+  serialization and, as soon as flax is imported, for
+  ``flax.serialization`` (flax is not a dependency). A tree without leaves
+  has no paths to keep: its fields are the plain one-entry placeholder
+  array (orbax refuses zero-size arrays). That is also what makes
+  ``optax.tree.map_params`` work: it calls ``init`` on an empty
+  placeholder tree and matches that state's structure as a prefix of the
+  real one, which a leaf is and a node with other paths is not.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.abc
+import importlib.util
 import json
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# --------------------------------------------------------------------------
+# Paths.
 
 # Attribute names that only unwrap a container (Flax ``Variable.value``,
 # ``nnx.VariableState.value``) and never name a parameter of their own.
@@ -40,6 +81,53 @@ def path_str(key_path: Any) -> str:
   """The normalised ``"/"``-joined name of a key path (``""`` for the root)."""
   names = (_key_name(k) for k in key_path)
   return "/".join(n for n in names if n is not None)
+
+
+def normalize_key_path(key_path: Any) -> tuple[Any, ...]:
+  """A key path without the components that only unwrap a container.
+
+  ``nnx.Optimizer`` and a direct ``tx.update`` on ``nnx.state(model)`` see the
+  same parameter as ``['fc']['kernel']`` and ``['fc']['kernel'].value``; both
+  normalise to ``['fc']['kernel']``, so a callable matching on paths behaves
+  the same on both routes.
+  """
+  return tuple(
+    k
+    for k in key_path
+    if not (
+      isinstance(k, jax.tree_util.GetAttrKey) and k.name in _WRAPPER_ATTRS
+    )
+  )
+
+
+def _check_distinct(
+  fn: str, named: list[tuple[str, Any]], what: str = "leaves", why: str = ""
+) -> None:
+  """A ``ValueError`` naming two entries whose paths print alike."""
+  first: dict[str, Any] = {}
+  for name, key_path in named:
+    if name in first:
+      raise ValueError(
+        f"{fn}: the {what} at {jax.tree_util.keystr(first[name])} and"
+        f" {jax.tree_util.keystr(key_path)} both have the path {name!r}"
+        " (a key containing '/' prints like a nested key), so values keyed"
+        f" by path{why} could not tell them apart. Rename one of the keys."
+      )
+    first[name] = key_path
+
+
+def leaf_paths(fn: str, tree: Any, why: str = "") -> list[str]:
+  """Every leaf's normalised path, in ``jax.tree.leaves`` order.
+
+  Raises:
+    ValueError: two leaves whose paths print alike, naming both.
+  """
+  named = [
+    (path_str(key_path), key_path)
+    for key_path, _ in jax.tree_util.tree_leaves_with_path(tree)
+  ]
+  _check_distinct(fn, named, why=why)
+  return [name for name, _ in named]
 
 
 def check_float_leaves(fn: str, tree: Any, arg: str = "updates") -> None:
@@ -91,21 +179,8 @@ def require_state(fn: str, state: Any) -> None:
     )
 
 
-def normalize_key_path(key_path: Any) -> tuple[Any, ...]:
-  """A key path without the components that only unwrap a container.
-
-  ``nnx.Optimizer`` and a direct ``tx.update`` on ``nnx.state(model)`` see the
-  same parameter as ``['fc']['kernel']`` and ``['fc']['kernel'].value``; both
-  normalise to ``['fc']['kernel']``, so a callable matching on paths behaves
-  the same on both routes.
-  """
-  return tuple(
-    k
-    for k in key_path
-    if not (
-      isinstance(k, jax.tree_util.GetAttrKey) and k.name in _WRAPPER_ATTRS
-    )
-  )
+# --------------------------------------------------------------------------
+# Per-leaf options: one entry, a callable, or a pytree matched by path.
 
 
 def is_wrapped_leaf(x: Any) -> bool:
@@ -141,6 +216,21 @@ def is_pytree_spec(spec: Any) -> bool:
   return not jax.tree_util.treedef_is_leaf(jax.tree.structure(spec))
 
 
+def check_static(fn: str, arg: str, value: Any) -> None:
+  """A traced or array value where a static option is needed: a TypeError.
+
+  ``optax.inject_hyperparams`` turns every numeric argument into an array,
+  ``stacked=1`` included; shapes and reduced axes cannot depend on it.
+  """
+  if isinstance(value, (jax.Array, np.ndarray)):
+    raise TypeError(
+      f"{fn}: {arg} decides array shapes and which axes are reduced, so it"
+      f" must be static (a Python int, a callable or a pytree of those),"
+      f" got the array {value!r}. Under optax.inject_hyperparams, pass"
+      f" static_args=('{arg}',)."
+    )
+
+
 def per_leaf_entries(
   fn: str,
   arg: str,
@@ -173,9 +263,12 @@ def per_leaf_entries(
     A list of entries in ``jax.tree.leaves(tree)`` order.
 
   Raises:
-    TypeError: an entry of the wrong kind, naming the leaf's path.
-    ValueError: a pytree spec without an entry for one of the leaves.
+    TypeError: an entry of the wrong kind, naming the leaf's path; a traced
+      spec (see :func:`check_static`).
+    ValueError: a pytree spec without an entry for one of the leaves, or
+      (for a pytree spec) two leaves or entries whose paths print alike.
   """
+  check_static(fn, arg, spec)
   with_path = jax.tree_util.tree_leaves_with_path(tree)
   if is_entry(spec):
     return [spec] * len(with_path)
@@ -190,14 +283,20 @@ def per_leaf_entries(
         )
       entries.append(entry)
     return entries
-  by_path = {}
-  for key_path, entry in jax.tree_util.tree_leaves_with_path(
+  names = leaf_paths(fn, tree, f" (as entries of the {arg} pytree)")
+  spec_leaves = jax.tree_util.tree_leaves_with_path(
     spec, is_leaf=lambda x: is_entry(x) or is_wrapped_leaf(x)
-  ):
-    by_path[path_str(key_path)] = unwrap(entry)
+  )
+  named = [(path_str(key_path), key_path) for key_path, _ in spec_leaves]
+  _check_distinct(
+    fn, named, f"{arg} entries", f" (as entries of the {arg} pytree)"
+  )
+  by_path = {
+    name: unwrap(entry)
+    for (name, _), (_, entry) in zip(named, spec_leaves, strict=True)
+  }
   entries = []
-  for key_path, _ in with_path:
-    name = path_str(key_path)
+  for name in names:
     if name not in by_path:
       known = ", ".join(repr(k) for k in sorted(by_path)[:8])
       raise ValueError(
@@ -240,6 +339,7 @@ def _is_stack_count(x: Any) -> bool:
 
 def check_stacked(fn: str, stacked: Any) -> None:
   """Construction-time check of a ``stacked=`` option (int, callable, pytree)."""
+  check_static(fn, "stacked", stacked)
   if isinstance(stacked, (bool, np.bool_)):
     raise TypeError(
       f"{fn}: stacked must be an int >= 0 (leading axes that index layers), a"
@@ -255,6 +355,33 @@ def check_stacked(fn: str, stacked: Any) -> None:
       f"{fn}: stacked must be an int >= 0, a callable (path, leaf) -> int,"
       f" or a pytree of ints; got {stacked!r} of type {type(stacked).__name__}."
     )
+
+
+def check_axis(fn: str, axis: Any, *, per: str = "leaf") -> None:
+  """Construction-time check of an ``axis=`` option.
+
+  An int, a tuple of ints, None or a callable pass; a pytree of entries has
+  every entry checked (an ``nnx.State`` with ``Variable`` wrappers
+  included). Lists are containers in a pytree, never entries.
+  """
+  check_static(fn, "axis", axis)
+  if is_axes_entry(axis) or not is_pytree_spec(axis):
+    return
+  bad: Any
+  if isinstance(axis, (bool, np.bool_, float, complex, str)):
+    bad = axis
+  else:
+    entries = jax.tree.leaves(
+      axis, is_leaf=lambda x: is_axes_entry(x) or is_wrapped_leaf(x)
+    )
+    bad = next((e for e in map(unwrap, entries) if not is_axes_entry(e)), None)
+    if bad is None:
+      return
+  raise TypeError(
+    f"{fn}: axis must be None, an int, a tuple of ints, a callable"
+    f" (path, leaf) -> axes, or a pytree of those per {per}; got {bad!r}"
+    f"{'' if bad is axis else f' in {axis!r}'}."
+  )
 
 
 def stack_counts(fn: str, stacked: Any, tree: Any) -> list[int]:
@@ -365,20 +492,44 @@ def stacked_by_path(
   return rule
 
 
+# --------------------------------------------------------------------------
+# The per-path state type.
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class PathValues:
-  """Per-leaf diagnostics as one flat vector that knows its leaves' paths.
+  """Per-leaf values in an optimizer state, one flat vector keyed by path.
 
-  States keep per-tensor statistics (``clip_by_norm``'s ``leaf_norms``) as
-  one array, so a 2000-leaf tree costs one state leaf, not 2000. The paths
-  and per-leaf layer shapes are static pytree metadata: they cost nothing at
-  run time, survive ``jit``, and let :func:`clip_stats` return the values by
-  path. A stacked leaf with ``L`` layers owns ``L`` consecutive entries.
+  Transforms that keep a value per tensor (``clip_by_norm``'s
+  ``leaf_norms``, ``adagc``'s thresholds, ``record_norms``) or per group
+  (``clip_by_global_norm(groups=...)``) store it as one flat array, so a
+  2000-leaf tree costs one state leaf, not 2000. The paths and per-leaf
+  shapes are static pytree metadata: free at run time, kept through
+  ``jit``, ``lax.scan``, orbax, pickle, ``flax.serialization`` and
+  ``jax.export``, and what lets :func:`optaxclip.clip_stats` key the values
+  by path. A stacked leaf (``stacked=``) with ``L`` layers owns ``L``
+  consecutive entries; its value is a per-layer array.
 
-  Attributes:
-    values: the flat vector (one entry per unstacked leaf, ``prod(layer
-      shape)`` entries per stacked leaf), in ``jax.tree.leaves`` order.
-    segments: static ``(path, layer_shape)`` per leaf.
+  A state for a tree without leaves holds the plain placeholder array
+  ``[0]`` instead (there are no paths to key).
+
+  Args:
+    values: the flat vector, leaf after leaf in ``jax.tree.leaves`` order.
+    segments: ``(path, shape)`` per leaf (or group): the static layout.
+
+  Returns:
+    A pytree node with the one child ``values``; ``items()`` gives
+    ``(path, value)`` pairs, and the array attributes (``shape``,
+    ``dtype``, ``np.asarray``, indexing) are those of ``values``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optaxclip as oc
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.ones((2, 2))}
+    >>> _, state = oc.clip_by_norm(1.0).update(grads, None)
+    >>> isinstance(state.leaf_norms, oc.PathValues)
+    True
+    >>> {path: float(v) for path, v in state.leaf_norms.items()}
+    {'a': 5.0, 'b': 2.0}
   """
 
   def __init__(self, values: Any, segments: tuple[tuple[str, tuple], ...]):
@@ -398,10 +549,10 @@ class PathValues:
   def items(self) -> list[tuple[str, Any]]:
     """``(path, value)`` pairs: a scalar per leaf, or per-layer values."""
     out, start = [], 0
-    for path, layer_shape in self.segments:
-      size = int(np.prod(layer_shape, dtype=np.int64))
+    for path, shape in self.segments:
+      size = int(np.prod(shape, dtype=np.int64))
       chunk = self.values[start : start + size]
-      out.append((path, chunk.reshape(layer_shape)))
+      out.append((path, chunk.reshape(shape)))
       start += size
     return out
 
@@ -436,6 +587,11 @@ class PathValues:
     return f"PathValues({self.values!r}, paths={[p for p, _ in self.segments]})"
 
 
+def values_of(field: Any) -> Any:
+  """The flat vector of a per-path field (a PathValues or a plain array)."""
+  return field.values if isinstance(field, PathValues) else field
+
+
 def _serialize_segments(segments: tuple) -> bytes:
   return json.dumps([[path, list(shape)] for path, shape in segments]).encode()
 
@@ -462,4 +618,265 @@ def _register_export_serialization() -> None:
   )
 
 
+def _register_flax_serialization(serialization: Any) -> None:
+  """``flax.serialization`` support: the state dict is ``{"values": ...}``.
+
+  Restoring takes the paths from the target (``from_bytes(tx.init(params),
+  data)``), as flax does for every container's structure.
+  """
+  if serialization.is_serializable(PathValues):
+    return
+
+  def to_state_dict(pv: PathValues) -> dict[str, Any]:
+    return {"values": serialization.to_state_dict(pv.values)}
+
+  def from_state_dict(target: PathValues, state: dict[str, Any]) -> Any:
+    values = serialization.from_state_dict(
+      target.values, state["values"], name="values"
+    )
+    return PathValues(values, target.segments)
+
+  serialization.register_serialization_state(
+    PathValues, to_state_dict, from_state_dict
+  )
+
+
+class _FlaxImportHook(importlib.abc.MetaPathFinder):
+  """Registers PathValues with ``flax.serialization`` when flax loads it.
+
+  flax is not a dependency, and importing it costs about 0.3 s, so the
+  registration waits for the user's own import. The hook removes itself
+  once it has fired.
+  """
+
+  def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+    del path, target
+    if fullname != "flax.serialization":
+      return None
+    if self in sys.meta_path:
+      sys.meta_path.remove(self)
+    spec = importlib.util.find_spec(fullname)
+    if spec is None or spec.loader is None:  # pragma: no cover
+      return spec
+    loader = spec.loader
+    exec_module = loader.exec_module
+
+    def exec_and_register(module: Any) -> None:
+      exec_module(module)
+      _register_flax_serialization(module)
+
+    loader.exec_module = exec_and_register  # type: ignore[method-assign]
+    return spec
+
+
+def _register_flax_when_imported() -> None:
+  module = sys.modules.get("flax.serialization")
+  if module is not None:
+    _register_flax_serialization(module)
+  elif importlib.util.find_spec("flax") is not None:
+    sys.meta_path.insert(0, _FlaxImportHook())
+
+
 _register_export_serialization()
+_register_flax_when_imported()
+
+
+# --------------------------------------------------------------------------
+# Layouts: which slices of which leaves own which entries of a state vector.
+
+
+def _entries(shape: tuple[int, ...]) -> int:
+  return int(np.prod(shape, dtype=np.int64))
+
+
+class Layout:
+  """How one tree's per-slice values sit in a state vector.
+
+  Attributes:
+    segments: static ``(path, shape)`` per leaf (or group): the shape of
+      the leaf's values, e.g. ``()`` for one value per leaf, ``(L,)`` for a
+      leaf of ``L`` stacked layers.
+    counts: per leaf, its leading stacked axes (empty for groups).
+    reduced: per leaf, the axes one value reduces (empty for groups).
+  """
+
+  def __init__(
+    self,
+    segments: tuple[tuple[str, tuple[int, ...]], ...],
+    counts: tuple[int, ...] = (),
+    reduced: tuple[tuple[int, ...], ...] = (),
+  ):
+    self.segments = tuple(segments)
+    self.counts = tuple(counts)
+    self.reduced = tuple(reduced)
+
+  @property
+  def size(self) -> int:
+    """Entries of the vector: one per slice (0 for a tree without leaves)."""
+    return sum(_entries(shape) for _, shape in self.segments)
+
+  @property
+  def paths(self) -> list[str]:
+    return [path for path, _ in self.segments]
+
+  def wrap(self, flat: Any) -> Any:
+    """The state field for a flat vector: a PathValues, or for a layout
+    without entries the vector itself (the placeholder)."""
+    if not self.segments:
+      return flat
+    return PathValues(flat, self.segments)
+
+  def full(self, fill: Any, dtype: Any) -> Any:
+    """A field holding ``fill`` everywhere (``init``); one placeholder
+    entry for a layout without entries, since orbax refuses size 0."""
+    return self.wrap(jnp.full((max(self.size, 1),), fill, dtype))
+
+  def gather(self, values: list[Any], dtype: Any) -> Any:
+    """The field for per-leaf values (each of its segment's shape, or
+    anything with that many entries), concatenated in leaf order."""
+    if not values:
+      return self.full(0, dtype)
+    return self.wrap(
+      jnp.concatenate([jnp.ravel(v).astype(dtype) for v in values])
+    )
+
+  def flat(self, flat: Any, dtype: Any) -> Any:
+    """The field for a vector already flattened in leaf order (``None``
+    for a tree without leaves)."""
+    if flat is None or not self.size:
+      return self.full(0, dtype)
+    return self.wrap(flat.astype(dtype))
+
+  def broadcast(self, flat: Any, leaves: list[Any]) -> list[Any]:
+    """Each leaf's entries of ``flat``, shaped to broadcast against it: the
+    reduced axes kept as size 1 (a scalar for one value per leaf)."""
+    out, start = [], 0
+    for (_, shape), axes, x in zip(
+      self.segments, self.reduced, leaves, strict=True
+    ):
+      size = _entries(shape)
+      chunk = flat[start : start + size]
+      start += size
+      if not shape:
+        out.append(chunk.reshape(()))
+      else:
+        keep = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+        out.append(chunk.reshape(keep))
+    return out
+
+  def check(self, fn: str, field: Any, *, groups: bool = False) -> None:
+    """A clear error for a state ``init`` made for a different tree.
+
+    A plain array (a placeholder, or a vector restored without its paths)
+    passes when its size fits. Without the check the per-slice state would
+    silently change shape from step to step, which breaks ``lax.cond`` and
+    ``lax.scan`` carries and checkpoints.
+    """
+    known = getattr(field, "segments", None)
+    if known is None:
+      shape = tuple(np.shape(field))
+      if shape == (max(self.size, 1),):
+        return
+      have = f"{shape[0] if len(shape) == 1 else shape} tensors"
+      where = ""
+    else:
+      if tuple(known) == self.segments:
+        return
+      have = f"{sum(_entries(s) for _, s in known)} tensors"
+      where = _describe(known)
+    if groups:
+      raise ValueError(
+        f"{fn}: the state was initialised with the groups"
+        f" {[key for key, _ in known or ()]}, but the updates fall into the"
+        f" groups {self.paths}. Call init on a tree with the structure of"
+        " the updates (init(params) with params shaped like the updates)."
+      )
+    raise ValueError(
+      f"{fn}: the state was created by init on a different tree: it holds"
+      f" statistics for {have}{where}, but the updates have"
+      f" {len(self.segments)} leaves ({self.size} tensors"
+      f"{_describe(self.segments)}). Call init on a tree with the structure"
+      " of the updates (e.g. the params the updates are gradients of)."
+    )
+
+
+def _describe(segments: Any) -> str:
+  items = [
+    f"{path or '<root>'}{list(shape) if shape else ''}"
+    for path, shape in list(segments)[:4]
+  ]
+  more = ", ..." if len(segments) > 4 else ""
+  return f" at {', '.join(items)}{more}" if items else ""
+
+
+class Slicing:
+  """A transform's ``stacked=`` and ``axis=`` options.
+
+  Built once in the factory, which checks both (``check_stacked``,
+  ``check_axis``); :meth:`layout` resolves them against the tree ``update``
+  receives. ``axis`` counts within one layer's slice, as
+  ``tf.clip_by_norm(t, c, axes)`` does within a tensor; by default a value
+  reduces all of a slice's axes.
+
+  Args:
+    fn: the public function name, for messages.
+    stacked: leading axes that index layers: None/0, an int, a callable
+      ``(path, leaf) -> int`` or a pytree of ints.
+    axis: None, an int or tuple of ints, a callable or a pytree of those.
+  """
+
+  def __init__(self, fn: str, stacked: Any = None, axis: Any = None):
+    check_stacked(fn, stacked)
+    check_axis(fn, axis)
+    self.fn = fn
+    self.stacked = stacked
+    self.axis = axis
+
+  def counts(self, tree: Any) -> list[int]:
+    return stack_counts(self.fn, self.stacked, tree)
+
+  def axis_entries(self, tree: Any, allowed: str) -> list[Any]:
+    """The raw ``axis`` entry of every leaf (None where none was given)."""
+    if self.axis is None:
+      return [None] * len(jax.tree.leaves(tree))
+    return per_leaf_entries(
+      self.fn, "axis", self.axis, tree, is_axes_entry, allowed
+    )
+
+  def layout(self, tree: Any) -> Layout:
+    """Per leaf: its path, stacked axes, reduced axes and value shape."""
+    fn = self.fn
+    paths = leaf_paths(fn, tree)
+    leaves = jax.tree.leaves(tree)
+    counts = self.counts(tree)
+    specs = self.axis_entries(
+      tree, "an int, a tuple of ints, or None (every axis of the slice)"
+    )
+    segments, reduced = [], []
+    for path, leaf, count, spec in zip(
+      paths, leaves, counts, specs, strict=True
+    ):
+      shape = tuple(np.shape(leaf))
+      ndim = len(shape)
+      slice_ndim = ndim - count
+      if spec is None:
+        axes = tuple(range(count, ndim))
+      else:
+        spec = (spec,) if isinstance(spec, (int, np.integer)) else tuple(spec)
+        for a in spec:
+          if not -slice_ndim <= a < slice_ndim:
+            raise ValueError(
+              f"{fn}: axis {a} is out of range for the leaf at {path!r} of"
+              f" shape {shape} (stacked leading axes: {count}); allowed axes"
+              f" of one slice are {-slice_ndim}..{slice_ndim - 1}."
+            )
+        axes = tuple(sorted({count + int(a) % slice_ndim for a in spec}))
+      reduced.append(axes)
+      kept = tuple(d for a, d in enumerate(shape) if a not in axes)
+      segments.append((path, kept))
+    return Layout(tuple(segments), tuple(counts), tuple(reduced))
+
+
+def keyed_layout(keys: list[str]) -> Layout:
+  """A layout of one value per key (``groups=`` labels), in the given order."""
+  return Layout(tuple((key, ()) for key in keys))

@@ -52,6 +52,7 @@ import optaxclip as oc
 # state classes. test_policy checks that everything else in __all__ has a row.
 NOT_TRANSFORMS = frozenset(
   {
+    "PathValues",
     "clip_stats",
     "default_unit_axes",
     "global_norm",

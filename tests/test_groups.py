@@ -159,8 +159,10 @@ def test_every_leaf_excluded_or_empty_tree(use_jit):
   tx = oc.clip_by_global_norm(0.1, groups=lambda path, leaf: None)
   out, state = maybe_jit(tx.update, use_jit)(grads, tx.init(grads))
   chex.assert_trees_all_equal(out, grads)
-  assert state.group_norms.shape == (1,) and len(state.group_norms) == 0
-  assert oc.clip_stats(state) == {}
+  # No group, no paths: each field is the plain placeholder array [0].
+  assert state.group_norms.shape == (1,)
+  assert not isinstance(state.group_norms, oc.PathValues)
+  assert not any(np.any(v) for v in oc.clip_stats(state).values())
   out, state = maybe_jit(tx.update, use_jit)({}, tx.init({}))
   assert out == {} and state.group_clipped.shape == (1,)
 
@@ -490,3 +492,23 @@ def test_update_time_errors():
   with pytest.raises(ValueError, match=r"global_norm= extra argument .*"
                      r"cannot be used with groups="):
     tx.update(grads, None, global_norm=jnp.asarray(1.0))
+
+
+def test_labels_for_paths_that_print_alike_are_an_error():
+  """A labels pytree keyed ``"a/b"`` twice cannot say which leaf is which."""
+  grads = {"a/b": jnp.ones(2), "a": {"b": jnp.ones(3)}}
+  labels = {"a/b": "x", "a": {"b": "y"}}
+  with pytest.raises(ValueError, match=r"clip_by_global_norm: the leaves at "
+                     r"\['a'\]\['b'\] and \['a/b'\] both have the path 'a/b'"):
+    oc.clip_by_global_norm(1.0, groups=labels).update(grads, None)
+  # A callable sees key paths: one group per top-level key works.
+  tx = oc.clip_by_global_norm(1.0, groups=lambda path, leaf: len(path))
+  out, state = tx.update(grads, None)
+  np.testing.assert_allclose(np.asarray(out["a/b"]), [0.5 ** 0.5] * 2,
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out["a"]["b"]), [3 ** -0.5] * 3,
+                             rtol=1e-6)
+  assert set(oc.clip_stats(state)) == {
+      "clip_by_global_norm/group_norms/1", "clip_by_global_norm/group_norms/2",
+      "clip_by_global_norm/group_clipped/1",
+      "clip_by_global_norm/group_clipped/2"}

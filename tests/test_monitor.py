@@ -240,3 +240,17 @@ def test_clip_stats_shows_injected_hyperparameters_under_the_clipper():
   np.testing.assert_allclose(float(stats["clip_by_global_norm_1/global_norm"]),
                              0.25, rtol=1e-6)
   assert "clip_by_global_norm_1/max_norm" not in stats
+
+
+def test_paths_that_print_alike_are_an_error_not_a_dropped_key():
+  """``{"a/b": x, "a": {"b": y}}`` has two leaves printed ``"a/b"``: a dict
+  keyed by path would silently keep one of them."""
+  tree = {"a/b": jnp.ones(2), "a": {"b": jnp.ones(3)}}
+  with pytest.raises(ValueError, match=r"tree_norms: the leaves at "
+                     r"\['a'\]\['b'\] and \['a/b'\] both have the path 'a/b'"):
+    oc.tree_norms(tree)
+  with pytest.raises(ValueError, match=r"record_norms: .*path 'a/b'"):
+    oc.record_norms().update(tree, None)
+  # Distinct paths with "/" inside keys are fine and keep their spelling.
+  norms = oc.tree_norms({"mlp/~/linear_0": {"w": jnp.ones(4)}})
+  assert list(norms) == ["mlp/~/linear_0/w"]

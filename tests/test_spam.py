@@ -785,3 +785,44 @@ def test_valid_edge_arguments():
     state = state._replace(spam_clip_v={"g": jnp.ones(2)})
     out, _ = tx.update({"g": jnp.array([3.0, 1.0])}, state)
     np.testing.assert_array_equal(out["g"], want)
+
+
+# Transforms whose state keeps per-path values (PathValues), each of which
+# must survive momentum_reset's optax.tree.map_params over the inner state.
+_PER_PATH = {
+  "stable_spam": lambda: optax.chain(oc.adaclip(), oc.adagn()),
+  "clip_by_norm": lambda: oc.clip_by_norm(1.0),
+  "clip_by_block_rms": lambda: oc.clip_by_block_rms(0.5),
+  "record_norms": oc.record_norms,
+  "groups": lambda: oc.clip_by_global_norm(1.0, groups=lambda p, x: "all"),
+  "adagc": lambda: oc.adagc(warmup_steps=1),
+  "adagc_stacked": lambda: oc.adagc(warmup_steps=1, stacked=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PER_PATH))
+@pytest.mark.usefixtures("standard_promotion")  # optax.adam's counters
+def test_momentum_reset_around_per_path_states(name, use_jit):
+  """The reset zeroes Adam's moments and leaves the per-path values alone:
+  the same as zeroing them by hand between two steps of the bare chain."""
+  inner = optax.chain(_PER_PATH[name](), optax.adam(0.1))
+  tx = oc.momentum_reset(inner, interval=2, warmup_steps=0)
+  params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  grads = [{"w": jnp.full((2, 3), 2.0), "b": jnp.arange(3.0)},
+           {"w": jnp.full((2, 3), -1.0), "b": jnp.ones(3)}]
+  update = maybe_jit(tx.update, use_jit)
+  state = tx.init(params)
+  for g in grads:
+    out, state = update(g, state, params)
+  assert int(state.momentum_reset_num_resets) == 1
+
+  by_hand = inner.init(params)
+  _, by_hand = inner.update(grads[0], by_hand, params)
+  adam = by_hand[1][0]
+  by_hand = (by_hand[0], (adam._replace(
+    mu=jax.tree.map(jnp.zeros_like, adam.mu),
+    nu=jax.tree.map(jnp.zeros_like, adam.nu)),) + by_hand[1][1:])
+  want, by_hand = inner.update(grads[1], by_hand, params)
+  chex.assert_trees_all_close(out, want, rtol=1e-6)
+  chex.assert_trees_all_close(state.momentum_reset_inner_state, by_hand,
+                              rtol=1e-6)

@@ -366,3 +366,72 @@ def test_adagc_stacked_equals_the_per_slice_loop(use_jit):
     np.asarray(got["blocks/fc/kernel"]),
     [np.asarray(plain[f"blocks/{i}/fc/kernel"]) for i in range(LAYERS)],
     rtol=2e-6)
+
+
+# --- paths that print alike, traced stacked= --------------------------------
+
+# Two leaves whose "/"-joined paths are both "a/b": a key with a "/" in it
+# prints like a nested key (Haiku names modules "mlp/~/linear_0").
+_ALIKE = {"a/b": jnp.ones((2, 3)), "a": {"b": 2.0 * jnp.ones((2, 3))}}
+_BOTH = r".*\['a/b'\].*\['a'\]\['b'\]|.*\['a'\]\['b'\].*\['a/b'\]"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: oc.clip_by_norm(1.0),
+    lambda: oc.clip_by_norm(1.0, stacked=1),
+    lambda: oc.clip_by_block_rms(1.0),
+    lambda: oc.adagc(),
+    lambda: oc.adaclip(),
+    lambda: oc.adagn(),
+    oc.record_norms,
+], ids=["clip_by_norm", "stacked", "block_rms", "adagc", "adaclip", "adagn",
+        "record_norms"])
+def test_per_path_state_of_paths_that_print_alike_is_an_error(make):
+  """A state keyed by path could not tell the two leaves apart."""
+  with pytest.raises(ValueError, match=r"path 'a/b'" + _BOTH):
+    make().init(_ALIKE)
+
+
+@pytest.mark.parametrize("spec", [
+    {"a/b": 1, "a": {"b": 0}},  # a pytree spec: which 'a/b' gets which?
+    lambda path, leaf: 1,
+], ids=["pytree", "callable"])
+def test_stacked_spec_for_paths_that_print_alike(spec):
+  if callable(spec):
+    # A callable sees the key path, not the string: no ambiguity, and a
+    # transform without per-path state is fine.
+    out, _ = optax.adaptive_grad_clip(1.0).update(_ALIKE, None, _ALIKE)
+    mine, _ = oc.adaptive_grad_clip(1.0, stacked=spec).update(
+        _ALIKE, None, _ALIKE)
+    chex.assert_trees_all_close(mine, out)
+    return
+  with pytest.raises(ValueError, match=r"adaptive_grad_clip: the leaves at "
+                     r"\['a'\]\['b'\] and \['a/b'\] both have the path "
+                     r"'a/b'.*stacked pytree"):
+    oc.adaptive_grad_clip(1.0, stacked=spec).update(_ALIKE, None, _ALIKE)
+
+
+def test_traced_stacked_says_to_pass_static_args():
+  """inject_hyperparams turns stacked=1 into an array: the error says how to
+  keep it static, and with static_args it works."""
+  grads = {"blocks": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+  tx = optax.inject_hyperparams(oc.clip_by_norm)(max_norm=1.0, stacked=1)
+  with pytest.raises(TypeError, match=r"clip_by_norm: stacked .*static_args="
+                     r"\('stacked',\)"):
+    tx.init(grads)
+  tx = optax.inject_hyperparams(oc.clip_by_norm, static_args=("stacked",))(
+      max_norm=1.0, stacked=1)
+  out, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  np.testing.assert_allclose(np.asarray(out["blocks"]),
+                             [[0.6, 0.8], [0.3, 0.4]], rtol=1e-6)
+  for make in (oc.clip_by_block_rms, oc.adagc, oc.tree_norms):
+    with pytest.raises(TypeError, match=r"stacked .*static_args"):
+      if make is oc.tree_norms:
+        make(grads, stacked=jnp.asarray(1))
+      elif make is oc.adagc:
+        make(stacked=jnp.asarray(1))
+      else:
+        make(1.0, stacked=jnp.asarray(1))
+  with pytest.raises(TypeError, match=r"clip_by_norm: axis .*static_args="
+                     r"\('axis',\)"):
+    oc.clip_by_norm(1.0, axis=jnp.asarray(0))
