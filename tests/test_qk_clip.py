@@ -636,3 +636,47 @@ def test_linen_multi_head_dot_product_attention():
     np.minimum(s, TAU), max_logits(optax.apply_updates(params, out)),
     rtol=1e-5,
   )
+
+
+@pytest.mark.usefixtures("standard_promotion")  # optax.adamw
+@pytest.mark.skipif(helpers.flax_version() < (0, 12), reason="nnx.capture")
+def test_negative_maxima_at_a_large_learning_rate_stay_finite():
+  """AdamW at lr 0.3 drives heads of the example's char LM to all-negative
+  logits within three steps; the bare rule sqrt(min(1, tau / S)) turns them
+  into NaN weights there, this transform leaves them alone."""
+  import importlib.util
+  import pathlib
+
+  from flax import nnx
+
+  path = pathlib.Path(__file__).resolve().parent.parent / "examples"
+  spec = importlib.util.spec_from_file_location(
+    "optaxclip_example_qk_clip_nnx_lr", path / "qk_clip_nnx.py"
+  )
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  model = example.CharLM(len(set(example.TEXT)), rngs=nnx.Rngs(0))
+  tx = optax.chain(optax.adamw(0.3), oc.qk_clip(100.0, query="wq", key="wk"))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, tokens, targets):
+    def loss_fn(model):
+      logits, maxima = nnx.capture(model, nnx.Intermediate)(tokens)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+      return loss.mean(), maxima
+
+    (loss, maxima), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, max_logits=maxima)
+    return loss, maxima
+
+  batches = example._batches(0, batch=16, length=32)
+  smallest, losses = np.inf, []
+  for _ in range(5):
+    loss, maxima = step(model, optimizer, *next(batches))
+    losses.append(float(loss))
+    smallest = min(smallest, min(float(jnp.min(m)) for m in jax.tree.leaves(maxima)))
+  assert smallest < 0  # the case the bare rule turns into NaN
+  assert np.isfinite(losses).all()
+  params = nnx.state(model, nnx.Param)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
