@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _norms, _scale, _stats, _tree, _validate
 
 _FN = "adagc"
 
@@ -199,7 +199,7 @@ def adagc(
     in_warmup = state.adagc_count < num_warmup
 
     # Warmup: one global scale for every tensor; gamma is a running minimum.
-    global_scale, global_clipped = _norms.clip_scale(global_norm, lambda_abs_)
+    global_scale, global_clipped = _scale.clip_scale(global_norm, lambda_abs_)
     warm_clipped_norms = global_scale * norms
     warm_gamma = jnp.minimum(gamma, warm_clipped_norms)
 
@@ -212,7 +212,7 @@ def adagc(
       inf,
       lambda_rel_ * jnp.maximum(finite_gamma, eps_),
     )
-    leaf_scales, leaf_clipped = _norms.clip_scale(norms, rel_thresholds)
+    leaf_scales, leaf_clipped = _scale.clip_scale(norms, rel_thresholds)
     rel_clipped_norms = leaf_scales * norms
     ema_gamma = jnp.where(
       unobserved,
@@ -234,7 +234,7 @@ def adagc(
     clipped = jnp.where(in_warmup, global_clipped, leaf_clipped)
 
     new_leaves = [
-      _norms.scale_leaf(x, scale)
+      _scale.scale_leaf(x, scale)
       for x, scale in zip(leaves, layout.broadcast(scales, leaves), strict=True)
     ]
     return jax.tree.unflatten(treedef, new_leaves), AdaGCState(

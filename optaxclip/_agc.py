@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _grouping, _norms, _scale, _stats, _tree, _validate
 
 _FN = "adaptive_grad_clip"
 
@@ -292,12 +292,12 @@ def adaptive_grad_clip(
       limit = jnp.asarray(clipping).astype(grad_norm.dtype) * jnp.maximum(
         param_norm, jnp.asarray(eps).astype(grad_norm.dtype)
       )
-      scale = _norms.clip_scale(grad_norm, limit)[0]
+      scale = _scale.clip_scale(grad_norm, limit)[0]
       # Each leaf counts its own clipped units (a per-leaf scalar, so a
       # sharded leaf communicates one number, never its unit norms); the
       # counts of a stack of small leaves come out as one vector.
       clipped = jnp.sum(jnp.logical_not(grad_norm <= limit), dtype=jnp.int32)
-      return _norms.scale_leaf(g, scale), clipped
+      return _scale.scale_leaf(g, scale), clipped
 
     def clip_one(key, g, p):
       axes = key[3]
@@ -321,7 +321,7 @@ def adaptive_grad_clip(
     # Per leaf, with small leaves of one shape stacked and vmapped.
     grads = [jnp.asarray(g) for g in grads]
     param_leaves = [jnp.asarray(p) for p in param_leaves]
-    results, (counts,) = _norms.map_leaves(
+    results, (counts,) = _grouping.map_leaves(
       clip_one,
       [grads, param_leaves],
       [

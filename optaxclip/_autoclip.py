@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _norms, _scale, _stats, _tree, _validate
 
 _FN = "autoclip"
 DEFAULT_HISTORY_SIZE = 1000
@@ -41,7 +41,7 @@ class AutoClipState(NamedTuple):
   autoclip_clipped: jax.Array
 
 
-def history_percentile(
+def _history_percentile(
   history: jax.Array, num_valid: jax.Array, percentile: Any
 ) -> jax.Array:
   """``np.percentile(history[:num_valid], percentile)`` (linear), traceable.
@@ -183,11 +183,11 @@ def autoclip(
       optax.safe_int32_increment(state.autoclip_count),
       state.autoclip_count,
     )
-    threshold = history_percentile(
+    threshold = _history_percentile(
       history, jnp.minimum(count, size), percentile
     )
-    scale, clipped = _norms.clip_scale(norm, threshold)
-    updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
+    scale, clipped = _scale.clip_scale(norm, threshold)
+    updates = jax.tree.map(lambda u: _scale.scale_leaf(u, scale), updates)
     return updates, AutoClipState(
       autoclip_history=history,
       autoclip_count=count,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _norms, _scale, _stats, _tree, _validate
 
 _FN = "clip_norm_growth"
 
@@ -56,7 +56,7 @@ def _check_gamma(gamma: Any) -> None:
     )
 
 
-def norm_growth_rule(
+def _norm_growth_rule(
   prev_norm: jax.Array, norm: jax.Array, gamma: Any
 ) -> tuple[jax.Array, jax.Array]:
   """One step of the limiter on norms: the limit, and the next reference.
@@ -160,11 +160,11 @@ def clip_norm_growth(
     _tree.check_float_leaves(_FN, updates)
     dtype = state.norm_growth_prev_norm.dtype
     norm = _norms.global_norm_from(updates, norm_ord, axis_name).astype(dtype)
-    limit, prev_norm = norm_growth_rule(
+    limit, prev_norm = _norm_growth_rule(
       state.norm_growth_prev_norm, jax.lax.stop_gradient(norm), gamma
     )
-    scale, clipped = _norms.clip_scale(norm, jax.lax.stop_gradient(limit))
-    updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
+    scale, clipped = _scale.clip_scale(norm, jax.lax.stop_gradient(limit))
+    updates = jax.tree.map(lambda u: _scale.scale_leaf(u, scale), updates)
     return updates, ClipNormGrowthState(
       norm_growth_prev_norm=prev_norm,
       norm_growth_norm=jax.lax.stop_gradient(norm),

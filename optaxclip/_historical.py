@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _norms, _scale, _stats, _tree, _validate
 
 _FN = "clip_by_historical_norm"
 DEFAULT_WINDOW = 128
@@ -178,8 +178,8 @@ def clip_by_historical_norm(
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(buffer.dtype)
     observed = jax.lax.stop_gradient(norm)
     threshold = historical_threshold(buffer, count, sigmas)
-    scale, clipped = _norms.clip_scale(norm, threshold)
-    updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
+    scale, clipped = _scale.clip_scale(norm, threshold)
+    updates = jax.tree.map(lambda u: _scale.scale_leaf(u, scale), updates)
     # Record the unclipped norm, as Levanter does; a non-finite one would
     # make every later mean NaN (never clip again), so it is left out.
     finite = jnp.isfinite(observed)

@@ -92,7 +92,7 @@ def _flat_norms(
   Returns ``(layout, flat, dtypes)``: the tree's layout, the vector in the
   widest accumulation dtype (``None`` for a tree without leaves), and each
   leaf's own accumulation dtype. Small leaves of one shape are reduced as
-  one vmapped stack (:func:`_norms.map_leaves`) and never sliced back out,
+  one vmapped stack (:func:`_grouping.map_leaves`) and never sliced back out,
   so a 2000-leaf tree costs a few reductions.
   """
   layout = slicing.layout(tree)

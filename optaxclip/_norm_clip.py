@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _grouping, _norms, _scale, _stats, _tree, _validate
 
 
 @_stats.register_state("clip_by_global_norm")
@@ -103,7 +103,7 @@ def _state_dtype(params: Any) -> jnp.dtype:
 
 
 def _count_clipped(norms: list[jax.Array], threshold: Any) -> jax.Array:
-  """How many entries of ``norms`` :func:`_norms.clip_scale` clips.
+  """How many entries of ``norms`` :func:`_scale.clip_scale` clips.
 
   Counted on one concatenated vector rather than summed leaf by leaf: a
   per-leaf count adds a small reduction per leaf that feeds one stack, and on
@@ -125,7 +125,7 @@ def _clip_each(
   threshold: Any,
 ) -> tuple[list[jax.Array], jax.Array | None]:
   """Clips each leaf (or slice) by its own measure, small leaves of one
-  shape stacked and vmapped (:func:`_norms.map_leaves`).
+  shape stacked and vmapped (:func:`_grouping.map_leaves`).
 
   ``whole(x)`` measures a whole leaf (a scalar), ``over_axes(x, axes)`` the
   slices along ``axes`` (kept as size 1). Returns the clipped leaves and the
@@ -138,9 +138,9 @@ def _clip_each(
       m = whole(x).reshape((1,) * x.ndim)
     else:
       m = over_axes(x, axes)
-    return _norms.scale_leaf(x, _norms.clip_scale(m, threshold)[0]), m
+    return _scale.scale_leaf(x, _scale.clip_scale(m, threshold)[0]), m
 
-  results, (flat,) = _norms.map_leaves(
+  results, (flat,) = _grouping.map_leaves(
     clip_one,
     [leaves],
     [(x.shape, x.dtype, axes) for x, axes in zip(leaves, reduced)],
@@ -298,8 +298,8 @@ def clip_by_global_norm(
     else:
       norm = jnp.asarray(global_norm)
     norm = norm.astype(state.global_norm.dtype)
-    scale, clipped = _norms.clip_scale(norm, max_norm)
-    updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
+    scale, clipped = _scale.clip_scale(norm, max_norm)
+    updates = jax.tree.map(lambda u: _scale.scale_leaf(u, scale), updates)
     return updates, ClipByGlobalNormState(
       global_norm=norm, global_norm_clipped=clipped
     )
@@ -342,9 +342,9 @@ def _clip_by_group_norms(
       norm = _norms.global_norm_from(
         [leaves[i] for i in members], norm_ord, axis_name
       ).astype(dtype)
-      scale, was_clipped = _norms.clip_scale(norm, max_norm)
+      scale, was_clipped = _scale.clip_scale(norm, max_norm)
       for i in members:
-        new_leaves[i] = _norms.scale_leaf(leaves[i], scale)
+        new_leaves[i] = _scale.scale_leaf(leaves[i], scale)
       norms.append(norm)
       clipped.append(was_clipped)
     return jax.tree.unflatten(treedef, new_leaves), ClipByGlobalNormGroupsState(
@@ -465,7 +465,7 @@ def clip_by_norm(
         for x, axes in zip(leaves, reduced, strict=True)
       ]
     new_leaves = [
-      _norms.scale_leaf(x, _norms.clip_scale(n, max_norm)[0])
+      _scale.scale_leaf(x, _scale.clip_scale(n, max_norm)[0])
       for x, n in zip(leaves, norms, strict=True)
     ]
     return jax.tree.unflatten(treedef, new_leaves), ClipByNormState(

@@ -1,7 +1,7 @@
-"""The one norm kernel of optaxclip, and the clip-scale rule built on it.
+"""The one norm kernel of optaxclip: norms and their overflow rescue.
 
 Every clipper in the library computes its norms here, so that precision,
-differentiability and speed are decided once:
+differentiability and range are decided once:
 
 * **Precision.** Low-precision leaves (bfloat16, float16, integers) are cast
   to float32 *before* squaring, so float16 squares cannot overflow and bf16
@@ -13,23 +13,15 @@ differentiability and speed are decided once:
   recomputation scaled by an exact power of two (see :func:`_rescued`); the
   common case runs the same single reduction as before.
 * **Differentiability.** :func:`safe_sqrt` has a finite (zero) derivative at
-  0, so ``jax.grad`` through a clipper is finite at all-zero gradients, and
-  :func:`clip_scale` differentiates ``threshold / norm`` without squaring a
-  tiny norm.
+  0, so ``jax.grad`` through a clipper is finite at all-zero gradients.
 * **Orders.** ``ord`` is 2 (Euclidean), 1 (sum of magnitudes) or ``inf``
   (largest magnitude). Partial results combine by sum (1, 2) or max (inf),
   across leaves and, with ``axis_name``, across devices (``psum``/``pmax``).
-* **Speed.** One reduction per leaf is slow to compile and slow to run when a
-  tree has thousands of small leaves (optax's ``clip_by_global_norm`` takes
-  ~20 s to compile on 2000 leaves of 64x32 and 32). Leaves smaller than
-  :data:`SMALL_LEAF_SIZE` elements are therefore concatenated into one bucket
-  reduced in a single pass (a copy of the small leaves only); large leaves keep
-  their own one-pass reduction, because copying them would cost a full extra
-  read and write of the gradients.
 
-The clip rule shared by every norm-based clipper is :func:`clip_scale`: scale
-``1`` when ``norm <= threshold``, else ``threshold / norm``, with NaN when the
-norm is not finite (see docs/design.md#numerics).
+How leaves are grouped for speed (small leaves bucketed or stacked) is
+``_grouping``'s decision; the clip rule built on these norms is in
+``_scale``. Layering (imports point one way only): ``_grouping`` ←
+``_norms`` ← ``_scale`` ← the transforms.
 
 References:
   Pascanu et al., `On the difficulty of training Recurrent Neural Networks
@@ -39,22 +31,14 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip import _tree, _validate
-
-# Leaves with fewer elements than this are reduced together in one bucket.
-# 2**15 float32 elements is 128 KiB: well above per-op overhead territory for
-# the leaves it catches (biases, norms, small kernels), well below the sizes
-# where an extra copy would show in run time or temporary memory.
-SMALL_LEAF_SIZE = 2**15
-
-_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+from optaxclip import _grouping, _tree, _validate
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -350,7 +334,7 @@ def _rescued(
     return divisor, jnp.where(need, rescued, partial)
 
   arrays = list(arrays)
-  if len(arrays) == 1 and arrays[0].size < SMALL_LEAF_SIZE:
+  if len(arrays) == 1 and arrays[0].size < _grouping.SMALL_LEAF_SIZE:
     return _rescued_inline(
       partial, arrays[0], ord, axis=axis, axis_name=axis_name
     )
@@ -432,7 +416,9 @@ def _rescued_each(
   partials, arrays = list(partials), list(arrays)
   if not partials:
     return [], []
-  small = [i for i, x in enumerate(arrays) if x.size < SMALL_LEAF_SIZE]
+  small = [
+    i for i, x in enumerate(arrays) if x.size < _grouping.SMALL_LEAF_SIZE
+  ]
   if small:
     # Small arrays are rescued inline (see _rescued_inline); the cond below
     # then only carries the large ones, which are few.
@@ -477,237 +463,6 @@ def _rescued_each(
 
 def _leaves(tree: Any) -> list[jax.Array]:
   return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def _may_bucket(x: jax.Array) -> bool:
-  """Whether flattening ``x`` into the shared bucket is free of communication.
-
-  Concatenating a *sharded* leaf into a flat bucket makes XLA all-gather it
-  (and explicit-sharding mode rejects the reshape outright), while a per-leaf
-  reduction of a sharded leaf costs one scalar all-reduce. So a leaf is
-  bucketed only when it cannot be sharded: the process sees a single device,
-  or the leaf's type says it is unsharded (explicit axes with an all-None
-  spec, or inside ``shard_map`` where arrays are device-local). Under
-  auto-sharded ``jit`` on several devices the layout is unknown at trace time
-  and leaves are reduced one by one: correct and communication-optimal, only
-  slower to compile.
-  """
-  if jax.device_count() == 1:
-    return True
-  try:
-    sharding = jax.typeof(x).sharding
-    mesh = sharding.mesh
-  except (AttributeError, TypeError):  # pragma: no cover - older jax
-    return False
-  if mesh.empty:
-    return False  # no mesh in the type: layout unknown, do not risk a gather
-  axis_types = tuple(mesh.axis_types)
-  if any(t == jax.sharding.AxisType.Auto for t in axis_types):
-    return False  # auto axes: the compiler decides the layout later
-  # Only manual (device-local inside shard_map) and explicit axes remain; the
-  # type's spec is then exact, and an all-None spec means replicated.
-  return all(p is None for p in sharding.spec)
-
-
-def map_leaves(
-  fn: Callable[..., tuple[jax.Array, ...]],
-  arrays: Sequence[Sequence[jax.Array]],
-  keys: Sequence[Hashable],
-  *,
-  num_flat: int = 0,
-  rest: Callable[[list[int]], list[tuple[jax.Array, ...]]] | None = None,
-) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array | None]]:
-  """``[fn(keys[i], *(a[i] for a in arrays)) for i in range(n)]``, with
-  small leaves of one kind computed together.
-
-  Leaves ``i`` with the same ``keys[i]`` (which must capture everything
-  ``fn`` specialises on: shapes, dtypes, axes), fewer than
-  :data:`SMALL_LEAF_SIZE` elements and an unsharded layout
-  (:func:`_may_bucket`) are stacked and run as one ``jax.vmap(fn)``. Other
-  leaves run ``fn`` one by one. ``fn`` must be a per-leaf function whose
-  result does not depend on being batched, so both routes give the same
-  values (to float32 rounding: a batched reduction may sum in another
-  order).
-
-  Why: XLA's CPU backend compiles and launches every per-leaf operation
-  separately, so a per-leaf transform on thousands of small leaves is slow
-  to compile and to run, while a stack of 1000 such leaves is one operation.
-  Slicing per-leaf results back out of a stack costs one small kernel per
-  leaf (XLA:CPU compiles a kernel per distinct slice offset), so results
-  that are only wanted as one flat vector (per-leaf diagnostics) are never
-  sliced: the last ``num_flat`` results of ``fn`` come back as one vector
-  each, flattened in leaf order, built from the stacks with one gather.
-
-  Args:
-    fn: maps one leaf's static key and arrays to a tuple of arrays.
-    arrays: lists of equal length, the per-leaf arguments of ``fn``.
-    keys: hashable per-leaf grouping keys, also passed to ``fn``.
-    num_flat: how many trailing results of ``fn`` to return flat.
-    rest: computes the results of every leaf that is not stacked (large,
-      sharded, empty, or alone of its kind) at once, given their indices,
-      in the format of ``fn``; by default ``fn`` runs on each. Lets a caller
-      put all large leaves' overflow rescues under one ``lax.cond``.
-
-  Returns:
-    ``(per_leaf, flat)``: per leaf, the tuple of ``fn``'s leading results;
-    and for each trailing result, the concatenation over leaves of that
-    result raveled (``None`` when there are no leaves).
-  """
-  n = len(keys)
-  per_leaf: list[Any] = [None] * n
-  # Per trailing result: raveled pieces, and for each piece the leaves it
-  # holds (in order) with their sizes.
-  pieces: list[list[jax.Array]] = [[] for _ in range(num_flat)]
-  owners: list[tuple[int, int]] = []  # (leaf, size) in piece order
-  groups: dict[Hashable, list[int]] = {}
-
-  def record(i: int, res: tuple) -> None:
-    cut = len(res) - num_flat
-    per_leaf[i] = res[:cut]
-    for k in range(num_flat):
-      pieces[k].append(res[cut + k].reshape(-1))
-    owners.append((i, int(np.prod(res[cut].shape)) if num_flat else 0))
-
-  singles = []
-  for i in range(n):
-    xs = [a[i] for a in arrays]
-    if all(0 < x.size < SMALL_LEAF_SIZE and _may_bucket(x) for x in xs):
-      groups.setdefault(keys[i], []).append(i)
-    else:
-      singles.append(i)
-  singles += [idx[0] for idx in groups.values() if len(idx) == 1]
-  if rest is not None and singles:
-    for i, res in zip(singles, rest(singles), strict=True):
-      record(i, tuple(res))
-  else:
-    for i in singles:
-      record(i, tuple(fn(keys[i], *(a[i] for a in arrays))))
-  for key, idx in groups.items():
-    if len(idx) == 1:
-      continue
-    stacks = [jnp.stack([a[i] for i in idx]) for a in arrays]
-    res = jax.vmap(lambda *xs, key=key: tuple(fn(key, *xs)))(*stacks)
-    cut = len(res) - num_flat
-    for j, i in enumerate(idx):
-      per_leaf[i] = tuple(r[j] for r in res[:cut])
-    for k in range(num_flat):
-      pieces[k].append(res[cut + k].reshape(-1))
-    if num_flat:
-      size = int(np.prod(res[cut].shape[1:]))
-      owners.extend((i, size) for i in idx)
-  if not num_flat:
-    return per_leaf, []
-  if not owners:
-    return per_leaf, [None] * num_flat
-  # Where each leaf's entries sit in the concatenated pieces.
-  starts, offset = {}, 0
-  for i, size in owners:
-    starts[i] = (offset, size)
-    offset += size
-  order = np.concatenate(
-    [np.arange(starts[i][0], starts[i][0] + starts[i][1]) for i in range(n)]
-  ).astype(np.int32)
-  identity = bool(np.array_equal(order, np.arange(order.size)))
-  flat: list[jax.Array | None] = []
-  for k in range(num_flat):
-    dtype = widest_dtype(p.dtype for p in pieces[k])
-    vec = jnp.concatenate([p.astype(dtype) for p in pieces[k]])
-    flat.append(vec if identity else vec[order])
-  return per_leaf, flat
-
-
-def reduction_groups(leaves: Sequence[jax.Array]) -> list[jax.Array]:
-  """The arrays a whole-tree reduction runs over: large leaves and buckets.
-
-  Small leaves (fewer than :data:`SMALL_LEAF_SIZE` elements, and unsharded,
-  see :func:`_may_bucket`) are flattened and concatenated into one bucket per
-  dtype; large leaves are returned as they are. Real leaves come back cast to
-  their accumulation dtype (the cast fuses into the reduction or the
-  concatenation), complex leaves keep their dtype. Empty leaves are dropped.
-
-  Args:
-    leaves: the arrays.
-
-  Returns:
-    A list of arrays whose elements, taken together, are the tree's elements.
-  """
-  groups: list[jax.Array] = []
-  buckets: dict[Any, list[jax.Array]] = {}
-  for x in leaves:
-    if x.size == 0:
-      continue
-    dtype = x.dtype if jnp.iscomplexobj(x) else accumulation_dtype(x.dtype)
-    if x.size < SMALL_LEAF_SIZE and _may_bucket(x):
-      buckets.setdefault(jnp.dtype(dtype), []).append(
-        x.reshape(-1).astype(dtype)
-      )
-    else:
-      groups.append(x.astype(dtype))
-  for bucket in buckets.values():
-    flat = bucket[0] if len(bucket) == 1 else jnp.concatenate(bucket)
-    # Without the barrier XLA fuses the element-wise work of thousands of
-    # leaves and the concatenation into one reduction whose compile time grows
-    # with the number of leaves (~16 s for 2000 leaves, as slow as optax);
-    # with it the bucket is one copy and one cheap reduction (~3 s).
-    groups.append(_barrier(flat))
-  return groups
-
-
-@jax.custom_jvp
-def _barrier(x: jax.Array) -> jax.Array:
-  """``lax.optimization_barrier`` with an identity derivative.
-
-  jax < 0.6 has no differentiation rule for the barrier; the barrier only
-  orders compilation, so its tangent is the input's tangent.
-  """
-  return jax.lax.optimization_barrier(x)
-
-
-@_barrier.defjvp
-def _barrier_jvp(primals, tangents):
-  (x,), (x_dot,) = primals, tangents
-  return _barrier(x), x_dot
-
-
-def global_norm_partial(leaves: Sequence[jax.Array], ord: float) -> jax.Array:  # pylint: disable=redefined-builtin
-  """The un-finalized global reduction (sum of squares, sum, or max).
-
-  Args:
-    leaves: the arrays.
-    ord: 1, 2 or ``math.inf`` (already validated).
-
-  Returns:
-    A scalar in the widest accumulation dtype.
-  """
-  return _combine([_partial(g, ord) for g in reduction_groups(leaves)], ord)
-
-
-def value_range(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """The largest and smallest element over all real leaves, NaN-propagating.
-
-  Uses the same bucketing as the norms (one pass per large leaf, one per
-  bucket); an empty tree gives ``(0, 0)``.
-
-  Args:
-    leaves: real arrays.
-
-  Returns:
-    ``(max, min)`` scalars in the widest accumulation dtype.
-  """
-  groups = reduction_groups(leaves)
-  if not groups:
-    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-  dtype = widest_dtype(g.dtype for g in groups)
-  largest = jnp.stack([jnp.max(g).astype(dtype) for g in groups])
-  smallest = jnp.stack([jnp.min(g).astype(dtype) for g in groups])
-  # XLA's vectorised CPU max/min reductions drop NaN; as in _partial, a NaN
-  # sum of squares detects it (an isnan mask reduction is 5-10x slower).
-  has_nan = jnp.isnan(_combine([_partial(g, 2) for g in groups], 2))
-  nan = jnp.full((), jnp.nan, dtype)
-  return (
-    jnp.where(has_nan, nan, jnp.max(largest)),
-    jnp.where(has_nan, nan, jnp.min(smallest)),
-  )
 
 
 def global_norm(
@@ -768,7 +523,7 @@ def global_norm(
 
 def global_norm_from(tree: Any, ord: float, axis_name=None) -> jax.Array:  # pylint: disable=redefined-builtin
   """:func:`global_norm` for an already validated ``ord`` (internal)."""
-  groups = reduction_groups(_leaves(tree))
+  groups = _grouping.reduction_groups(_leaves(tree), accumulation_dtype)
   partial = _combine([_partial(g, ord) for g in groups], ord)
   partial = _cross_device(partial, ord, axis_name)
   return _safe_norm(partial, groups, ord, axis_name=axis_name)
@@ -872,14 +627,14 @@ def flat_slice_norms(
   Entry order is ``jax.tree.leaves`` order, each leaf's per-layer norms
   raveled (one entry for an unstacked leaf), in the widest accumulation
   dtype; ``None`` for no leaves. Small leaves of one shape are reduced as one
-  vmapped stack (:func:`map_leaves`) and never sliced back out, so a
+  vmapped stack (:func:`_grouping.map_leaves`) and never sliced back out, so a
   2000-leaf tree costs a few reductions to compile and run.
   """
 
   def norms_of(key, x):
     return (slice_norms([x], [key[2]], ord)[0],)
 
-  _, (flat,) = map_leaves(
+  _, (flat,) = _grouping.map_leaves(
     norms_of,
     [list(leaves)],
     [(x.shape, x.dtype, k) for x, k in zip(leaves, counts, strict=True)],
@@ -1096,92 +851,3 @@ def unit_norms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   if not x.size:
     return safe_sqrt(partial)
   return _safe_norm(partial, [x], 2, axis=axes)
-
-
-def count_true(masks: Sequence[jax.Array]) -> jax.Array:
-  """How many elements of the boolean ``masks`` are True, as int32.
-
-  Uses the same bucketing as the norms, so thousands of small masks cost one
-  reduction (and sharded ones are never gathered).
-  """
-  groups = reduction_groups([m.astype(jnp.float32) for m in masks])
-  if not groups:
-    return jnp.zeros((), jnp.int32)
-  return jnp.sum(jnp.stack([jnp.sum(g) for g in groups])).astype(jnp.int32)
-
-
-@jax.custom_jvp
-def _ratio(threshold: jax.Array, norm: jax.Array) -> jax.Array:
-  """``threshold / norm`` whose derivative never squares ``norm``.
-
-  The built-in rule for a quotient, ``-threshold * dnorm / norm**2``,
-  underflows ``norm**2`` to 0 at ``norm = 2e-30`` (float32) and gives
-  ``inf * 0 = NaN``; ``(dthreshold - q * dnorm) / norm`` with ``q <= 1`` does
-  not.
-  """
-  return threshold / norm
-
-
-@_ratio.defjvp
-def _ratio_jvp(primals, tangents):
-  (threshold, norm), (dthreshold, dnorm) = primals, tangents
-  q = threshold / norm
-  return q, (dthreshold - q * dnorm) / norm
-
-
-def clip_scale(norm: jax.Array, threshold: Any) -> tuple[jax.Array, jax.Array]:
-  """The factor that brings ``norm`` down to ``threshold``, and whether it did.
-
-  The rule of every norm-based clipper (docs/design.md#numerics):
-
-  * ``1`` when ``0 < threshold`` and ``norm <= threshold`` (so the leaves come
-    back bit-identical);
-  * ``threshold / norm`` otherwise (so the result has norm ``threshold``, not
-    ``threshold - eps``);
-  * ``0`` when ``threshold == 0``, whatever the (finite) norm: zero updates,
-    even for elements too small to register in the norm (a 1e-40 subnormal
-    counts as 0 on XLA's CPU backend);
-  * NaN when ``norm`` is inf/NaN or the threshold is negative or NaN (a traced
-    value that skipped construction-time validation): loud, never silently
-    finite or zero.
-
-  ``norm = 0`` never divides, and the derivative is finite everywhere: the
-  division only ever sees ``norm > threshold >= 0``, and its derivative is
-  taken without squaring ``norm`` (which underflows at tiny norms).
-
-  Args:
-    norm: scalar or array of norms.
-    threshold: the clipping threshold, broadcastable against ``norm``.
-
-  Returns:
-    ``(scale, clipped)``: the scale in ``norm``'s dtype and a boolean array,
-    True where ``norm > threshold`` (or the norm is NaN).
-  """
-  threshold = jnp.asarray(threshold).astype(norm.dtype)
-  within = norm <= threshold
-  keep = within & (threshold > 0)
-  safe_norm = jnp.where(within, jnp.ones_like(norm), norm)
-  scale = jnp.where(keep, jnp.ones_like(norm), _ratio(threshold, safe_norm))
-  valid = jnp.isfinite(norm) & (threshold >= 0)
-  scale = jnp.where(valid, scale, jnp.full_like(scale, jnp.nan))
-  return scale, jnp.logical_not(within)
-
-
-def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
-  """``x * scale`` in at least float32, returned in ``x``'s dtype and shape.
-
-  Where ``scale`` is exactly 1 the elements of ``x`` are *selected*, not
-  multiplied: ``x * 1`` flushes subnormals to zero on backends that do, so an
-  unclipped leaf would not come back bit-identical. The select fuses into the
-  multiply (no extra pass over ``x``).
-  """
-  x = jnp.asarray(x)
-  if jnp.issubdtype(x.dtype, jnp.complexfloating) or (
-    jnp.issubdtype(x.dtype, jnp.floating) and x.dtype not in _LOW_PRECISION
-  ):
-    scaled = x * scale.astype(x.dtype)
-  else:
-    # bf16/fp16 (and integers): multiply in float32, round once on the way
-    # back.
-    scaled = (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
-  return jnp.where(scale == 1, x, scaled)

@@ -13,7 +13,7 @@ each leaf by its own per-example norm (Opacus' ``"automatic_per_layer"``).
 
 The per-example norms come from the one norm kernel
 (:func:`optaxclip._norms.batch_norms`: per-leaf reductions over the
-non-batch axes) and the scale rule from :func:`optaxclip._norms.clip_scale`.
+non-batch axes) and the scale rule from :func:`optaxclip._scale.clip_scale`.
 
 References:
   Abadi et al., `Deep Learning with Differential Privacy
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _norms, _scale, _stats, _tree, _validate
 
 _FN = "clip_per_example"
 _REDUCTIONS = ("mean", "sum")
@@ -135,7 +135,7 @@ def _example_scale(
 ) -> tuple[jax.Array, jax.Array]:
   """Per-example factors under ``rule``, and which examples they shrink."""
   if rule == "clamp":
-    return _norms.clip_scale(norms, threshold)
+    return _scale.clip_scale(norms, threshold)
   # AUTO-S: C / (norm + stability), never clamped to 1, so small gradients
   # are scaled up; stability > 0 keeps a zero gradient finite.
   threshold = jnp.asarray(threshold).astype(norms.dtype)

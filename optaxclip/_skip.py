@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _norms, _scale, _stats, _tree, _validate
 
 # The rolling window of accepted norms when ``window=None`` (MaxText's
 # ``skip_step_interval``).
@@ -738,8 +738,8 @@ def skip_and_clip_by_global_norm(
 
     scale = jnp.ones_like(norm)
     if max_norm is not None:
-      scale, _ = _norms.clip_scale(norm, max_norm)
-      updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
+      scale, _ = _scale.clip_scale(norm, max_norm)
+      updates = jax.tree.map(lambda u: _scale.scale_leaf(u, scale), updates)
     new_updates, new_inner_state = inner.update(
       updates, state.drop_inner_state, params, **extra_args
     )

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _grouping, _norms, _scale, _stats, _tree, _validate
 
 # The paper's (and the authors' code's) defaults.
 DEFAULT_THRESHOLD = 5000.0
@@ -245,7 +245,7 @@ def spam_clip(
       outs.append(out)
       new_v.append(v_next)
       spikes.append(spike)
-    num_clipped = _norms.count_true(spikes)
+    num_clipped = _grouping.count_true(spikes)
     return jax.tree.unflatten(treedef, outs), SpamClipState(
       spam_clip_v=jax.tree.unflatten(
         jax.tree.structure(state.spam_clip_v), new_v
@@ -433,7 +433,7 @@ def momentum_reset(
       jnp.ones((), jnp.float32),
     )
     new_updates = jax.tree.map(
-      lambda u: _norms.scale_leaf(u, scale), new_updates
+      lambda u: _scale.scale_leaf(u, scale), new_updates
     )
     return new_updates, MomentumResetState(
       momentum_reset_inner_state=inner_state,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _grouping, _norms, _scale, _stats, _tree, _validate
 
 
 @_stats.register_state("adaclip")
@@ -216,7 +216,7 @@ def _increment(count: jax.Array, observed: jax.Array) -> jax.Array:
 # AdaClip.
 
 
-def adaclip_rule(
+def _adaclip_rule(
   max_abs: jax.Array,
   max_ema: jax.Array,
   count: jax.Array,
@@ -249,7 +249,7 @@ def adaclip_rule(
   # After one observation the corrected EMA is that observation, exactly
   # (``rate * x / rate`` may round below ``x`` and clip the largest element).
   threshold = jnp.where(observed & (new_count == 1), safe_max, threshold)
-  scale, _ = _norms.clip_scale(max_abs, threshold)
+  scale, _ = _scale.clip_scale(max_abs, threshold)
   return new_ema, new_count, threshold, scale
 
 
@@ -350,7 +350,7 @@ def adaclip(
       _tree.values_of(state.adaclip_max_ema),
       _tree.values_of(state.adaclip_count),
     )
-    new_ema, new_count, threshold, scale = adaclip_rule(
+    new_ema, new_count, threshold, scale = _adaclip_rule(
       max_abs.reshape(ema.shape), ema, count, _complement(theta, dtype)
     )
 
@@ -365,10 +365,10 @@ def adaclip(
       # A non-finite maximum makes the scale NaN: the whole tensor is NaN.
       nonfinite = jnp.isnan(leaf_scale)
       factor = jnp.where(above | nonfinite, leaf_scale, jnp.ones_like(x, dtype))
-      new_leaves.append(_norms.scale_leaf(x, factor))
+      new_leaves.append(_scale.scale_leaf(x, factor))
       # Elements of a NaN'd tensor are not counted as clipped.
       masks.append(above & ~nonfinite)
-    num_clipped = _norms.count_true(masks)
+    num_clipped = _grouping.count_true(masks)
     if axis_name is not None:
       num_clipped = jax.lax.psum(num_clipped, axis_name)
     wrap = lambda v: layout.wrap(v.reshape(ema.shape))
@@ -387,7 +387,7 @@ def adaclip(
 # AdaGN.
 
 
-def adagn_rule(
+def _adagn_rule(
   norm: jax.Array,
   mean: jax.Array,
   sq_mean: jax.Array,
@@ -433,7 +433,7 @@ def adagn_rule(
   positive = jnp.isfinite(norm) & (norm > 0) & (new_count > 0)
   divisor = jnp.where(positive, norm, jnp.ones_like(norm))
   # _ratio's derivative never squares the (possibly tiny) norm.
-  ratio = _norms._ratio(target, divisor)
+  ratio = _scale.ratio(target, divisor)
   scale = jnp.where(positive, ratio, jnp.ones_like(ratio))
   nan = jnp.full_like(scale, jnp.nan)
   return (
@@ -535,7 +535,7 @@ def adagn(
     dtype = mean.dtype
 
     norms = _statistics(leaves, 2, per_tensor, axis_name, dtype)
-    new_mean, new_sq_mean, new_count, scale = adagn_rule(
+    new_mean, new_sq_mean, new_count, scale = _adagn_rule(
       norms.reshape(mean.shape),
       mean,
       _tree.values_of(state.adagn_norm_sq_mean),
@@ -546,7 +546,7 @@ def adagn(
     )
     scales = _per_leaf(scale.reshape(-1), len(leaves), per_tensor)
     new_leaves = [
-      _norms.scale_leaf(x, leaf_scale)
+      _scale.scale_leaf(x, leaf_scale)
       for x, leaf_scale in zip(leaves, scales, strict=True)
     ]
     wrap = lambda v: layout.wrap(v.reshape(mean.shape))

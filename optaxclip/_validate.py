@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 # The norm orders every clipper understands, in their canonical spelling.
-SUPPORTED_ORDS = (1, 2, math.inf)
 
 
 def is_traced(value: Any) -> bool:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _grouping, _norms, _stats, _tree, _validate
 
 
 @_stats.register_state("clip_by_value")
@@ -70,10 +70,10 @@ def _tree_extremes(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
   """The largest and smallest element of real leaves, one pass, NaN-loud.
 
   Large leaves are reduced where they are (no copy); small ones go through
-  the library's bucket (:func:`optaxclip._norms.reduction_groups`), one copy of
+  the library's bucket (:func:`optaxclip._grouping.reduction_groups`), one copy of
   the small leaves and one reduction instead of one per leaf.
   """
-  groups = _norms.reduction_groups(leaves)
+  groups = _grouping.reduction_groups(leaves, _norms.accumulation_dtype)
   if not groups:
     zero = jnp.zeros((), jnp.float32)
     return zero, zero

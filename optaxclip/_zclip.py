@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _norms, _scale, _stats, _tree, _validate
 
 _FN = "zclip"
 DEFAULT_WARMUP_STEPS = 25
@@ -223,8 +223,8 @@ def zclip(
     )
     var = jnp.where(fills, buffer_var, jnp.where(update_stats, new_var, var))
 
-    scale, clipped = _norms.clip_scale(norm, cap)
-    updates = jax.tree.map(lambda u: _norms.scale_leaf(u, scale), updates)
+    scale, clipped = _scale.clip_scale(norm, cap)
+    updates = jax.tree.map(lambda u: _scale.scale_leaf(u, scale), updates)
     return updates, ZClipState(
       zclip_buffer=buffer,
       zclip_count=jnp.where(observed, optax.safe_int32_increment(count), count),

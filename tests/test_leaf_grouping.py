@@ -1,6 +1,6 @@
 """Small leaves of one shape are computed as one vmapped stack.
 
-``_norms.map_leaves`` stacks small same-shape leaves and runs a per-leaf
+``_grouping.map_leaves`` stacks small same-shape leaves and runs a per-leaf
 function under ``vmap``. These tests check that the stacked route gives what
 the one-leaf route gives: every transform that uses it is applied to a tree
 of many same-shape leaves (stacked route) and to each leaf alone in a
@@ -20,7 +20,7 @@ import pytest
 
 import optaxclip as oc
 from helpers import maybe_jit
-from optaxclip import _norms
+from optaxclip import _grouping
 
 
 def _leaves(rng, dtype, shape=(4, 3)):
@@ -70,7 +70,7 @@ def test_map_leaves_stacks_small_same_shape_leaves():
     shapes_seen.append(x.shape)
     return x * 2, jnp.sum(x, keepdims=True)
 
-  per_leaf, (flat,) = _norms.map_leaves(
+  per_leaf, (flat,) = _grouping.map_leaves(
     fn, [leaves], [x.shape for x in leaves], num_flat=1
   )
   assert [r[0].shape for r in per_leaf] == [(3, 2), (3, 2), (5,), (3, 2)]

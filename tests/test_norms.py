@@ -10,7 +10,7 @@ import pytest
 
 import helpers
 import optaxclip as oc
-from optaxclip import _norms
+from optaxclip import _grouping, _norms
 import reference
 from helpers import leaves64, maybe_jit, small_tree
 
@@ -38,7 +38,7 @@ def test_global_norm_hand_computed():
 def test_bucketed_and_large_leaves_agree_with_reference(ord):
   # Leaves on both sides of the bucketing threshold, and many small ones.
   rng = np.random.default_rng(1)
-  size = _norms.SMALL_LEAF_SIZE
+  size = _grouping.SMALL_LEAF_SIZE
   tree = [jnp.asarray(rng.standard_normal(n), jnp.float32)
           for n in (size - 1, size, size + 1, 1, 7)]
   tree += [jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)

@@ -1,0 +1,248 @@
+"""The leaf-grouping scheduler: how work over many leaves is laid out.
+
+XLA's CPU backend compiles and launches every per-leaf operation on its own,
+so a tree of thousands of small leaves is slow to compile and to run when
+each leaf gets its own reduction. This module decides how leaves are grouped
+before anything is computed on them:
+
+* :func:`reduction_groups` concatenates small leaves into one bucket per
+  dtype for a whole-tree reduction (a copy of the small leaves only; a large
+  leaf keeps its own one-pass reduction, since copying it would cost a full
+  extra read and write);
+* :func:`map_leaves` runs a per-leaf function with small leaves of one kind
+  stacked and vmapped;
+* :func:`count_true` counts True elements over many masks with the same
+  bucketing.
+
+It knows nothing about norms: callers pass the per-leaf function or the
+reduction. Layering (imports point one way only): ``_grouping`` imports no
+other optaxclip module; ``_norms`` builds the norms on it, ``_scale`` holds
+the clip-scale rule, and the transforms use all three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Leaves with fewer elements than this are grouped (bucketed or stacked).
+# 2**15 float32 elements is 128 KiB: well above per-op overhead territory for
+# the leaves it catches (biases, norms, small kernels), well below the sizes
+# where an extra copy would show in run time or temporary memory.
+SMALL_LEAF_SIZE = 2**15
+
+
+def _widest(dtypes: Iterable[Any]) -> jnp.dtype:
+  """The widest of ``dtypes`` (by item size), for concatenating pieces."""
+  return max((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
+
+
+def _may_bucket(x: jax.Array) -> bool:
+  """Whether flattening ``x`` into the shared bucket is free of communication.
+
+  Concatenating a *sharded* leaf into a flat bucket makes XLA all-gather it
+  (and explicit-sharding mode rejects the reshape outright), while a per-leaf
+  reduction of a sharded leaf costs one scalar all-reduce. So a leaf is
+  bucketed only when it cannot be sharded: the process sees a single device,
+  or the leaf's type says it is unsharded (explicit axes with an all-None
+  spec, or inside ``shard_map`` where arrays are device-local). Under
+  auto-sharded ``jit`` on several devices the layout is unknown at trace time
+  and leaves are reduced one by one: correct and communication-optimal, only
+  slower to compile.
+  """
+  if jax.device_count() == 1:
+    return True
+  try:
+    sharding = jax.typeof(x).sharding
+    mesh = sharding.mesh
+  except (AttributeError, TypeError):  # pragma: no cover - older jax
+    return False
+  if mesh.empty:
+    return False  # no mesh in the type: layout unknown, do not risk a gather
+  axis_types = tuple(mesh.axis_types)
+  if any(t == jax.sharding.AxisType.Auto for t in axis_types):
+    return False  # auto axes: the compiler decides the layout later
+  # Only manual (device-local inside shard_map) and explicit axes remain; the
+  # type's spec is then exact, and an all-None spec means replicated.
+  return all(p is None for p in sharding.spec)
+
+
+def map_leaves(
+  fn: Callable[..., tuple[jax.Array, ...]],
+  arrays: Sequence[Sequence[jax.Array]],
+  keys: Sequence[Hashable],
+  *,
+  num_flat: int = 0,
+  rest: Callable[[list[int]], list[tuple[jax.Array, ...]]] | None = None,
+) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array | None]]:
+  """``[fn(keys[i], *(a[i] for a in arrays)) for i in range(n)]``, with
+  small leaves of one kind computed together.
+
+  Leaves ``i`` with the same ``keys[i]`` (which must capture everything
+  ``fn`` specialises on: shapes, dtypes, axes), fewer than
+  :data:`SMALL_LEAF_SIZE` elements and an unsharded layout
+  (:func:`_may_bucket`) are stacked and run as one ``jax.vmap(fn)``. Other
+  leaves run ``fn`` one by one. ``fn`` must be a per-leaf function whose
+  result does not depend on being batched, so both routes give the same
+  values (to float32 rounding: a batched reduction may sum in another
+  order).
+
+  Why: XLA's CPU backend compiles and launches every per-leaf operation
+  separately, so a per-leaf transform on thousands of small leaves is slow
+  to compile and to run, while a stack of 1000 such leaves is one operation.
+  Slicing per-leaf results back out of a stack costs one small kernel per
+  leaf (XLA:CPU compiles a kernel per distinct slice offset), so results
+  that are only wanted as one flat vector (per-leaf diagnostics) are never
+  sliced: the last ``num_flat`` results of ``fn`` come back as one vector
+  each, flattened in leaf order, built from the stacks with one gather.
+
+  Args:
+    fn: maps one leaf's static key and arrays to a tuple of arrays.
+    arrays: lists of equal length, the per-leaf arguments of ``fn``.
+    keys: hashable per-leaf grouping keys, also passed to ``fn``.
+    num_flat: how many trailing results of ``fn`` to return flat.
+    rest: computes the results of every leaf that is not stacked (large,
+      sharded, empty, or alone of its kind) at once, given their indices,
+      in the format of ``fn``; by default ``fn`` runs on each. Lets a caller
+      put all large leaves' overflow rescues under one ``lax.cond``.
+
+  Returns:
+    ``(per_leaf, flat)``: per leaf, the tuple of ``fn``'s leading results;
+    and for each trailing result, the concatenation over leaves of that
+    result raveled (``None`` when there are no leaves).
+  """
+  n = len(keys)
+  per_leaf: list[Any] = [None] * n
+  # Per trailing result: raveled pieces, and for each piece the leaves it
+  # holds (in order) with their sizes.
+  pieces: list[list[jax.Array]] = [[] for _ in range(num_flat)]
+  owners: list[tuple[int, int]] = []  # (leaf, size) in piece order
+  groups: dict[Hashable, list[int]] = {}
+
+  def record(i: int, res: tuple) -> None:
+    cut = len(res) - num_flat
+    per_leaf[i] = res[:cut]
+    for k in range(num_flat):
+      pieces[k].append(res[cut + k].reshape(-1))
+    owners.append((i, int(np.prod(res[cut].shape)) if num_flat else 0))
+
+  singles = []
+  for i in range(n):
+    xs = [a[i] for a in arrays]
+    if all(0 < x.size < SMALL_LEAF_SIZE and _may_bucket(x) for x in xs):
+      groups.setdefault(keys[i], []).append(i)
+    else:
+      singles.append(i)
+  singles += [idx[0] for idx in groups.values() if len(idx) == 1]
+  if rest is not None and singles:
+    for i, res in zip(singles, rest(singles), strict=True):
+      record(i, tuple(res))
+  else:
+    for i in singles:
+      record(i, tuple(fn(keys[i], *(a[i] for a in arrays))))
+  for key, idx in groups.items():
+    if len(idx) == 1:
+      continue
+    stacks = [jnp.stack([a[i] for i in idx]) for a in arrays]
+    res = jax.vmap(lambda *xs, key=key: tuple(fn(key, *xs)))(*stacks)
+    cut = len(res) - num_flat
+    for j, i in enumerate(idx):
+      per_leaf[i] = tuple(r[j] for r in res[:cut])
+    for k in range(num_flat):
+      pieces[k].append(res[cut + k].reshape(-1))
+    if num_flat:
+      size = int(np.prod(res[cut].shape[1:]))
+      owners.extend((i, size) for i in idx)
+  if not num_flat:
+    return per_leaf, []
+  if not owners:
+    return per_leaf, [None] * num_flat
+  # Where each leaf's entries sit in the concatenated pieces.
+  starts, offset = {}, 0
+  for i, size in owners:
+    starts[i] = (offset, size)
+    offset += size
+  order = np.concatenate(
+    [np.arange(starts[i][0], starts[i][0] + starts[i][1]) for i in range(n)]
+  ).astype(np.int32)
+  identity = bool(np.array_equal(order, np.arange(order.size)))
+  flat: list[jax.Array | None] = []
+  for k in range(num_flat):
+    dtype = _widest(p.dtype for p in pieces[k])
+    vec = jnp.concatenate([p.astype(dtype) for p in pieces[k]])
+    flat.append(vec if identity else vec[order])
+  return per_leaf, flat
+
+
+def reduction_groups(
+  leaves: Sequence[jax.Array], cast: Callable[[Any], Any]
+) -> list[jax.Array]:
+  """The arrays a whole-tree reduction runs over: large leaves and buckets.
+
+  Small leaves (fewer than :data:`SMALL_LEAF_SIZE` elements, and unsharded,
+  see :func:`_may_bucket`) are flattened and concatenated into one bucket per
+  dtype; large leaves are returned as they are. Real leaves come back cast to
+  ``cast(dtype)`` (the cast fuses into the reduction or the concatenation),
+  complex leaves keep their dtype. Empty leaves are dropped.
+
+  Args:
+    leaves: the arrays.
+    cast: maps a real leaf's dtype to the dtype its group is reduced in.
+
+  Returns:
+    A list of arrays whose elements, taken together, are the tree's elements.
+  """
+  groups: list[jax.Array] = []
+  buckets: dict[Any, list[jax.Array]] = {}
+  for x in leaves:
+    if x.size == 0:
+      continue
+    dtype = x.dtype if jnp.iscomplexobj(x) else cast(x.dtype)
+    if x.size < SMALL_LEAF_SIZE and _may_bucket(x):
+      buckets.setdefault(jnp.dtype(dtype), []).append(
+        x.reshape(-1).astype(dtype)
+      )
+    else:
+      groups.append(x.astype(dtype))
+  for bucket in buckets.values():
+    flat = bucket[0] if len(bucket) == 1 else jnp.concatenate(bucket)
+    # Without the barrier XLA fuses the element-wise work of thousands of
+    # leaves and the concatenation into one reduction whose compile time grows
+    # with the number of leaves (~16 s for 2000 leaves, as slow as optax);
+    # with it the bucket is one copy and one cheap reduction (~3 s).
+    groups.append(_barrier(flat))
+  return groups
+
+
+@jax.custom_jvp
+def _barrier(x: jax.Array) -> jax.Array:
+  """``lax.optimization_barrier`` with an identity derivative.
+
+  jax < 0.6 has no differentiation rule for the barrier; the barrier only
+  orders compilation, so its tangent is the input's tangent.
+  """
+  return jax.lax.optimization_barrier(x)
+
+
+@_barrier.defjvp
+def _barrier_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  return _barrier(x), x_dot
+
+
+def count_true(masks: Sequence[jax.Array]) -> jax.Array:
+  """How many elements of the boolean ``masks`` are True, as int32.
+
+  Uses the same bucketing as the norms, so thousands of small masks cost one
+  reduction (and sharded ones are never gathered).
+  """
+  groups = reduction_groups(
+    [m.astype(jnp.float32) for m in masks], lambda d: jnp.dtype(jnp.float32)
+  )
+  if not groups:
+    return jnp.zeros((), jnp.int32)
+  return jnp.sum(jnp.stack([jnp.sum(g) for g in groups])).astype(jnp.int32)
