@@ -48,8 +48,11 @@ def quick(tmp_path_factory):
 
 def test_every_task_and_clipper_has_a_row(quick):
   study, out, results = quick
-  assert set(results["tasks"]) == {"lm", "digits", "adding", "dp_digits"}
+  assert set(results["tasks"]) == {"lm", "digits", "adding", "dp_digits",
+                                   "transformer"}
   for name, task in results["tasks"].items():
+    if name == "transformer":
+      continue
     expected = (study.clippers_lib.DP_CLIPPERS if name == "dp_digits"
                 else study.clippers_lib.CLIPPERS)
     if name != study.QUICK_ALL_CLIPPERS_TASK:
@@ -71,6 +74,42 @@ def test_every_task_and_clipper_has_a_row(quick):
   markdown = (out / "stability.md").read_text()
   for name in results["tasks"]:
     assert f"## {name}:" in markdown
+
+
+def test_transformer_task_reports_its_rows(quick):
+  study, out, results = quick
+  task = results["tasks"]["transformer"]
+  expected = [r.name for r in study.transformer_lib._rows()
+              if r.name in study.transformer_lib.QUICK_ROWS]
+  assert [row["clipper"] for row in task["rows"]] == expected
+  assert len(task["learning_rates"]) == 2
+  for row in task["rows"]:
+    v = row["variants"]["default"]
+    assert len(v["median_metric"]) == 2
+    assert len(v["max_logit_per_layer"]) == 2
+    assert all(s >= 0 for s in v["lr_sensitivity"])
+  # The smoke run's top learning rate already grows layer-0 logits far past
+  # the qk-layernorm model's.
+  by_name = {row["clipper"]: row["variants"]["default"] for row in task["rows"]}
+  plain = by_name["none"]["max_logit_per_layer"][-1][0]
+  normed = by_name["qk_layernorm"]["max_logit_per_layer"][-1][0]
+  assert plain > 10 * normed
+  assert "### transformer: LR sensitivity" in (out / "stability.md").read_text()
+
+
+def test_lr_sensitivity_by_hand():
+  study = _load()
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  # Two learning rates x two seeds. Seed 0: losses 2.0 and 3.0 (init 4.0):
+  # best 2.0, mean excess (0 + 1) / 2 = 0.5. Seed 1: 2.5 and NaN (init
+  # 3.0): NaN counts as init, best 2.5, mean excess (0 + 0.5) / 2 = 0.25.
+  final = np.array([[2.0, 2.5], [3.0, np.nan]])
+  initial = np.array([[4.0, 3.0], [4.0, 3.0]])
+  np.testing.assert_allclose(
+      study.transformer_lib.lr_sensitivity(final, initial), [0.5, 0.25])
+  # A loss above init is capped at init.
+  np.testing.assert_allclose(study.transformer_lib.lr_sensitivity(
+      np.array([[1.0], [9.0]]), np.array([[2.0], [2.0]])), [0.5])
 
 
 @pytest.mark.parametrize("task", ["adding"])

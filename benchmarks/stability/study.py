@@ -54,6 +54,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import clippers as clippers_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 import tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+import transformer as transformer_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+
+# The tasks of the study: the four of tasks.py, and the transformer
+# instability task of transformer.py (its own rows and metrics).
+TASK_NAMES = (*tasks_lib.TASKS, "transformer")
 
 REPORT_SEEDS = (0, 1, 2)
 TUNING_SEEDS = (100, 101)
@@ -204,6 +209,12 @@ def run(task_names, *, quick: bool, clipper_names=None, log=print):
       "jax": jax.__version__, "quick": quick, "tasks": {},
   }
   for name in task_names:
+    if name == "transformer":
+      start = time.perf_counter()
+      results["tasks"][name] = transformer_lib.run(
+          quick=quick, names=clipper_names, log=log)
+      results["tasks"][name]["seconds"] = time.perf_counter() - start
+      continue
     kwargs = {"steps": QUICK_STEPS[name]} if quick else {}
     task = tasks_lib.TASKS[name](**kwargs)
     if quick:
@@ -225,6 +236,23 @@ def run(task_names, *, quick: bool, clipper_names=None, log=print):
     }
     results["tasks"][name]["seconds"] = time.perf_counter() - start
   return results
+
+
+def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+  """``saved`` with the rows of ``new`` added or replaced, task by task."""
+  for name, task in new["tasks"].items():
+    old = saved["tasks"].get(name)
+    if old is None or old["learning_rates"] != task["learning_rates"]:
+      saved["tasks"][name] = task
+      continue
+    by_name = {row["clipper"]: row for row in old["rows"]}
+    by_name.update({row["clipper"]: row for row in task["rows"]})
+    old["rows"] = list(by_name.values())
+    old["seconds"] = sum(row.get("seconds", 0.0) for row in old["rows"])
+  saved["date"], saved["jax"] = new["date"], new["jax"]
+  saved["seconds"] = sum(t.get("seconds", 0.0)
+                         for t in saved["tasks"].values())
+  return saved
 
 
 def _quick(task):
@@ -263,6 +291,8 @@ def write_markdown(results, path: pathlib.Path) -> None:
         lines.append(f"| {row['clipper']} | {label} | " + " | ".join(cells)
                      + f" | {v['stable_range']:g} | {best} |")
     lines.append("")
+    if name == "transformer":
+      lines += transformer_lib.markdown(task)
   path.write_text("\n".join(lines))
 
 
@@ -316,18 +346,23 @@ def write_heatmaps(results, out: pathlib.Path) -> list[pathlib.Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     paths.append(path)
+    if name == "transformer":
+      paths += transformer_lib.figures(task, out)
   return paths
 
 
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--tasks", default=",".join(tasks_lib.TASKS))
+  parser.add_argument("--tasks", default=",".join(TASK_NAMES))
   parser.add_argument("--clippers", default="")
   parser.add_argument("--out", default=str(RESULTS_DIR))
   parser.add_argument("--no-plots", action="store_true")
   parser.add_argument("--from-json", default="",
                       help="rewrite the report and plots of a saved run")
+  parser.add_argument("--update", action="store_true",
+                      help="merge the rows of this run into the saved "
+                           "stability.json in --out (same task settings)")
   args = parser.parse_args(argv)
   if args.from_json:
     results = json.loads(pathlib.Path(args.from_json).read_text())
@@ -341,6 +376,9 @@ def main(argv=None) -> dict[str, Any]:
   results["seconds"] = time.perf_counter() - start
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  if args.update and (out / "stability.json").exists():
+    results = merge(json.loads((out / "stability.json").read_text()),
+                    results)
   (out / "stability.json").write_text(json.dumps(results, indent=1))
   write_markdown(results, out / "stability.md")
   if not args.no_plots:
