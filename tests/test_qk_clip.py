@@ -606,7 +606,7 @@ def test_nnx_char_lm_example_trains_with_its_logits_held_near_tau():
   )
   example = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(example)
-  history = example.main(steps=40, threshold=TAU, verbose=False)
+  history = example.main(steps=25, threshold=TAU, verbose=False)
   losses = np.array(history["loss"])
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
   assert sum(history["clipped"]) > 0
