@@ -52,8 +52,18 @@ def test_registry_row_makes_an_extra_args_transform(row):
       assert isinstance(make(), optax.GradientTransformationExtraArgs)
 
 
+_INT_DTYPES = [jnp.int32, jnp.uint8, jnp.bool_]
+
+
+def _leaf_message(fn: str, tree: str, dtype) -> str:
+  return (
+    rf"^{fn}: every leaf of {tree} must be a floating-point \(or complex\)"
+    rf" array, but the leaf at 'step/count' has dtype {np.dtype(dtype).name}"
+  )
+
+
 @pytest.mark.parametrize("row", ROWS, ids=repr)
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_], ids=["int32", "bool"])
+@pytest.mark.parametrize("dtype", _INT_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_integer_and_bool_leaves_are_a_type_error_naming_the_path(
   row, dtype, use_jit
 ):
@@ -64,8 +74,29 @@ def test_integer_and_bool_leaves_are_a_type_error_naming_the_path(
   shape = (registry.BATCH,) if row.per_example else ()
   bad["step"] = {"count": jnp.zeros(shape, dtype)}
   update = maybe_jit(registry.update_fn(row, tx), use_jit)
-  with pytest.raises(TypeError, match=r"step/count.*" + np.dtype(dtype).name):
+  # A wrapper may leave the check to the transform it wraps.
+  fn = r"\w+" if row.wrapper else row.factory.__name__
+  with pytest.raises(TypeError, match=_leaf_message(fn, "updates", dtype)):
     update(bad, state, params)
+
+
+@pytest.mark.parametrize(
+  "fn", [oc.global_norm, oc.tree_norms], ids=lambda f: f.__name__
+)
+@pytest.mark.parametrize("dtype", _INT_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_norm_functions_reject_integer_leaves_naming_the_path(fn, dtype):
+  tree = {"w": jnp.ones(3), "step": {"count": jnp.zeros((2,), dtype)}}
+  with pytest.raises(TypeError, match=r"step/count.*" + np.dtype(dtype).name):
+    fn(tree)
+
+
+def test_low_precision_and_complex_leaves_pass_the_leaf_check():
+  tree = {
+    "bf16": jnp.ones(2, jnp.bfloat16),
+    "f16": jnp.ones(2, jnp.float16),
+    "c64": jnp.ones(2, jnp.complex64),
+  }
+  np.testing.assert_allclose(float(oc.global_norm(tree)), np.sqrt(6.0))
 
 
 @pytest.mark.parametrize("row", DIAGNOSTIC_ONLY, ids=repr)
@@ -85,7 +116,12 @@ def test_state_none_rebuilds_a_diagnostic_state(row, use_jit):
 def test_state_none_on_a_transform_with_history_says_call_init(row):
   tx = row.make()
   params = registry.params(row, seed=2)
-  with pytest.raises(ValueError, match=r"state=None.*tx\.init"):
+  message = (
+    rf"^{row.factory.__name__}: update\(\) got state=None, but this"
+    r" transform keeps history between steps\. Create the state first:"
+    r" state = tx\.init\(params\)"
+  )
+  with pytest.raises(ValueError, match=message):
     registry.update_fn(row, tx)(registry.updates(row, params), None, params)
 
 
