@@ -40,7 +40,7 @@ PathSpec = str | Callable[[str], bool] | None
 class QKClipState(NamedTuple):
   """State of :func:`qk_clip`: what the last step saw and did.
 
-  Per-head fields are :class:`~optaxclip._tree.PathValues` keyed by the
+  Per-head fields are :class:`optaxclip.PathValues` keyed by the
   attention layer's path, one value per query head (``(*layers, heads)`` for
   stacked layers); ``clip_stats`` returns them per path.
   """
@@ -488,10 +488,11 @@ def qk_clip(
   Args:
     threshold: :math:`\tau > 0`, finite; may be a schedule under
       ``optax.inject_hyperparams``.
-    query, key: pattern (or callable ``(relative path) -> bool``) naming the
-      query and key projections relative to their attention module; every
-      leaf below a match (kernel and bias) is selected. The attention module
-      is the path ``max_logits`` is keyed by.
+    query: pattern (or callable ``(relative path) -> bool``) naming the
+      query projection relative to its attention module; every leaf below a
+      match (kernel and bias) is selected. The attention module is the path
+      ``max_logits`` is keyed by.
+    key: the same for the key projection.
     qkv: pattern of fused projections holding ``[q | k | v]`` heads.
     layout: where heads sit in a layer's leaf: ``"flax"`` ``(..., heads,
       head_dim)``, ``"dense"`` ``(..., heads*head_dim)``, ``"torch"``
@@ -568,11 +569,10 @@ def qk_clip(
     )
 
   def fresh_state(plan: tuple[_Attention, ...], dtype: Any) -> QKClipState:
-    segments = _segments(plan)
-    size = sum(int(np.prod(a.shape)) for a in plan)
+    layout = _tree.Layout(_segments(plan))
     return QKClipState(
-      qk_max_logits=_tree.PathValues(jnp.zeros((size,), dtype), segments),
-      qk_gamma=_tree.PathValues(jnp.ones((size,), dtype), segments),
+      qk_max_logits=layout.full(0, dtype),
+      qk_gamma=layout.full(1, dtype),
       qk_max_logit=jnp.zeros((), dtype),
       qk_num_clipped_heads=jnp.zeros((), jnp.int32),
       qk_num_nonfinite_heads=jnp.zeros((), jnp.int32),
@@ -600,7 +600,11 @@ def qk_clip(
     dtype = _norms.tree_accumulation_dtype(params)
     if state is None:
       state = fresh_state(plan, dtype)
-    if tuple(getattr(state.qk_max_logits, "segments", ())) != _segments(plan):
+    layout = _tree.Layout(_segments(plan))
+    known = getattr(state.qk_max_logits, "segments", None)
+    if (known is None and np.shape(state.qk_max_logits) != (layout.size,)) or (
+      known is not None and tuple(known) != layout.segments
+    ):
       raise ValueError(
         f"{_FN}: the state was created by init on different params: it has"
         f" attention layers {getattr(state.qk_max_logits, 'segments', None)},"
@@ -644,12 +648,9 @@ def qk_clip(
           out[leaf.index], _tree.unwrap(param_leaves[leaf.index]), factor
         )
     flat_max = jnp.concatenate([jnp.ravel(m) for m in maxima])
-    segments = _segments(plan)
     new_state = QKClipState(
-      qk_max_logits=_tree.PathValues(flat_max, segments),
-      qk_gamma=_tree.PathValues(
-        jnp.concatenate([jnp.ravel(g) for g in gammas]), segments
-      ),
+      qk_max_logits=layout.wrap(flat_max),
+      qk_gamma=layout.wrap(jnp.concatenate([jnp.ravel(g) for g in gammas])),
       qk_max_logit=jnp.max(flat_max),
       qk_num_clipped_heads=sum(clipped_counts, jnp.zeros((), jnp.int32)),
       qk_num_nonfinite_heads=sum(nonfinite_counts, jnp.zeros((), jnp.int32)),

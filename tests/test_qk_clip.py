@@ -546,6 +546,9 @@ def test_update_errors_name_what_is_missing():
     tx.update(params, state, params, max_logits={"attn": jnp.ones(3)})
   with pytest.raises(ValueError, match=r"not \(below\) any attention"):
     tx.update(params, state, params, max_logits={"mlp": jnp.ones(4)})
+  other = oc.qk_clip(TAU).init(_mha(_rng(15), heads=2, kv_heads=2))
+  with pytest.raises(ValueError, match="different params"):
+    tx.update(params, other, params, max_logits={"attn": jnp.ones(4)})
   with pytest.raises(ValueError, match="no query/key projection"):
     oc.qk_clip(TAU, query="wq", key="wk").init(params)
   with pytest.raises(ValueError, match="no key projection"):
