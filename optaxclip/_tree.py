@@ -517,10 +517,9 @@ class PathValues:
     values: the flat vector, leaf after leaf in ``jax.tree.leaves`` order.
     segments: ``(path, shape)`` per leaf (or group): the static layout.
 
-  Returns:
-    A pytree node with the one child ``values``; ``items()`` gives
-    ``(path, value)`` pairs, and the array attributes (``shape``,
-    ``dtype``, ``np.asarray``, indexing) are those of ``values``.
+  It is a pytree node with the one child ``values``; ``items()`` gives
+  ``(path, value)`` pairs, and the array attributes (``shape``, ``dtype``,
+  ``np.asarray``, indexing) are those of ``values``.
 
   Examples:
     >>> import jax.numpy as jnp, optaxclip as oc
