@@ -683,3 +683,61 @@ def test_negative_maxima_at_a_large_learning_rate_stay_finite():
   assert np.isfinite(losses).all()
   params = nnx.state(model, nnx.Param)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.skipif(helpers.flax_version() < (0, 11), reason="nnx API")
+def test_nnx_scanned_blocks_return_their_maxima():
+  """Blocks made by nnx.vmap and run by nnx.scan: every parameter has a
+  leading layer axis and the scan returns (layers, heads) maxima."""
+  from flax import nnx
+
+  layers, d, heads = 3, 8, 2
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      init = nnx.initializers.normal(2.0)
+      self.wq = nnx.Param(init(rngs.params(), (d, heads, d // heads)))
+      self.wk = nnx.Param(init(rngs.params(), (d, heads, d // heads)))
+
+    def __call__(self, x):
+      q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
+      k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])
+      out = jax.nn.dot_product_attention(q, k, q, is_causal=True)
+      return x + out.reshape(x.shape), oc.max_attention_logits(
+        q, k, is_causal=True
+      )
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return Block(rngs)
+
+      self.blocks = make(rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+      def run(x, block):
+        return block(x)
+
+      x, maxima = run(x, self.blocks)
+      return x.sum(), maxima
+
+  model = Model(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(6), (2, 5, d))
+  tx = optax.chain(
+    optax.sgd(0.0),
+    oc.qk_clip(
+      TAU, query="wq", key="wk", stacked=oc.stacked_by_path({"blocks": 1})
+    ),
+  )
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  (_, before), grads = nnx.value_and_grad(lambda m: m(x), has_aux=True)(model)
+  assert before.shape == (layers, heads) and float(jnp.max(before)) > TAU
+  optimizer.update(model, grads, max_logits={"blocks": before})
+  # Layer 0 sees the same input, so its heads land exactly on min(S, tau).
+  _, after = model(x)
+  np.testing.assert_allclose(after[0], np.minimum(before[0], TAU), rtol=1e-5)
+  gamma = oc.clip_stats(optimizer.opt_state)["qk_clip/qk_gamma/blocks"]
+  np.testing.assert_allclose(gamma, reference.qk_gamma(before, TAU), rtol=1e-6)
