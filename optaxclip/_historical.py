@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scale, _stats, _tree, _validate
+from optaxclip import _norms, _scale, _skip, _stats, _tree, _validate
 
 _FN = "clip_by_historical_norm"
 DEFAULT_WINDOW = 128
@@ -70,20 +70,9 @@ def historical_threshold(
   window = norms.shape[0]
   dtype = norms.dtype
   count = jnp.asarray(count).astype(jnp.int32)
-  held = jnp.arange(window, dtype=jnp.int32) < count
-  zeros = jnp.zeros_like(norms)
-  held_norms = jnp.where(held, norms, zeros)
-  # Moments of the norms divided by a power of two near the largest: exact
-  # (no rounding from the division), and neither the sum nor the squares
-  # overflow for norms near the top of the dtype's range.
-  _, exponent = jnp.frexp(jnp.max(held_norms))
-  unit = jnp.ldexp(jnp.ones((), dtype), exponent)
-  denominator = jnp.maximum(count, 1).astype(dtype)
-  mean = jnp.sum(held_norms / unit) / denominator
-  centred = jnp.where(held, norms / unit - mean, zeros)
-  variance = jnp.sum(centred * centred) / denominator
-  std = _norms.std_from_variance(variance) * unit
-  mean = mean * unit
+  # skip_step's window statistics: two passes in power-of-two units, so
+  # norms near the top of the dtype's range neither overflow nor round.
+  mean, std = _skip._rolling_mean_std(norms, count)
   spread = jnp.asarray(sigmas).astype(dtype) * jnp.maximum(std, _MIN_STD)
   active = count >= max(2, window // 2)
   return jnp.where(active, mean + spread, jnp.full((), math.inf, dtype))
