@@ -12,7 +12,13 @@ from optaxclip._historical import (
   ClipByHistoricalNormState,
   clip_by_historical_norm,
 )
-from optaxclip._monitor import RecordNormsState, record_norms, tree_norms
+from optaxclip._monitor import (
+  RecordNormsEmaState,
+  RecordNormsState,
+  record_norms,
+  top_spikes,
+  tree_norms,
+)
 from optaxclip._norm_clip import (
   ClipByBlockRmsState,
   ClipByGlobalNormGroupsState,
@@ -64,6 +70,7 @@ __all__ = (
   "MomentumResetState",
   "PathValues",
   "QKClipState",
+  "RecordNormsEmaState",
   "RecordNormsState",
   "ShadowState",
   "SkipAndClipByGlobalNormState",
@@ -97,6 +104,7 @@ __all__ = (
   "spam_clip",
   "spectral_clip",
   "stacked_by_path",
+  "top_spikes",
   "tree_norms",
   "zclip",
 )

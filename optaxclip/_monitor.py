@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaxclip import _norms, _stats, _tree, _validate
@@ -113,13 +114,68 @@ class RecordNormsState(NamedTuple):
   recorded_norms: _tree.PathValues
 
 
+@_stats.register_state(
+  "record_norms", history=("spike_norm_ema", "spike_norm_count")
+)
+class RecordNormsEmaState(NamedTuple):
+  """State of ``record_norms(ema=...)``: norms, their history, spike ratios.
+
+  Every field is laid out as :class:`RecordNormsState`'s
+  ``recorded_norms`` (a :class:`~optaxclip.PathValues`, one entry per leaf
+  or layer slice). ``clip_stats`` shows the norms and the ratios; the EMA
+  and the counts are history (``include_history=True``).
+  """
+
+  # float: this step's norms, as RecordNormsState's recorded_norms.
+  spike_norms: _tree.PathValues
+  # float: the EMA of each entry's finite, positive norms after this step,
+  # before bias correction.
+  spike_norm_ema: _tree.PathValues
+  # int32: how many norms each EMA holds; saturates at 2**31 - 1.
+  spike_norm_count: _tree.PathValues
+  # float: this step's norm over the bias-corrected EMA of the earlier
+  # steps; 1 while an entry has no history, inf/NaN for a non-finite norm.
+  spike_ratio: _tree.PathValues
+
+
+def _norm_ema_step(
+  norms: jax.Array, ema: jax.Array, count: jax.Array, decay: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One step of ``record_norms``' EMA on flat vectors: the ratio to the
+  history before this step, then the EMA and counts after it.
+
+  The EMA is bias-corrected as Adam's moments are, so the first ratios
+  compare with the mean of the few norms seen so far rather than with a
+  value dragged towards the zero it starts from. Zero and non-finite norms
+  are not observations (a frozen tensor, a NaN step): they leave the EMA
+  alone, and a non-finite norm shows as an inf or NaN ratio.
+  """
+  dtype = ema.dtype
+  if _validate.is_traced(decay):
+    rate = 1 - jnp.asarray(decay).astype(dtype)
+  else:  # 1 - decay rounded once, not after decay's own rounding
+    rate = jnp.asarray(1.0 - float(np.asarray(decay)), dtype)
+  # 1 - decay**count without cancellation for small rates.
+  correction = -jnp.expm1(count.astype(dtype) * jnp.log1p(-rate))
+  prior = ema / jnp.where(count > 0, correction, jnp.ones_like(correction))
+  known = (count > 0) & (prior > 0)
+  safe_prior = jnp.where(known, prior, jnp.ones_like(prior))
+  ratio = jnp.where(known, norms / safe_prior, jnp.ones_like(norms))
+  observed = jnp.isfinite(norms) & (norms > 0)
+  safe_norms = jnp.where(observed, norms, ema)
+  new_ema = jnp.where(observed, ema + rate * (safe_norms - ema), ema)
+  bumped = optax.safe_int32_increment(count)
+  return new_ema, jnp.where(observed, bumped, count), ratio
+
+
 def record_norms(
   *,
   ord: Any | None = None,  # pylint: disable=redefined-builtin
   stacked: Any = None,
   name: str | None = None,
+  ema: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """An identity transform that records per-leaf norms of what flows through.
+  r"""An identity transform that records per-leaf norms of what flows through.
 
   Place it anywhere in a chain to log the per-layer norms at that point:
 
@@ -135,6 +191,12 @@ def record_norms(
   costs one state leaf; ``update(updates, None)`` works (the state holds no
   history).
 
+  With ``ema=beta`` it also keeps, per entry, a bias-corrected EMA
+  :math:`\hat m` of the earlier finite, positive norms and this step's
+  spike ratio :math:`\|g\|_t / \hat m_{t-1}` (1 while there is no
+  history), in a :class:`RecordNormsEmaState`; :func:`top_spikes` lists
+  the leaves that spiked most.
+
   Decision: a vector rather than a dict of scalars, because small leaves'
   norms come out of a vmapped stack as one vector, and slicing 2000 scalars
   back out costs XLA:CPU one compiled kernel each (the 2000-leaf benchmark
@@ -148,9 +210,19 @@ def record_norms(
       the same name ``"pre_clip_1/<path>"``). A non-empty string without
       ``"/"`` that is not a clipper's prefix; ``None`` (default) keeps
       ``"record_norms"``.
+    ema: ``None`` (default) to record norms only, or the EMA decay in
+      (0, 1), e.g. 0.99, for spike ratios. May be a schedule under
+      ``optax.inject_hyperparams``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`RecordNormsState`, or with ``ema`` a
+    :class:`RecordNormsEmaState` (then ``update`` needs a state from
+    ``init``: the EMA is history).
+
+  Raises:
+    ValueError: an unsupported ``ord``, ``ema`` outside (0, 1), or (from
+      ``update``) a state from ``init`` on another tree.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optaxclip as oc
@@ -169,7 +241,13 @@ def record_norms(
   fn = "record_norms"
   norm_ord = _validate.canonical_ord(fn, 2 if ord is None else ord)
   slicing = _tree.Slicing(fn, stacked)
-  state_cls = _stats.named_state(RecordNormsState, fn, name)
+  if ema is not None:
+    _validate.check_in_range(
+      fn, "ema", ema, 0.0, 1.0, low_open=True, high_open=True
+    )
+  state_cls: Any = _stats.named_state(
+    RecordNormsState if ema is None else RecordNormsEmaState, fn, name
+  )
 
   def recorded(tree, dtype=None):
     _tree.check_float_leaves(fn, tree)
@@ -182,15 +260,135 @@ def record_norms(
     _tree.check_float_leaves(fn, params, "params")
     layout = slicing.layout(params)
     dtype = _norms.tree_accumulation_dtype(params)
-    return state_cls(recorded_norms=layout.full(0, dtype))
+    if ema is None:
+      return state_cls(recorded_norms=layout.full(0, dtype))
+    return state_cls(
+      spike_norms=layout.full(0, dtype),
+      spike_norm_ema=layout.full(0, dtype),
+      spike_norm_count=layout.full(0, jnp.int32),
+      spike_ratio=layout.full(1, dtype),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    if state is None:
+    if state is None and ema is None:
       return updates, state_cls(recorded_norms=recorded(updates)[1])
+    _tree.require_state(fn, state)
     # The dtype init chose, every step (lax.cond in MultiSteps needs it).
-    layout, values = recorded(updates, state.recorded_norms.dtype)
-    layout.check(fn, state.recorded_norms)
-    return updates, state_cls(recorded_norms=values)
+    last = state.recorded_norms if ema is None else state.spike_norms
+    layout, values = recorded(updates, last.dtype)
+    layout.check(fn, last)
+    if ema is None:
+      return updates, state_cls(recorded_norms=values)
+    new_ema, count, ratio = _norm_ema_step(
+      _tree.values_of(values),
+      _tree.values_of(state.spike_norm_ema),
+      _tree.values_of(state.spike_norm_count),
+      ema,
+    )
+    return updates, state_cls(
+      spike_norms=values,
+      spike_norm_ema=layout.wrap(new_ema),
+      spike_norm_count=layout.wrap(count),
+      spike_ratio=layout.wrap(ratio),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _host(x: Any) -> np.ndarray:
+  """A state array on the host, unwrapping Flax ``OptArray`` variables."""
+  while not isinstance(x, (jax.Array, np.ndarray, np.generic)) and hasattr(
+    x, "value"
+  ):
+    x = x.value
+  return np.asarray(x)
+
+
+def top_spikes(
+  opt_state: Any, k: int | None = 5, *, index: int = 0
+) -> list[tuple[str, float, float]]:
+  r"""The leaves whose norm jumped most against their own history.
+
+  Reads a ``record_norms(ema=...)`` state (the ``index``-th in pytree
+  order; for ``optax.chain``, chain order) on the host and ranks its
+  entries by the spike ratio of the last step,
+
+  .. math::
+    r_\ell = \frac{\|g_\ell\|_t}{\hat m_{\ell, t-1}}, \qquad
+    \hat m_{\ell, t-1} = \frac{m_{\ell, t-1}}{1 - \beta^{n_\ell}},
+
+  where :math:`m` is the EMA (decay :math:`\beta`) of the leaf's earlier
+  finite, positive norms and :math:`n_\ell` their number. Entries with a
+  non-finite ratio (an inf or NaN norm) come first, then the largest
+  ratios; ties keep leaf order. A stacked leaf contributes one entry per
+  layer, named ``"blocks/kernel[3]"``. Put the recorder first in the chain
+  (outside ``skip_step``) so it also sees the steps that are skipped; see
+  the recipe in the docs, "A spike fired: which layers?".
+
+  Args:
+    opt_state: any optimizer state holding a ``record_norms(ema=...)``
+      state (also a Flax ``nnx.Optimizer``'s ``opt_state``).
+    k: how many entries to return (``None``: all).
+    index: which ``record_norms(ema=...)`` state, in pytree order.
+
+  Returns:
+    A list of ``(path, norm, ratio)`` with Python floats, largest spike
+    first.
+
+  Raises:
+    ValueError: no such state in ``opt_state``, or ``k < 1``.
+    TypeError: a ``k`` or ``index`` that is not an int.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optaxclip as oc
+    >>> tx = optax.chain(oc.record_norms(ema=0.9), optax.sgd(0.1))
+    >>> params = {"attn": jnp.ones(4), "mlp": jnp.ones(4)}
+    >>> state = tx.init(params)
+    >>> for scale in (1.0, 1.0, 1.0):
+    ...   _, state = tx.update({"attn": jnp.ones(4), "mlp": scale * jnp.ones(4)},
+    ...                        state, params)
+    >>> spike = {"attn": jnp.ones(4), "mlp": 30.0 * jnp.ones(4)}
+    >>> _, state = tx.update(spike, state, params)
+    >>> [(path, norm, round(ratio, 3))
+    ...  for path, norm, ratio in oc.top_spikes(state, k=1)]
+    [('mlp', 60.0, 30.0)]
+
+  References:
+    Wortsman et al., `Small-scale proxies for large-scale Transformer
+    training instabilities <https://arxiv.org/abs/2309.14322>`_, 2023
+    (per-layer monitoring of instabilities).
+  """
+  fn = "top_spikes"
+  if k is not None:
+    k = _validate.check_static_int(fn, "k", k, minimum=1)
+  index = _validate.check_static_int(fn, "index", index, minimum=0)
+  is_ema = lambda node: isinstance(node, RecordNormsEmaState)
+  found = [
+    node for node in jax.tree.leaves(opt_state, is_leaf=is_ema) if is_ema(node)
+  ]
+  if index >= len(found):
+    raise ValueError(
+      f"{fn}: the optimizer state holds {len(found)} record_norms(ema=...)"
+      f" states, so there is none at index={index}. Add one to the chain,"
+      " e.g. optax.chain(oc.record_norms(ema=0.99), ...), and pass the"
+      " state it returns."
+    )
+  state = found[index]
+  if not isinstance(state.spike_norms, _tree.PathValues):
+    return []  # a tree without leaves
+  segments = state.spike_norms.segments
+  norms = _host(state.spike_norms.values).astype(np.float64)
+  ratios = _host(state.spike_ratio.values).astype(np.float64)
+  entries, start = [], 0
+  for path, shape in segments:
+    for offset, where in enumerate(np.ndindex(*shape)):
+      name = f"{path}[{', '.join(map(str, where))}]" if shape else path
+      entries.append(
+        (name, float(norms[start + offset]), float(ratios[start + offset]))
+      )
+    start += int(np.prod(shape, dtype=np.int64))
+  entries.sort(
+    key=lambda e: (np.isfinite(e[2]), -e[2] if np.isfinite(e[2]) else 0.0)
+  )
+  return entries if k is None else entries[:k]

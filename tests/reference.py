@@ -1229,3 +1229,26 @@ def spectra_rectangular_factor(rows: int, cols: int) -> float:
   """The factor SPECTRA's step multiplies a clipped (out, in) PyTorch weight
   by: sqrt(max(1, out / in)), as Muon does."""
   return math.sqrt(max(1.0, rows / cols))
+
+
+def norm_ema_ratios(norms, decay: float):
+  """``record_norms(ema=decay)`` by plain loops, in float64.
+
+  ``norms``: (steps, entries). Per step and entry, the ratio of this step's
+  norm to the bias-corrected EMA of the earlier finite, positive norms (1
+  while there are none), then the EMA takes in this norm if it is finite
+  and positive. Returns ``(ratios, ema, count)``: ratios per step, and the
+  raw EMA and observation count after the last step.
+  """
+  norms = np.asarray(norms, np.float64)
+  ema = np.zeros(norms.shape[1])
+  count = np.zeros(norms.shape[1], np.int64)
+  ratios = np.ones_like(norms)
+  for t, step in enumerate(norms):
+    for i, n in enumerate(step):
+      if count[i]:
+        ratios[t, i] = n / (ema[i] / (1.0 - decay ** count[i]))
+      if math.isfinite(n) and n > 0:
+        ema[i] = decay * ema[i] + (1.0 - decay) * n
+        count[i] += 1
+  return ratios, ema, count

@@ -58,6 +58,7 @@ NOT_TRANSFORMS = frozenset(
     "global_norm",
     "max_attention_logits",
     "stacked_by_path",
+    "top_spikes",
     "tree_norms",
   }
 )
@@ -237,6 +238,13 @@ ROWS: list[Row] = [
     "record_norms",
     oc.record_norms,
     lambda: oc.record_norms(),
+  ),
+  # With ema= the recorder keeps per-leaf history (EMAs of the norms).
+  Row(
+    "record_norms_ema",
+    oc.record_norms,
+    lambda: oc.record_norms(ema=0.9),
+    keeps_history=True,
   ),
   # autoclip has no fixed threshold: the configurations differ in percentile.
   Row(

@@ -18,6 +18,8 @@ import pytest
 import optaxclip as oc
 from helpers import maybe_jit
 
+import reference
+
 ORDS = [2, 1, math.inf]
 
 
@@ -254,3 +256,124 @@ def test_paths_that_print_alike_are_an_error_not_a_dropped_key():
   # Distinct paths with "/" inside keys are fine and keep their spelling.
   norms = oc.tree_norms({"mlp/~/linear_0": {"w": jnp.ones(4)}})
   assert list(norms) == ["mlp/~/linear_0/w"]
+
+
+# --- record_norms(ema=...) and top_spikes: which layers spiked --------------
+
+
+def _ema_steps(rng):
+  """Six steps of a tree with a stacked leaf: steady, a zero step for the
+  head, then a spike in layer 2 of the stack."""
+  base = {"blocks": rng.standard_normal((3, 4, 2)), "head": rng.standard_normal(5)}
+  scales = [(1.0, 1.0), (1.1, 0.0), (0.9, 1.2), (1.0, 1.0), (1.05, 0.8)]
+  steps = [{"blocks": base["blocks"] * s, "head": base["head"] * h}
+           for s, h in scales]
+  spike = {"blocks": base["blocks"].copy(), "head": base["head"]}
+  spike["blocks"][2] *= 40.0
+  return steps + [spike]
+
+
+def _slice_norms64(tree):
+  """float64 per-slice norms in the state's order: 3 layers, then head."""
+  blocks = np.asarray(tree["blocks"], np.float64)
+  return np.array([np.linalg.norm(b) for b in blocks]
+                  + [np.linalg.norm(np.asarray(tree["head"], np.float64))])
+
+
+def test_record_norms_ema_matches_float64_reference(use_jit):
+  steps = _ema_steps(np.random.default_rng(3))
+  decay = 0.8
+  tx = oc.record_norms(ema=decay, stacked={"blocks": 1, "head": 0})
+  grads = [jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+           for g in steps]
+  state = tx.init(grads[0])
+  update = maybe_jit(tx.update, use_jit)
+  want_ratios, want_ema, want_count = reference.norm_ema_ratios(
+      [_slice_norms64(g) for g in steps], decay)
+  for t, g in enumerate(grads):
+    out, state = update(g, state)
+    assert out is g or use_jit
+    np.testing.assert_allclose(np.asarray(state.spike_ratio),
+                               want_ratios[t], rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(state.spike_norm_ema), want_ema,
+                             rtol=2e-6)
+  np.testing.assert_array_equal(np.asarray(state.spike_norm_count),
+                                want_count)
+  stats = oc.clip_stats(state)
+  assert set(stats) == {
+      "record_norms/spike_norms/blocks", "record_norms/spike_norms/head",
+      "record_norms/spike_ratio/blocks",
+      "record_norms/spike_ratio/head"}
+  assert stats["record_norms/spike_ratio/blocks"].shape == (3,)
+
+
+def test_top_spikes_names_the_layer_that_spiked():
+  steps = _ema_steps(np.random.default_rng(4))
+  decay = 0.9
+  tx = optax.chain(oc.record_norms(ema=decay, stacked=oc.stacked_by_path(
+      {"blocks": 1})), oc.clip_by_global_norm(1.0))
+  state = tx.init(steps[0])
+  step = jax.jit(tx.update)
+  for g in steps:
+    _, state = step(jax.tree.map(jnp.asarray, g), state)
+  norms = np.array([_slice_norms64(g) for g in steps])
+  ratios, _, _ = reference.norm_ema_ratios(norms, decay)
+  names = ["blocks[0]", "blocks[1]", "blocks[2]", "head"]
+  order = np.argsort(-ratios[-1], kind="stable")
+  got = oc.top_spikes(state, k=2)
+  assert [p for p, _, _ in got] == [names[i] for i in order[:2]]
+  assert got[0][0] == "blocks[2]" and got[0][2] > 30.0
+  for (path, norm, ratio), i in zip(got, order):
+    np.testing.assert_allclose(norm, norms[-1, i], rtol=1e-6)
+    np.testing.assert_allclose(ratio, ratios[-1, i], rtol=2e-6)
+  assert len(oc.top_spikes(state, k=None)) == 4
+
+
+def test_top_spikes_ranks_non_finite_first_and_explains_a_missing_state():
+  tx = oc.record_norms(ema=0.5)
+  g = {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}
+  state = tx.init(g)
+  _, state = tx.update(g, state)
+  _, state = tx.update({"a": jnp.ones(2), "b": jnp.array([jnp.nan, 1.0]),
+                        "c": jnp.full(2, 3.0)}, state)
+  got = oc.top_spikes(state)
+  assert [p for p, _, _ in got] == ["b", "c", "a"]
+  assert np.isnan(got[0][2]) and got[1][2] == pytest.approx(3.0)
+  # The NaN step did not enter b's history: its next ratio is clean.
+  _, state = tx.update(g, state)
+  assert dict((p, r) for p, _, r in oc.top_spikes(state))["b"] == 1.0
+  with pytest.raises(ValueError, match=r"top_spikes: the optimizer state "
+                     r"holds 0 record_norms\(ema=\.\.\.\) states"):
+    oc.top_spikes(oc.record_norms().init(g))
+  with pytest.raises(ValueError, match=r"top_spikes: k must be an int >= 1"):
+    oc.top_spikes(state, k=0)
+
+
+def test_record_norms_ema_dtypes_state_none_and_validation():
+  tx = oc.record_norms(ema=0.9)
+  g = {"w": jnp.ones(3, jnp.bfloat16)}
+  state = tx.init(g)
+  assert state.spike_ratio.dtype == jnp.float32
+  assert state.spike_norm_count.dtype == jnp.int32
+  with pytest.raises(ValueError, match=r"record_norms: .*state=None"):
+    tx.update(g, None)
+  for bad in (0.0, 1.0, -0.5, float("nan")):
+    with pytest.raises(ValueError, match=r"record_norms: ema must be in "
+                       r"\(0, 1\)"):
+      oc.record_norms(ema=bad)
+  with pytest.raises(TypeError, match=r"record_norms: ema"):
+    oc.record_norms(ema="0.9")
+
+
+def test_record_norms_ema_under_inject_hyperparams():
+  g = {"w": jnp.array([3.0, 4.0])}
+  injected = optax.inject_hyperparams(oc.record_norms)(ema=0.5)
+  plain = oc.record_norms(ema=0.5)
+  s_inj, s_plain = injected.init(g), plain.init(g)
+  step = jax.jit(injected.update)
+  for scale in (1.0, 2.0, 8.0):
+    _, s_inj = step(jax.tree.map(lambda x: x * scale, g), s_inj)
+    _, s_plain = plain.update(jax.tree.map(lambda x: x * scale, g), s_plain)
+  np.testing.assert_allclose(np.asarray(s_inj.inner_state.spike_ratio),
+                             np.asarray(s_plain.spike_ratio), rtol=1e-6)
+  assert oc.top_spikes(s_inj)[0][0] == "w"
