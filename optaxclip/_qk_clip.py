@@ -275,7 +275,9 @@ def _build_plan(
 
 
 def _segments(plan: tuple[_Attention, ...]) -> tuple:
-  return tuple((a.path, a.shape) for a in plan)
+  # A model that is one attention module is keyed "<root>" in clip_stats
+  # (not "qk_clip/qk_gamma/", with a dangling slash).
+  return tuple((a.path or "<root>", a.shape) for a in plan)
 
 
 # --------------------------------------------------------------------------

@@ -741,3 +741,10 @@ def test_nnx_scanned_blocks_return_their_maxima():
   np.testing.assert_allclose(after[0], np.minimum(before[0], TAU), rtol=1e-5)
   gamma = oc.clip_stats(optimizer.opt_state)["qk_clip/qk_gamma/blocks"]
   np.testing.assert_allclose(gamma, reference.qk_gamma(before, TAU), rtol=1e-6)
+
+
+def test_a_model_that_is_one_attention_module_is_keyed_root():
+  params = _mha(_rng(16))["attn"]
+  _, state = _run(oc.qk_clip(TAU), params, params, _f32([20.0, 1, 1, 1]))
+  stats = oc.clip_stats(state)
+  np.testing.assert_allclose(stats["qk_clip/qk_gamma/<root>"], [0.5, 1, 1, 1])
