@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _stats, _tree, _validate
+from optaxclip import _grouping, _norms, _scale, _stats, _tree, _validate
 
 _DEFAULT_NS_STEPS = 10
 _LAYOUTS = ("flax", "torch")
@@ -40,13 +40,14 @@ class SpectralClipState(NamedTuple):
   """State of :func:`spectral_clip`: what the last step saw, per tensor.
 
   ``spectral_bounds`` is a :class:`~optaxclip._tree.PathValues`, laid out as
-  :class:`ClipByNormState`'s ``leaf_norms``: one entry per clipped matrix
+  ``clip_by_norm``'s ``leaf_norms``: one entry per clipped matrix
   (one per layer for stacked leaves) or vector, leaf after leaf, with the
   paths as static metadata; ``clip_stats`` returns
   ``"spectral_clip/spectral_bounds/<path>"``. For a matrix the entry is the
   authors' upper bound on its largest pre-clip singular value (the square
   root of the bound the iteration is scaled by); for a vector it is the
-  vector's norm (its only singular value). ``[0.]`` when nothing is clipped.
+  vector's norm (its only singular value). When no leaf is clipped the field
+  is the plain array ``[0.]`` (no paths to keep).
   """
 
   # PathValues of float32[max(num_tensors, 1)] (float64 for float64 params):
@@ -98,11 +99,11 @@ def _clip_vectors(
   # clip_scale gives q = c / norm exactly where norm > c (NaN for a
   # non-finite norm), so the divisor is sqrt(1 + 1/q^2) = sqrt(1 + q^2) / q
   # without squaring the norm.
-  ratio, over = _norms.clip_scale(norms, threshold)
+  ratio, over = _scale.clip_scale(norms, threshold)
   soft = ratio / _norms.safe_sqrt(1 + jnp.square(ratio))
   scale = jnp.where(over, soft, jnp.ones_like(soft))
   scale = scale.reshape(scale.shape + (1,) * (x.ndim - count))
-  return _norms.scale_leaf(x, scale)
+  return _scale.scale_leaf(x, scale)
 
 
 def _inverse_sqrt_ns(ahat: jax.Array, ns_steps: int) -> jax.Array:
@@ -196,7 +197,7 @@ def _clip_matrices(
   """
   batches: dict[Any, list[int]] = {}
   for i, x in enumerate(xs):
-    small = x.size < _norms.SMALL_LEAF_SIZE
+    small = x.size < _grouping.SMALL_LEAF_SIZE
     key = (x.shape[-2:], x.dtype) if small else i
     batches.setdefault(key, []).append(i)
   members = list(batches.values())
@@ -214,8 +215,19 @@ def _clip_matrices(
     unit = m / jnp.where(frob > 0, frob, 1).astype(m.dtype)
     units.append(unit)
     grams.append(unit @ jnp.conj(jnp.swapaxes(unit, 1, 2)))
-  row_sums = _norms.axes_norms_each(grams, [(2,)] * len(grams), 1)
-  gram_frobs = _norms.axes_norms_each(grams, [(1, 2)] * len(grams), 2)
+  # The Gram matrix of a unit-Frobenius matrix has entries of magnitude <= 1
+  # and trace 1, so its row sums and Frobenius norm lie in [1/p, p] (p <= the
+  # smaller side): they can neither overflow nor underflow, and skip the
+  # kernel's rescue (whose branches made each matrix slow to compile).
+  row_sums, gram_frobs = [], []
+  for gram in grams:
+    magnitudes = jnp.abs(gram)
+    row_sums.append(jnp.sum(magnitudes, axis=2, keepdims=True))
+    gram_frobs.append(
+      _norms.safe_sqrt(
+        jnp.sum(jnp.square(magnitudes), axis=(1, 2), keepdims=True)
+      )
+    )
   outs: list[Any] = [None] * len(xs)
   bounds: list[Any] = [None] * len(xs)
   for k, idx in enumerate(members):
