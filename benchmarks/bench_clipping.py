@@ -82,6 +82,21 @@ def tree_tiny(rng) -> dict:
   return tree
 
 
+def tree_four(rng) -> dict:
+  """Four 1 MiB float32 leaves (512x512): leaves of one shape."""
+  return {f"w{i}": _array(rng, (512, 512)) for i in range(4)}
+
+
+def tree_mixed(rng) -> dict:
+  """Mixed leaf sizes: a 16 MiB leaf, three 1 MiB leaves, 6 biases and 4
+  small 64x64 kernels (the small ones are bucketed or stacked on CPU)."""
+  tree = {"big": _array(rng, (2048, 2048))}
+  tree.update({f"w{i}": _array(rng, (512, 512)) for i in range(3)})
+  tree.update({f"b{i}": _array(rng, (512,)) for i in range(6)})
+  tree.update({f"s{i}": _array(rng, (64, 64)) for i in range(4)})
+  return tree
+
+
 def stack_layers(tree: dict) -> dict:
   """The "many" tree with its 12 layers stacked: one (12, ...) leaf per
   parameter, the layout of ``nnx.scan``/``nnx.vmap`` blocks."""
@@ -94,6 +109,7 @@ def stack_layers(tree: dict) -> dict:
 # unstacked tree and, with stacked=1, on the stacked one (the trees of
 # docs/benchmarks.md#method and their stacked variant).
 TREES = {"few": tree_few, "many": tree_many, "tiny": tree_tiny,
+         "four": tree_four, "mixed": tree_mixed,
          "stacked": tree_many}
 
 
@@ -226,6 +242,81 @@ def stacked_cases(grads, params) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Memory with donation (deterministic: XLA's buffer assignment, no timing)
+# ----------------------------------------------------------------------------
+
+# Every transform with an optax counterpart, against it.
+MEMORY_PAIRS = {
+    "oc.clip_by_global_norm": (lambda: oc.clip_by_global_norm(1.0),
+                               lambda: optax.clip_by_global_norm(1.0)),
+    "oc.clip_by_block_rms": (lambda: oc.clip_by_block_rms(0.5),
+                             lambda: optax.clip_by_block_rms(0.5)),
+    "oc.adaptive_grad_clip": (lambda: oc.adaptive_grad_clip(0.05),
+                              lambda: optax.adaptive_grad_clip(0.05)),
+    "oc.clip": (lambda: oc.clip(0.5), lambda: optax.clip(0.5)),
+    "oc.clip_by_value": (lambda: oc.clip_by_value(0.5),
+                         lambda: optax.clip(0.5)),
+}
+MEMORY_TREES = ("four", "mixed", "few", "many")
+
+
+def _donated_temp(tx, grads, params) -> tuple[int, int]:
+  """Temporary bytes of a donated ``update``, and of a donated train step
+  (grad -> transform -> sgd -> apply_updates)."""
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(0,))
+  temp = update.lower(grads, state, params).compile().memory_analysis()
+  opt = optax.chain(tx, optax.sgd(0.1))
+
+  def step(p, s, x):
+    loss = lambda p: sum(jnp.sum(jnp.tanh(v) * x) for v in jax.tree.leaves(p))
+    u, s = opt.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
+
+  train = jax.jit(step, donate_argnums=(0, 1))
+  temp_step = train.lower(params, opt.init(params), jnp.float32(1.0)
+                          ).compile().memory_analysis()
+  return int(temp.temp_size_in_bytes), int(temp_step.temp_size_in_bytes)
+
+
+def measure_memory(tree_name: str) -> list[dict]:
+  """Donated temporary memory of every counterpart pair on one tree."""
+  rng = np.random.default_rng(0)
+  grads, params = TREES[tree_name](rng), TREES[tree_name](rng)
+  grad_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(grads))
+  rows = []
+  for name, (ours, theirs) in MEMORY_PAIRS.items():
+    temp, temp_step = _donated_temp(ours(), grads, params)
+    base, base_step = _donated_temp(theirs(), grads, params)
+    rows.append(dict(
+        tree=tree_name, fn=name, grad_bytes=int(grad_bytes),
+        temp_bytes=temp, optax_temp_bytes=base,
+        step_temp_bytes=temp_step, optax_step_temp_bytes=base_step,
+        extra_vs_grad_bytes=(temp - base) / grad_bytes,
+        step_extra_vs_grad_bytes=(temp_step - base_step) / grad_bytes))
+    print(f"  memory {tree_name:5s} {name:24s} update {temp - base:+9d} B"
+          f"  train step {temp_step - base_step:+9d} B", flush=True)
+  return rows
+
+
+def memory_markdown(rows: list[dict]) -> str:
+  head = ("| tree | transform | grad MB | update: extra temp vs optax |"
+          " train step: extra temp vs optax | within optax + 1%? |\n"
+          "|---|---|---:|---:|---:|---|\n")
+  lines = []
+  for r in rows:
+    worst = max(r["extra_vs_grad_bytes"], r["step_extra_vs_grad_bytes"])
+    lines.append(
+        f"| {r['tree']} | `{r['fn']}` | {r['grad_bytes'] / 1e6:.1f} |"
+        f" {r['temp_bytes'] - r['optax_temp_bytes']:+d} B"
+        f" ({r['extra_vs_grad_bytes']:+.3%}) |"
+        f" {r['step_temp_bytes'] - r['optax_step_temp_bytes']:+d} B"
+        f" ({r['step_extra_vs_grad_bytes']:+.3%}) |"
+        f" {'yes' if worst <= 0.01 else 'NO'} |")
+  return head + "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------
 
@@ -312,7 +403,9 @@ def markdown(rows: list[dict]) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--trees", default="few,many,tiny,stacked")
+  parser.add_argument("--trees", default="few,many,mixed,tiny,stacked")
+  parser.add_argument("--memory-trees", default=",".join(MEMORY_TREES),
+                      help="trees for the donated-memory table ('' skips it)")
   parser.add_argument("--rounds", type=int, default=30)
   parser.add_argument("--quick", action="store_true", help="3 rounds")
   parser.add_argument("--only", default="",
@@ -325,8 +418,11 @@ def main():
     MIN_SECONDS = 0.0
   only = {s for s in args.only.split(",") if s} or None
   rows = []
-  for tree_name in args.trees.split(","):
+  for tree_name in filter(None, args.trees.split(",")):
     rows += measure_tree(tree_name, rounds, only)
+  memory = []
+  for tree_name in filter(None, args.memory_trees.split(",")):
+    memory += measure_memory(tree_name)
   meta = dict(
       date=datetime.date.today().isoformat(), machine=platform.machine(),
       processor=platform.processor() or platform.machine(),
@@ -344,11 +440,18 @@ def main():
         f" over >= {rounds} randomly ordered interleaved rounds (and at least 15 s of"
         " rounds per tree)")
   print(table)
+  memory_table = memory_markdown(memory) if memory else ""
+  print(memory_table)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".json", "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    json.dump(dict(meta=meta, rows=rows, memory=memory), f, indent=1)
   with open(args.out + ".md", "w") as f:
     f.write(table)
+  if memory:
+    with open(args.out + "_memory.md", "w") as f:
+      f.write(memory_table)
+  if not rows:
+    return
   try:
     import plot_results  # pylint: disable=g-import-not-at-top
     print("wrote", plot_results.main(args.out + ".json"))

@@ -22,6 +22,8 @@ the clip-scale rule, and the transforms use all three.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
@@ -39,6 +41,61 @@ SMALL_LEAF_SIZE = 2**15
 def _widest(dtypes: Iterable[Any]) -> jnp.dtype:
   """The widest of ``dtypes`` (by item size), for concatenating pieces."""
   return max((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
+
+
+# --------------------------------------------------------------------------
+# Backend policy. Everything in this module that groups leaves, and the
+# optimization barriers, exists because XLA:CPU compiles or runs it faster;
+# nothing has measured it on GPU or TPU. So it applies only to the program
+# lowered for CPU: :func:`by_platform` traces a computation twice, once as the
+# CPU program (:func:`on_cpu` is True while it is traced) and once as the
+# plain program (one reduction per leaf, no buckets, stacks or barriers), and
+# ``lax.platform_dependent`` keeps the one for the platform being lowered for.
+# Both give the same values (to float rounding: a bucket sums in another
+# order).
+
+_PROGRAM = threading.local()
+
+
+def on_cpu() -> bool:
+  """Whether the code being traced is :func:`by_platform`'s CPU program."""
+  return bool(getattr(_PROGRAM, "cpu", False))
+
+
+@contextlib.contextmanager
+def _program(cpu: bool):
+  previous = getattr(_PROGRAM, "cpu", None)
+  _PROGRAM.cpu = cpu
+  try:
+    yield
+  finally:
+    _PROGRAM.cpu = previous
+
+
+def by_platform(fn: Callable[..., Any], *args: Any) -> Any:
+  """``fn(*args)``, as the CPU program when lowering for CPU, else plain.
+
+  Inside an enclosing :func:`by_platform` the program is already chosen and
+  ``fn`` simply runs (one platform switch per computation, not per leaf).
+  """
+  if getattr(_PROGRAM, "cpu", None) is not None:
+    return fn(*args)
+
+  def program(cpu: bool) -> Callable[..., Any]:
+    def run(*a: Any) -> Any:
+      with _program(cpu):
+        return fn(*a)
+
+    return run
+
+  return jax.lax.platform_dependent(
+    *args, cpu=program(True), default=program(False)
+  )
+
+
+def barrier(tree: Any) -> Any:
+  """``lax.optimization_barrier`` on the CPU program; identity otherwise."""
+  return _barrier(tree) if on_cpu() else tree
 
 
 def _may_bucket(x: jax.Array) -> bool:
@@ -71,7 +128,7 @@ def _may_bucket(x: jax.Array) -> bool:
   return all(p is None for p in sharding.spec)
 
 
-def map_leaves(
+def _map_leaves(
   fn: Callable[..., tuple[jax.Array, ...]],
   arrays: Sequence[Sequence[jax.Array]],
   keys: Sequence[Hashable],
@@ -82,8 +139,9 @@ def map_leaves(
   """``[fn(keys[i], *(a[i] for a in arrays)) for i in range(n)]``, with
   small leaves of one kind computed together.
 
-  Leaves ``i`` with the same ``keys[i]`` (which must capture everything
-  ``fn`` specialises on: shapes, dtypes, axes), fewer than
+  On the CPU program (:func:`by_platform`), leaves ``i`` with the same
+  ``keys[i]`` (which must capture everything ``fn`` specialises on: shapes,
+  dtypes, axes), fewer than
   :data:`SMALL_LEAF_SIZE` elements and an unsharded layout
   (:func:`_may_bucket`) are stacked and run as one ``jax.vmap(fn)``. Other
   leaves run ``fn`` one by one. ``fn`` must be a per-leaf function whose
@@ -133,7 +191,9 @@ def map_leaves(
   singles = []
   for i in range(n):
     xs = [a[i] for a in arrays]
-    if all(0 < x.size < SMALL_LEAF_SIZE and _may_bucket(x) for x in xs):
+    if on_cpu() and all(
+      0 < x.size < SMALL_LEAF_SIZE and _may_bucket(x) for x in xs
+    ):
       groups.setdefault(keys[i], []).append(i)
     else:
       singles.append(i)
@@ -178,14 +238,32 @@ def map_leaves(
   return per_leaf, flat
 
 
+def map_leaves(
+  fn: Callable[..., tuple[jax.Array, ...]],
+  arrays: Sequence[Sequence[jax.Array]],
+  keys: Sequence[Hashable],
+  *,
+  num_flat: int = 0,
+  rest: Callable[[list[int]], list[tuple[jax.Array, ...]]] | None = None,
+) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array | None]]:
+  """See :func:`_map_leaves`; small leaves are stacked on the CPU program
+  only (:func:`by_platform`), the plain program runs ``fn`` leaf by leaf."""
+
+  def run(arrays):
+    return _map_leaves(fn, arrays, keys, num_flat=num_flat, rest=rest)
+
+  return by_platform(run, [list(a) for a in arrays])
+
+
 def reduction_groups(
   leaves: Sequence[jax.Array], cast: Callable[[Any], Any]
 ) -> list[jax.Array]:
   """The arrays a whole-tree reduction runs over: large leaves and buckets.
 
-  Small leaves (fewer than :data:`SMALL_LEAF_SIZE` elements, and unsharded,
-  see :func:`_may_bucket`) are flattened and concatenated into one bucket per
-  dtype; large leaves are returned as they are. Real leaves come back cast to
+  On the CPU program (:func:`by_platform`), small leaves (fewer than
+  :data:`SMALL_LEAF_SIZE` elements, and unsharded, see :func:`_may_bucket`)
+  are flattened and concatenated into one bucket per dtype; large leaves, and
+  every leaf of the plain program, are returned as they are. Real leaves come back cast to
   ``cast(dtype)`` (the cast fuses into the reduction or the concatenation),
   complex leaves keep their dtype. Empty leaves are dropped.
 
@@ -202,7 +280,7 @@ def reduction_groups(
     if x.size == 0:
       continue
     dtype = x.dtype if jnp.iscomplexobj(x) else cast(x.dtype)
-    if x.size < SMALL_LEAF_SIZE and _may_bucket(x):
+    if on_cpu() and x.size < SMALL_LEAF_SIZE and _may_bucket(x):
       buckets.setdefault(jnp.dtype(dtype), []).append(
         x.reshape(-1).astype(dtype)
       )
@@ -240,9 +318,16 @@ def count_true(masks: Sequence[jax.Array]) -> jax.Array:
   Uses the same bucketing as the norms, so thousands of small masks cost one
   reduction (and sharded ones are never gathered).
   """
-  groups = reduction_groups(
-    [m.astype(jnp.float32) for m in masks], lambda d: jnp.dtype(jnp.float32)
-  )
-  if not groups:
+  if not masks:
     return jnp.zeros((), jnp.int32)
-  return jnp.sum(jnp.stack([jnp.sum(g) for g in groups])).astype(jnp.int32)
+
+  def count(masks):
+    groups = reduction_groups(
+      [m.astype(jnp.float32) for m in masks], lambda d: jnp.dtype(jnp.float32)
+    )
+    if not groups:
+      return jnp.zeros((), jnp.int32)
+    total = jnp.stack([jnp.sum(g) for g in groups])
+    return jnp.sum(total).astype(jnp.int32)
+
+  return by_platform(count, list(masks))

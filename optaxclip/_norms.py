@@ -294,6 +294,20 @@ def _rescue_scale(
   return jax.lax.stop_gradient(divisor), jax.lax.stop_gradient(inverse)
 
 
+def _own_copies(scale: jax.Array, n: int) -> list[jax.Array]:
+  """``n`` copies of a rescue scale, one per array it multiplies.
+
+  XLA:CPU shares one broadcast of a scalar between the reductions of arrays
+  of the same shape and materialises it at the arrays' size: a rare branch
+  over four 1 MiB leaves held a 1 MiB temporary. Separate copies behind a
+  barrier keep each broadcast fused into its own reduction. CPU program only
+  (:func:`_grouping.by_platform`).
+  """
+  if n < 2 or not _grouping.on_cpu():
+    return [scale] * n
+  return list(_grouping.barrier([scale] * n))
+
+
 def _rescued(
   partial: jax.Array,
   arrays: Sequence[jax.Array],
@@ -327,7 +341,11 @@ def _rescued(
   def rare(partial, arrays):
     need = _needs_rescue(partial, ord)
     divisor, inverse = _rescue_scale(partial, need)
-    sums = [_scaled_partial(a, inverse, ord, axis, keepdims) for a in arrays]
+    inverses = _own_copies(inverse, len(arrays))
+    sums = [
+      _scaled_partial(a, v, ord, axis, keepdims)
+      for a, v in zip(arrays, inverses, strict=True)
+    ]
     rescued = sums[0] if len(sums) == 1 else sum(sums[1:], sums[0])
     if axis_name is not None:
       rescued = jax.lax.psum(rescued, axis_name)
@@ -523,10 +541,14 @@ def global_norm(
 
 def global_norm_from(tree: Any, ord: float, axis_name=None) -> jax.Array:  # pylint: disable=redefined-builtin
   """:func:`global_norm` for an already validated ``ord`` (internal)."""
-  groups = _grouping.reduction_groups(_leaves(tree), accumulation_dtype)
-  partial = _combine([_partial(g, ord) for g in groups], ord)
-  partial = _cross_device(partial, ord, axis_name)
-  return _safe_norm(partial, groups, ord, axis_name=axis_name)
+
+  def norm(leaves):
+    groups = _grouping.reduction_groups(leaves, accumulation_dtype)
+    partial = _combine([_partial(g, ord) for g in groups], ord)
+    partial = _cross_device(partial, ord, axis_name)
+    return _safe_norm(partial, groups, ord, axis_name=axis_name)
+
+  return _grouping.by_platform(norm, _leaves(tree))
 
 
 def leaf_norms(

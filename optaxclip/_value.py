@@ -146,8 +146,8 @@ def _value_clipper(
     if diagnostics:
       # The diagnostics see the values, never their derivatives (and the
       # variadic reduction has no differentiation rule).
-      value_max, value_min = _tree_extremes(
-        [jax.lax.stop_gradient(x) for x in leaves]
+      value_max, value_min = _grouping.by_platform(
+        _tree_extremes, [jax.lax.stop_gradient(x) for x in leaves]
       )
       dtype = state.value_max.dtype
       value_max, value_min = value_max.astype(dtype), value_min.astype(dtype)

@@ -309,3 +309,44 @@ def test_checker_ignores_debug_locations():
     '#loc3 = loc("/srv/localhost/callback.py":3:4)\n'
   )
   assert not _portability_problems(text)
+
+
+# The backend policy: what exists only because XLA:CPU compiles or runs it
+# faster (small leaves bucketed or stacked, optimization barriers) is in the
+# program lowered for CPU only; cuda, rocm and tpu get the plain program (one
+# reduction per leaf). jax < 0.6 lowers both programs and leaves the choice
+# to XLA, so only newer jax shows the difference in the exported text.
+@pytest.mark.skipif(
+  tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 6),
+  reason="jax < 0.6 keeps every platform's program in the StableHLO",
+)
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: oc.clip_by_global_norm(1.0),
+    lambda: oc.clip_by_block_rms(1.0),
+    lambda: oc.record_norms(),
+  ],
+  ids=["clip_by_global_norm", "clip_by_block_rms", "record_norms"],
+)
+def test_cpu_tuning_is_lowered_for_cpu_only(make):
+  # Small leaves of one shape (bucketed/stacked on CPU) and a large one.
+  tree = {f"b{i}": jnp.ones((8,), jnp.float32) for i in range(6)}
+  tree["w"] = jnp.ones((256, 256), jnp.float32)
+  tx = make()
+  state = tx.init(tree)
+
+  def text(platform: str) -> str:
+    exp = export.export(
+      jax.jit(lambda g, s: tx.update(g, s)), platforms=(platform,)
+    )(tree, state)
+    return exp.mlir_module()
+
+  cpu = text("cpu")
+  # On CPU the six small leaves are reduced together.
+  assert cpu.count("stablehlo.reduce") < len(tree)
+  for platform in ("cuda", "rocm", "tpu"):
+    plain = text(platform)
+    assert "optimization_barrier" not in plain, platform
+    # At least one reduction per leaf: nothing was bucketed or stacked.
+    assert plain.count("stablehlo.reduce") >= len(tree), platform

@@ -159,3 +159,18 @@ def test_every_element_its_own_slice_matches_float64(ord, use_jit):
     np.testing.assert_allclose(
         np.asarray(dict(state.leaf_norms.items())["w"], np.float64), want,
         rtol=1e-6)
+
+
+def test_donated_update_needs_no_copy_of_a_leaf():
+  # The rescue branch once shared one broadcast of its scale between the
+  # reductions of same-shape leaves, and XLA:CPU kept it as a 1 MiB buffer.
+  tree = {f"w{i}": jnp.ones((512, 512), jnp.float32) for i in range(4)}
+  grad_bytes = 4 * 512 * 512 * 4
+
+  def temp(tx):
+    fn = jax.jit(lambda g, s: tx.update(g, s), donate_argnums=(0,))
+    analysis = fn.lower(tree, tx.init(tree)).compile().memory_analysis()
+    return analysis.temp_size_in_bytes
+
+  ours = temp(oc.clip_by_global_norm(1.0))
+  assert ours <= temp(optax.clip_by_global_norm(1.0)) + 0.01 * grad_bytes
