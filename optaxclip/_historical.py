@@ -35,8 +35,8 @@ class ClipByHistoricalNormState(NamedTuple):
   (float64 for float64 params under x64, float32 otherwise).
   """
 
-  # float[window]: ring buffer of the most recent finite pre-clip norms;
-  # slots [0, historical_count) hold data once the buffer has wrapped or not.
+  # float[window]: ring buffer of the most recent finite pre-clip norms; the
+  # first historical_count slots hold norms (in ring order once it wrapped).
   historical_norms: jax.Array
   # int32 scalar: how many norms the buffer holds, at most window.
   historical_count: jax.Array
@@ -53,7 +53,7 @@ class ClipByHistoricalNormState(NamedTuple):
   historical_clipped: jax.Array
 
 
-def historical_threshold(
+def _historical_threshold(
   norms: jax.Array, count: jax.Array, sigmas: Any
 ) -> jax.Array:
   """The threshold a step is clipped to, from the buffer before that step.
@@ -166,7 +166,7 @@ def clip_by_historical_norm(
     index = jnp.asarray(state.historical_index)
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(buffer.dtype)
     observed = jax.lax.stop_gradient(norm)
-    threshold = historical_threshold(buffer, count, sigmas)
+    threshold = _historical_threshold(buffer, count, sigmas)
     scale, clipped = _scale.clip_scale(norm, threshold)
     updates = jax.tree.map(lambda u: _scale.scale_leaf(u, scale), updates)
     # Record the unclipped norm, as Levanter does; a non-finite one would
