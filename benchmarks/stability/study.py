@@ -212,7 +212,8 @@ def run(task_names, *, quick: bool, clipper_names=None, log=print):
     if name == "transformer":
       start = time.perf_counter()
       results["tasks"][name] = transformer_lib.run(
-          quick=quick, names=clipper_names, log=log)
+          quick=quick, stable_range=stable_range, names=clipper_names,
+          log=log)
       results["tasks"][name]["seconds"] = time.perf_counter() - start
       continue
     kwargs = {"steps": QUICK_STEPS[name]} if quick else {}

@@ -348,7 +348,7 @@ def lr_sensitivity(final: np.ndarray, initial: np.ndarray) -> np.ndarray:
 
 
 def summarise(row: Row, out: dict[str, np.ndarray], lrs, n_seeds: int,
-              seconds: float) -> dict[str, Any]:
+              seconds: float, stable_range) -> dict[str, Any]:
   n_lr = len(lrs)
   final = out["final_loss"].reshape(n_lr, n_seeds)
   initial = out["initial"].reshape(n_lr, n_seeds)
@@ -371,7 +371,7 @@ def summarise(row: Row, out: dict[str, np.ndarray], lrs, n_seeds: int,
                             for m in med],
           "any_diverged": div.any(axis=1).tolist(),
           "num_diverged": div.sum(axis=1).tolist(),
-          "stable_range": _stable_range(list(lrs), ~div.any(axis=1)),
+          "stable_range": stable_range(list(lrs), ~div.any(axis=1)),
           "best_metric": None if ok.size == 0 else float(ok.min()),
           "lr_sensitivity": sens.tolist(),
           "lr_sensitivity_median": float(np.median(sens)),
@@ -394,18 +394,9 @@ def _listify(a: np.ndarray):
           for r in a]
 
 
-def _stable_range(lrs, stable) -> float:
-  best, start = 0.0, None
-  for i, ok in enumerate(list(stable) + [False]):
-    if ok and start is None:
-      start = i
-    if not ok and start is not None:
-      best = max(best, lrs[i - 1] / lrs[start])
-      start = None
-  return best
-
-
-def run(*, quick: bool, names=None, log=print) -> dict[str, Any]:
+def run(*, quick: bool, stable_range, names=None, log=print
+        ) -> dict[str, Any]:
+  """Every row of the task; ``stable_range`` is the study's rule."""
   cfg = Config(steps=30, warmup=5, batch=4, seq=32) if quick else Config()
   lrs = (LEARNING_RATES[0], LEARNING_RATES[-1]) if quick else LEARNING_RATES
   seeds = SEEDS[:1] if quick else SEEDS
@@ -424,7 +415,7 @@ def run(*, quick: bool, names=None, log=print) -> dict[str, Any]:
     start = time.perf_counter()
     out = jax.device_get(make_runner(row, cfg)(grid_lr, grid_seed))
     summary = summarise(row, out, lrs, len(seeds),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, stable_range)
     v = summary["variants"]["default"]
     log(f"  {row.name:26s} {summary['seconds']:6.1f} s  sens "
         f"{v['lr_sensitivity_median']:.3f}  loss "
