@@ -84,6 +84,7 @@ bench: $(VENV)/.installed-test
 	MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 $(PY) benchmarks/bench_clipping.py --rounds 40 --trees stacked --out benchmarks/results/clipping_stacked_mmap
 	$(PY) benchmarks/bench_sharded.py
 	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_frontier.py
 
 # The documentation site (mkdocs.yml, docs/), built with --strict into build/site.
 docs: $(VENV)/.installed-docs
