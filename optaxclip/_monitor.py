@@ -177,39 +177,29 @@ def record_norms(
 ) -> optax.GradientTransformationExtraArgs:
   r"""An identity transform that records per-leaf norms of what flows through.
 
-  Place it anywhere in a chain to log the per-layer norms at that point:
-
+  Place it anywhere in a chain to log per-layer norms at that point:
   ``optax.chain(oc.record_norms(), oc.clip_by_global_norm(1.0),
   oc.record_norms(), optax.adamw(3e-4))`` keeps pre-clip norms (keys
   ``"record_norms/<path>"`` in :func:`clip_stats`) and post-clip norms
   (``"record_norms_1/<path>"``) side by side. The updates pass through
-  untouched (the same arrays). The state keeps the norms as one flat
-  :class:`~optaxclip.PathValues` vector with the paths and layer shapes
-  ``init`` saw
-  (``dict(state.recorded_norms.items())`` is path -> norm), so it is
-  fixed-shape for ``jit``, ``lax.scan`` and checkpoints, and a 2000-leaf tree
-  costs one state leaf; ``update(updates, None)`` works (the state holds no
-  history).
+  untouched. The norms are one :class:`~optaxclip.PathValues` vector keyed
+  by path, so the state has a fixed shape; ``update(updates, None)`` works
+  without ``ema``. With ``ema=beta`` it also keeps, per entry, a
+  bias-corrected EMA :math:`\hat m` of the earlier finite, positive norms
+  and this step's spike ratio
 
-  With ``ema=beta`` it also keeps, per entry, a bias-corrected EMA
-  :math:`\hat m` of the earlier finite, positive norms and this step's
-  spike ratio :math:`\|g\|_t / \hat m_{t-1}` (1 while there is no
-  history), in a :class:`RecordNormsEmaState`; :func:`top_spikes` lists
-  the leaves that spiked most.
+  .. math::
+    r_t = \|g\|_t / \hat m_{t-1} \quad (1 \text{ while there is no history}),
 
-  Decision: a vector rather than a dict of scalars, because small leaves'
-  norms come out of a vmapped stack as one vector, and slicing 2000 scalars
-  back out costs XLA:CPU one compiled kernel each (the 2000-leaf benchmark
-  tree compiled in 44 s with the dict, 3.3 s with the vector).
+  and :func:`top_spikes` lists the leaves that spiked most. Why a vector:
+  ``docs/transforms.md#monitoring``.
 
   Args:
     ord: ``2`` (default, ``None`` means 2), ``1`` or ``jnp.inf``.
     stacked: leading layer axes, as in :func:`tree_norms`.
-    name: the :func:`clip_stats` key prefix instead of ``"record_norms"``:
-      ``name="pre_clip"`` gives keys ``"pre_clip/<path>"`` (a second one of
-      the same name ``"pre_clip_1/<path>"``). A non-empty string without
-      ``"/"`` that is not a clipper's prefix; ``None`` (default) keeps
-      ``"record_norms"``.
+    name: the :func:`clip_stats` key prefix instead of ``"record_norms"``
+      (``name="pre_clip"`` gives ``"pre_clip/<path>"``): a non-empty string
+      without ``"/"`` that is not a clipper's prefix.
     ema: ``None`` (default) to record norms only, or the EMA decay in
       (0, 1), e.g. 0.99, for spike ratios. May be a schedule under
       ``optax.inject_hyperparams``.
@@ -223,6 +213,7 @@ def record_norms(
   Raises:
     ValueError: an unsupported ``ord``, ``ema`` outside (0, 1), or (from
       ``update``) a state from ``init`` on another tree.
+    TypeError: from ``update``, for an integer or bool leaf.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optaxclip as oc
@@ -233,10 +224,6 @@ def record_norms(
     >>> stats = oc.clip_stats(state)
     >>> float(stats["pre_clip/w"]), float(stats["record_norms/w"])
     (5.0, 1.0)
-
-  References:
-    Peer: PyTorch's per-parameter gradient-norm logging and TensorBoard
-    histograms of gradients (``torch.utils.tensorboard``).
   """
   fn = "record_norms"
   norm_ord = _validate.canonical_ord(fn, 2 if ord is None else ord)
