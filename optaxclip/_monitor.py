@@ -31,19 +31,18 @@ def tree_norms(
   ord: Any | None = None,  # pylint: disable=redefined-builtin
   stacked: Any = None,
 ) -> dict[str, jax.Array]:
-  """The norm of every leaf of a pytree, keyed by its path.
+  r"""The norm of every leaf of a pytree, keyed by its path.
 
-  Keys are the leaves' normalised paths, ``"/"``-joined
-  (``{"blocks": {"fc": {"kernel": x}}}`` gives ``"blocks/fc/kernel"``; Flax
-  ``Variable`` wrappers add nothing). Each value is a scalar, or for a
-  stacked leaf (``stacked=``) an array of per-layer norms with the shape of
-  the stacked axes. Norms follow the library's numerics (docs/design.md#numerics): bf16 and
-  fp16 leaves accumulate in float32, complex leaves use ``|x|^2``, a leaf with
-  an inf/NaN element has an inf/NaN norm, an empty leaf has norm 0. Small
-  leaves are reduced together in the kernel's bucket, so thousands of leaves
-  compile and run as a few reductions.
+  .. math::
+    \{\,\mathrm{path}(\ell) : \|x_\ell\|\,\} \quad \text{for every leaf }
+    \ell \text{ (every layer slice of a stacked leaf)}
 
-  Integer and bool leaves raise ``TypeError`` (the library-wide policy).
+  Keys are the leaves' normalised ``"/"``-joined paths
+  (``{"blocks": {"fc": {"kernel": x}}}`` gives ``"blocks/fc/kernel"``).
+  Each value is a scalar, or for a stacked leaf an array of per-layer norms
+  with the shape of the stacked axes. Norms follow the library's numerics
+  (``docs/design.md#numerics``): bf16 and fp16 accumulate in float32, an
+  inf/NaN element gives an inf/NaN norm, an empty leaf has norm 0.
 
   Args:
     tree: any pytree of arrays (gradients, parameters, updates).
@@ -55,6 +54,10 @@ def tree_norms(
   Returns:
     ``dict[str, jax.Array]`` in ``jax.tree.leaves`` order.
 
+  Raises:
+    ValueError: for an unsupported ``ord`` or a malformed ``stacked``.
+    TypeError: for an integer or bool leaf, naming its path.
+
   Examples:
     >>> import jax.numpy as jnp, optaxclip as oc
     >>> grads = {"fc": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.ones(3)}}
@@ -65,10 +68,8 @@ def tree_norms(
     Array([2., 4.], dtype=float32)
 
   References:
-    Peer: the per-parameter ``p.grad.norm()`` logging loop of PyTorch
-    training scripts; Pascanu et al., `On the difficulty of training
-    recurrent neural networks <https://arxiv.org/abs/1211.5063>`_, 2013
-    (monitoring the gradient norm to detect explosions).
+    Pascanu et al., `On the difficulty of training Recurrent Neural Networks
+    <https://arxiv.org/abs/1211.5063>`_, 2013
   """
   fn = "tree_norms"
   norm_ord = _validate.canonical_ord(fn, 2 if ord is None else ord)
