@@ -220,19 +220,13 @@ def clip_by_global_norm(
     u \leftarrow u \cdot \begin{cases} 1 & \|u\| \le c \\
     c / \|u\| & \text{otherwise} \end{cases}
 
-  The norm is :func:`optaxclip.global_norm`'s: bf16/fp16 trees accumulate in
-  float32, and a finite gradient whose sum of squares overflows or
-  underflows still gets its true norm (only then is the sum recomputed from
-  the elements scaled by a fixed power of two). Unlike
-  ``optax.clip_by_global_norm``, a clipped update has norm exactly
-  ``max_norm``, an unclipped one comes back bit-identical, zeros and
-  ``max_norm = 0`` never give NaN, ``jax.grad`` is finite everywhere, and a
-  non-finite norm makes every element NaN (loud). The pre-clip norm is kept
-  in the state (``optax.tree.get(state, "global_norm")``); ``update`` also
-  accepts a precomputed norm as ``global_norm=`` and then skips its own
-  reduction. ``update(updates, None)`` works. With ``groups=``, each group
-  of leaves is clipped by its own norm, and leaves labelled ``None`` pass
-  through untouched; see ``docs/transforms.md#global-norm``.
+  The norm is :func:`optaxclip.global_norm`'s (float32 for bf16/fp16, the
+  true norm even when the sum of squares overflows). A clipped update has
+  norm exactly ``max_norm``, an unclipped one comes back bit-identical, and
+  a non-finite norm makes every element NaN. The pre-clip norm is kept in
+  the state; ``update(..., global_norm=n)`` reuses a precomputed norm. With
+  ``groups=`` each group of leaves is clipped by its own norm and ``None``
+  leaves pass untouched. Details: ``docs/transforms.md#global-norm``.
 
   Args:
     max_norm: the largest allowed global norm, a non-negative scalar (``inf``
