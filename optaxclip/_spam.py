@@ -130,13 +130,11 @@ def spam_clip(
     \qquad
     v_t = \beta_2 v_{t-1} + (1 - \beta_2)\,\tilde g_t^2
 
-  The rule is active from step ``warmup_steps`` on (after each reset of
-  :math:`v` too), as in the authors' code. Unlike the authors, who test
-  against Adam's second moment, the clipper keeps its own :math:`v`, so it
-  works in front of any optimizer; ``reset_interval`` restores the authors'
-  behaviour under :func:`momentum_reset`. Place it before
-  ``momentum_reset``, not inside it. Non-finite elements come out NaN and
-  are not folded into :math:`v`. Decisions: ``docs/transforms.md#spam``.
+  The rule is active from step ``warmup_steps`` on, as in the authors'
+  code. The clipper keeps its own :math:`v` (the authors use Adam's), so it
+  works in front of any optimizer; place it before :func:`momentum_reset`.
+  Non-finite elements come out NaN and are not folded into :math:`v`.
+  Decisions: ``docs/transforms.md#spam``.
 
   Args:
     threshold: :math:`\theta`, >= 0 (``inf`` disables it); the paper's 5000.
@@ -335,11 +333,9 @@ def momentum_reset(
     s_k = 1 - 0.99 \cdot \frac{1 + \cos\!\big(\pi k / (N + 1)\big)}{2},
     \qquad k = t \bmod \Delta T < N,
 
-  and by 1 otherwise. ``optax.chain(oc.spam_clip(reset_interval=500),
-  oc.momentum_reset(optax.adam(lr)))`` reproduces the authors' SPAM
-  optimizer, up to two details given in ``docs/transforms.md#spam`` with the
-  other decisions. Do not wrap optimizers that keep a copy of the parameters
-  in their state (schedule-free, lookahead, EMA of weights).
+  and by 1 otherwise. With :func:`spam_clip` in front it reproduces the
+  authors' SPAM optimizer (details: ``docs/transforms.md#spam``). Do not
+  wrap optimizers that keep a copy of the parameters in their state.
 
   Args:
     inner: the optimizer to wrap, any ``optax.GradientTransformation``.
