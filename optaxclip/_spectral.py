@@ -251,7 +251,11 @@ def _clip_matrices(
       piece = out if len(idx) == 1 else out[start : start + n]
       if factors[i] != 1.0:
         piece = piece * factors[i]
-      outs[i] = piece.reshape(x.shape).astype(x.dtype)
+      piece = piece.reshape(x.shape).astype(x.dtype)
+      # An elementwise select with x as an operand (equal to piece: a NaN in
+      # x already made piece NaN) lets sharding propagation give the result
+      # x's sharding; the matmuls' own output sharding drops one axis.
+      outs[i] = jnp.where(jnp.isnan(x), jnp.full_like(piece, jnp.nan), piece)
       bounds[i] = bound[start : start + n].reshape(x.shape[:-2])
       start += n
   return outs, bounds
