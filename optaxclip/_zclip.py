@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scale, _stats, _tree, _validate
+from optaxclip import _norms, _scale, _skip, _stats, _tree, _validate
 
 _FN = "zclip"
 DEFAULT_WARMUP_STEPS = 25
@@ -34,9 +34,11 @@ class ZClipState(NamedTuple):
   # int32 scalar: how many finite, nonzero norms were recorded; saturates at
   # 2**31 - 1 instead of wrapping (so warmup is never re-entered).
   zclip_count: jax.Array
-  # float scalars: EMA of the norm's mean and variance (0 during warmup).
+  # float scalars: EMA of the norm's mean and standard deviation (0 during
+  # warmup). The deviation is kept, not the variance: norms near 1e20 have a
+  # variance beyond float32's range, and norms near 1e-30 one below it.
   zclip_mean: jax.Array
-  zclip_var: jax.Array
+  zclip_std: jax.Array
   # float scalar: the last step's pre-clip global norm.
   zclip_norm: jax.Array
   # float scalar: the cap the last step was clipped to (inf: no cap).
@@ -63,7 +65,7 @@ def zclip(
 
   During warmup (the first ``warmup_steps`` nonzero finite norms) the update
   is clipped by ``max_norm`` only, and the last warmup step sets the mean
-  and variance from the buffer. Then, with :math:`\sigma = \sqrt{var}`:
+  :math:`\mu` and standard deviation :math:`\sigma` from the buffer. Then:
 
   .. math::
     z = \frac{g - \mu}{\sigma + \epsilon}, \qquad
@@ -72,9 +74,11 @@ def zclip(
 
   A spike (:math:`z > z_{thresh}`) is clipped to :math:`\tau` (to
   :math:`\mu` with ``clip_option="mean"``), every update to ``max_norm``,
-  and the EMAs take in :math:`\tau` on a spike, else :math:`g`. This follows
-  the authors' reference, quirks included; zero and non-finite norms are
-  not fed to the statistics. Details: ``docs/transforms.md#zclip``.
+  and the EMAs take in :math:`x = \tau` on a spike, else :math:`x = g`:
+  :math:`\mu \leftarrow \alpha\mu + (1 - \alpha)x`, then
+  :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1 - \alpha)(x - \mu)^2`.
+  This follows the authors' reference, quirks included; zero and non-finite
+  norms are not fed to the statistics. Details: ``docs/transforms.md#zclip``.
 
   Args:
     alpha: EMA decay, in (0, 1).
@@ -145,7 +149,7 @@ def zclip(
       zclip_buffer=jnp.zeros((warmup,), dtype),
       zclip_count=jnp.zeros((), jnp.int32),
       zclip_mean=zero,
-      zclip_var=zero,
+      zclip_std=zero,
       zclip_norm=zero,
       zclip_threshold=zero,
       zclip_clipped=false,
@@ -183,12 +187,13 @@ def zclip(
       state.zclip_buffer,
     )
     fills = in_warmup & observed & (count == warmup - 1)
-    buffer_mean = jnp.mean(buffer)
-    buffer_var = jnp.mean(jnp.square(buffer - buffer_mean))
+    # Population mean and std, taken in power-of-two units of the buffer.
+    buffer_mean, buffer_std = _skip._rolling_mean_std(
+      buffer, jnp.asarray(warmup, jnp.int32)
+    )
 
     # After warmup: z-score, spike test, adaptive threshold.
-    mean, var = state.zclip_mean, state.zclip_var
-    std = _norms.std_from_variance(var)
+    mean, std = state.zclip_mean, state.zclip_std
     denom = std + jnp.asarray(eps).astype(f32)
     positive = denom > 0
     z = jnp.where(
@@ -201,7 +206,9 @@ def zclip(
       if clip_option == "adaptive_scaling":
         # z / z_thresh > 1 on a spike; elsewhere a dummy 1 keeps it finite.
         eta = jnp.where(spike, z / zt, jnp.ones_like(z))
-        tau = (mean + zt * std / eta) * jnp.asarray(clip_factor).astype(f32)
+        # zt / eta first: on a spike zt * std / eta < g - mean, while
+        # zt * std alone may pass float32's range.
+        tau = (mean + std * (zt / eta)) * jnp.asarray(clip_factor).astype(f32)
       else:
         tau = mean
     else:
@@ -213,7 +220,7 @@ def zclip(
     adaptive = jnp.where(spike, tau, g)
     cap = jnp.where(in_warmup, cap_fixed, jnp.minimum(adaptive, cap_fixed))
     new_mean = a * mean + (1 - a) * adaptive
-    new_var = a * var + (1 - a) * jnp.square(adaptive - new_mean)
+    new_std = _ema_std(std, adaptive - new_mean, a)
     # Never feed a zero to the statistics: zero is absorbing (docstring).
     update_stats = observed & ~in_warmup & (adaptive > 0)
     if skip_update_on_spike:
@@ -221,7 +228,7 @@ def zclip(
     mean = jnp.where(
       fills, buffer_mean, jnp.where(update_stats, new_mean, mean)
     )
-    var = jnp.where(fills, buffer_var, jnp.where(update_stats, new_var, var))
+    std = jnp.where(fills, buffer_std, jnp.where(update_stats, new_std, std))
 
     scale, clipped = _scale.clip_scale(norm, cap)
     updates = jax.tree.map(lambda u: _scale.scale_leaf(u, scale), updates)
@@ -229,7 +236,7 @@ def zclip(
       zclip_buffer=buffer,
       zclip_count=jnp.where(observed, optax.safe_int32_increment(count), count),
       zclip_mean=mean,
-      zclip_var=var,
+      zclip_std=std,
       zclip_norm=g,
       zclip_threshold=cap,
       zclip_clipped=clipped,
@@ -237,3 +244,17 @@ def zclip(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _ema_std(std: jax.Array, deviation: jax.Array, a: jax.Array) -> jax.Array:
+  """The root of the EMA variance, ``sqrt(a std**2 + (1 - a) deviation**2)``.
+
+  Taken in units of a power of two ``u <= max(std, |deviation|) < 2u``: the
+  squares stay below 4 (no overflow for norms near 1e20 and beyond), the
+  larger one is at least 1 (no underflow for norms near 1e-30), and the
+  scaling is exact.
+  """
+  _, exponent = jnp.frexp(jnp.maximum(std, jnp.abs(deviation)))
+  unit, inverse = _skip._power_of_two_pair(exponent - 1, std.dtype)
+  s, d = std * inverse, deviation * inverse
+  return _norms.std_from_variance(a * (s * s) + (1 - a) * (d * d)) * unit

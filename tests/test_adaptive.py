@@ -11,6 +11,7 @@ import pytest
 
 import optaxclip as oc
 import reference
+from helpers import maybe_jit
 
 
 def norm_sequence(steps=320, seed=0):
@@ -99,8 +100,9 @@ def test_zclip_matches_the_reference(config):
                                atol=1e-6, err_msg=str(i))
     if mean is not None:
       np.testing.assert_allclose(float(state.zclip_mean), mean, rtol=1e-5)
-      np.testing.assert_allclose(float(state.zclip_var), var, rtol=1e-4,
-                                 atol=1e-7)
+      # The state keeps the EMA variance's root; the reference its square.
+      np.testing.assert_allclose(float(state.zclip_std), math.sqrt(var),
+                                 rtol=1e-5)
   assert spikes > 0  # the sequence does exercise the spike branch
 
 
@@ -181,29 +183,86 @@ def test_bad_arguments(call, message):
     call()
 
 
-_HUGE = 2.0 ** 70  # ~1.2e21: the norms fit float32, their squares do not
-
-
 @pytest.mark.parametrize("make, fields", [
-    (lambda: oc.autoclip(10.0, history_size=64),
+    (lambda f: oc.autoclip(10.0, history_size=64),
      ("autoclip_threshold", "autoclip_clipped")),
-    pytest.param(
-        lambda: oc.zclip(max_norm=None, warmup_steps=10),
-        ("zclip_threshold", "zclip_spike"),
-        # The state keeps the EMA *variance*, which exceeds float32's range
-        # once the norms' spread passes ~1.8e19; keeping a standard
-        # deviation instead would change the state's fields.
-        marks=pytest.mark.xfail(strict=True, reason="zclip_var overflows")),
-], ids=["autoclip", "zclip"])
-def test_statistics_of_huge_norms_scale_exactly(make, fields):
+    (lambda f: oc.zclip(max_norm=None, warmup_steps=10, eps=1e-6 * f),
+     ("zclip_threshold", "zclip_spike")),
+    (lambda f: oc.zclip(max_norm=None, warmup_steps=10, eps=1e-6 * f,
+                        clip_option="mean"),
+     ("zclip_threshold", "zclip_spike")),
+    (lambda f: oc.zclip(max_norm=None, warmup_steps=10, mode="percentile"),
+     ("zclip_threshold", "zclip_spike")),
+], ids=["autoclip", "zclip", "zclip-mean", "zclip-percentile"])
+@pytest.mark.parametrize("power", [70, 100, -100])
+def test_statistics_of_huge_norms_scale_exactly(make, fields, power):
   """Norms times a power of two give the same decisions and thresholds
-  times that power (the norm kernel already gets such norms right)."""
+  times that power (the norm kernel already gets such norms right): 2**70
+  (~1.2e21) and 2**100 (~1.3e30) have squares beyond float32's range,
+  2**-100 (~7.9e-31) squares below it. zclip's eps is an absolute term, so
+  it is scaled with the norms."""
+  factor = 2.0 ** power
   norms = norm_sequence(seed=2)
-  small = _run(make(), norms)
-  huge = _run(make(), norms * _HUGE)
+  small = _run(make(1.0), norms)
+  huge = _run(make(factor), norms * factor)
   threshold, flag = fields
   for i, ((_, a, _), (_, b, _)) in enumerate(zip(small, huge)):
     assert bool(getattr(a, flag)) == bool(getattr(b, flag)), i
-    np.testing.assert_allclose(float(getattr(b, threshold)) / _HUGE,
+    np.testing.assert_allclose(float(getattr(b, threshold)) / factor,
                                float(getattr(a, threshold)), rtol=1e-5,
                                err_msg=str(i))
+
+
+@pytest.mark.parametrize("config", [
+    {"max_norm": None},
+    {"max_norm": None, "clip_option": "mean"},
+    {"max_norm": None, "mode": "percentile"},
+    {"max_norm": None, "eps": 0.0},
+], ids=["zscore", "mean", "percentile", "eps0"])
+@pytest.mark.parametrize("scale", [1e-30, 1e20, 1e30, 1e36])
+def test_zclip_flags_a_spike_at_any_norm_float32_holds(config, scale,
+                                                       use_jit):
+  """Regression: the state once kept the EMA variance, inf in float32 once
+  the norms' spread passed ~1.8e19 (at 1e20 a 100x spike was then neither
+  flagged nor clipped) and 0 for norms near 1e-30 (with eps=0, spikes were
+  clipped to the mean). Checked against the float64 reference; eps, an
+  absolute term, is scaled with the norms unless the case sets it."""
+  config = {"eps": 1e-6 * scale, **config}
+  rng = np.random.default_rng(0)
+  norms = list(scale * (1 + 0.3 * rng.standard_normal(12)))
+  norms[10] = 100 * norms[9]
+  want = reference.zclip(norms, warmup_steps=8, **config)
+  direction = _direction()
+  tx = oc.zclip(warmup_steps=8, **config)
+  state = tx.init(direction)
+  update = maybe_jit(tx.update, use_jit)
+  for i, (n, (cap, spike, mean, var)) in enumerate(zip(norms, want)):
+    out, state = update(_tree_with_norm(direction, n), state)
+    assert bool(state.zclip_spike) == spike, i
+    np.testing.assert_allclose(float(state.zclip_threshold), cap, rtol=1e-5,
+                               err_msg=str(i))
+    np.testing.assert_allclose(float(oc.global_norm(out)),
+                               n * reference.clip_scale(n, cap), rtol=2e-5,
+                               err_msg=str(i))
+    if mean is not None:
+      np.testing.assert_allclose(float(state.zclip_mean), mean, rtol=1e-5)
+      np.testing.assert_allclose(float(state.zclip_std), math.sqrt(var),
+                                 rtol=1e-5)
+  assert want[10][1]  # the 100x spike is one
+
+
+def test_zclip_std_update_has_a_finite_gradient_at_zero():
+  """The EMA's square root goes through the norm kernel's safe_sqrt: a norm
+  equal to the mean over a zero deviation takes the root of exactly 0."""
+  tx = oc.zclip(warmup_steps=1, max_norm=None)
+  state = tx.init({"g": jnp.zeros(1)})
+
+  def std_after(std):
+    stats = state._replace(zclip_mean=jnp.float32(1.0), zclip_std=std,
+                           zclip_count=jnp.int32(1))
+    _, new = tx.update({"g": jnp.ones(1)}, stats)
+    return new.zclip_std
+
+  for fn in (jax.grad(std_after), jax.jit(jax.grad(std_after))):
+    assert float(std_after(jnp.float32(0.0))) == 0.0
+    assert np.isfinite(float(fn(jnp.float32(0.0))))
