@@ -261,6 +261,43 @@ def _clip_matrices(
   return outs, bounds
 
 
+def _explicit_sharding(x: jax.Array) -> Any:
+  """``x``'s sharding when it is typed with explicit mesh axes, else None."""
+  typeof = getattr(jax, "typeof", None)
+  sharding = getattr(typeof(x), "sharding", None) if typeof else None
+  axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+  if explicit is None or explicit not in tuple(axis_types):
+    return None
+  return sharding
+
+
+def _clip_matrices_sharded(
+  xs: list[jax.Array],
+  factors: list[float],
+  threshold: Any,
+  ns_steps: int,
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """:func:`_clip_matrices`; under explicit mesh axes it runs with automatic
+  axes (a Gram matrix contracts over sharded axes, whose output sharding
+  explicit axes leave ambiguous) and returns each leaf in its own sharding,
+  the bounds replicated."""
+  shardings = [_explicit_sharding(x) for x in xs]
+  if all(s is None for s in shardings):
+    return _clip_matrices(xs, factors, threshold, ns_steps)
+  (mesh,) = {s.mesh for s in shardings if s is not None}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  out_sharding = (
+    [s if s is not None else replicated for s in shardings],
+    [replicated] * len(xs),
+  )
+  run = jax.sharding.auto_axes(
+    lambda xs, c: _clip_matrices(xs, factors, c, ns_steps),
+    out_sharding=out_sharding,
+  )
+  return run(xs, jnp.asarray(threshold))
+
+
 def _bounds_field(flat: jax.Array, segments: tuple) -> Any:
   """The per-path field; for a tree with nothing to clip, the plain
   placeholder ``[0.]`` (no paths to keep: ``optax.tree.map_params`` matches
@@ -407,7 +444,7 @@ def spectral_clip(
         _rectangular_factor(leaves[i].shape, layout, rectangular_scale)
         for i in mat
       ]
-      outs, mat_bounds = _clip_matrices(
+      outs, mat_bounds = _clip_matrices_sharded(
         [leaves[i] for i in mat], factors, threshold, steps
       )
       for i, out, bound in zip(mat, outs, mat_bounds, strict=True):

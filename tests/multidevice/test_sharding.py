@@ -334,8 +334,6 @@ def _put_tree(tree, mesh, layout, batch=False):
 KNOWN_FAILURES = {
     ("spam_clip", "explicit"): "jnp.where of a sharded mask and a replicated"
                                " state under explicit mesh axes",
-    ("spectral_clip", "explicit"): "matmul with sharded contracting dims"
-                                   " needs out_sharding under explicit axes",
 }
 
 
