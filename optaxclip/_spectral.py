@@ -39,7 +39,7 @@ _LAYOUTS = ("flax", "torch")
 class SpectralClipState(NamedTuple):
   """State of :func:`spectral_clip`: what the last step saw, per tensor.
 
-  ``spectral_bounds`` is a :class:`~optaxclip._tree.PathValues`, laid out as
+  ``spectral_bounds`` is a :class:`~optaxclip.PathValues`, laid out as
   ``clip_by_norm``'s ``leaf_norms``: one entry per clipped matrix
   (one per layer for stacked leaves) or vector, leaf after leaf, with the
   paths as static metadata; ``clip_stats`` returns
