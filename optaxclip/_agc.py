@@ -154,7 +154,7 @@ def _resolve_axes(
   """One normalized axes tuple per param leaf, in jax.tree.leaves order.
 
   The callable and pytree forms of ``axis`` go through
-  :func:`optaxclip._tree.per_leaf_entries`: matched by normalised path, so an
+  :func:`_tree.per_leaf_entries`: matched by normalised path, so an
   ``nnx.State`` (``Variable``-wrapped or not) or an Equinox module works.
   """
   with_path = jax.tree_util.tree_leaves_with_path(params)

@@ -70,7 +70,7 @@ def _tree_extremes(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
   """The largest and smallest element of real leaves, one pass, NaN-loud.
 
   Large leaves are reduced where they are (no copy); small ones go through
-  the library's bucket (:func:`optaxclip._grouping.reduction_groups`), one copy of
+  the library's bucket (:func:`_grouping.reduction_groups`), one copy of
   the small leaves and one reduction instead of one per leaf.
   """
   groups = _grouping.reduction_groups(leaves, _norms.accumulation_dtype)
