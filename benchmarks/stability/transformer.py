@@ -195,7 +195,10 @@ def _rows() -> list[Row]:
           clip=lambda: oc.adaptive_grad_clip(0.01)),
       Row("zclip()", clip=oc.zclip),
       Row("adagc()", clip=oc.adagc),
-      Row("skip_step(norm)", wrap=lambda inner: oc.skip_step(inner)),
+      # The norm rule at the study's default (the library's default turns
+      # it off and only skips non-finite steps).
+      Row("skip_step(norm)", wrap=lambda inner: oc.skip_step(
+          inner, spike_sigmas=6.0)),
       Row("skip_step(loss)", wrap=lambda inner: oc.skip_step(
           inner, spike_sigmas=None, loss_spike_sigmas=6.0), extra=("loss",)),
       Row("spam", clip=oc.spam_clip, wrap=oc.momentum_reset),
