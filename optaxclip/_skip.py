@@ -183,27 +183,6 @@ def _as_loss(fn: str, loss: Any, dtype: Any) -> jax.Array:
   return loss.astype(dtype)
 
 
-def _check_inner(fn: str, inner: Any) -> None:
-  """A clear error when a wrapper is given something that is no optimizer."""
-  if isinstance(inner, optax.GradientTransformation):
-    return
-  if callable(getattr(inner, "gradient_transformation", None)):
-    # optax.MultiSteps (and look-alikes) is an object holding an optimizer;
-    # the GradientTransformation is what its method returns.
-    raise TypeError(
-      f"{fn}: inner must be an optax.GradientTransformation, got an"
-      f" instance of {type(inner).__name__}, which is not one but builds"
-      " one: pass inner.gradient_transformation(), e.g."
-      f" {fn}(optax.MultiSteps(opt, k).gradient_transformation())."
-    )
-  raise TypeError(
-    f"{fn}: inner must be an optax.GradientTransformation (an optimizer"
-    f" such as optax.adam(1e-3) or an optax.chain), got {inner!r} of type"
-    f" {type(inner).__name__}. Pass the optimizer itself, not its factory:"
-    f" {fn}(optax.adam(1e-3)), not {fn}(optax.adam)."
-  )
-
-
 def _discard_if(skip, new_updates, old_inner_state, new_inner_state):
   """Zeros for the updates and the old inner state where ``skip`` holds."""
   # A select, not `updates * 0`: 0 * nan = nan.
@@ -290,7 +269,7 @@ def skip_step(
     <https://arxiv.org/abs/2204.02311>`_, 2022
   """
   fn = "skip_step"
-  _check_inner(fn, inner)
+  _validate.check_inner(fn, inner)
   if max_norm is not None:
     _validate.check_threshold(fn, "max_norm", max_norm)
   for name, sigmas in (
@@ -629,7 +608,7 @@ def skip_and_clip_by_global_norm(
     (``axlearn/common/optimizers.py``).
   """
   fn = "skip_and_clip_by_global_norm"
-  _check_inner(fn, inner)
+  _validate.check_inner(fn, inner)
   if max_norm is not None:
     _validate.check_threshold(fn, "max_norm", max_norm)
   if grad_norm_ema_decay is not None:

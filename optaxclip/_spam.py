@@ -290,23 +290,6 @@ def _warmup_scale(steps: jax.Array, num_warmup: int) -> jax.Array:
   return jnp.where(steps < num_warmup, scale, jnp.ones((), jnp.float32))
 
 
-def _check_inner(fn: str, inner: Any) -> None:
-  if isinstance(inner, optax.GradientTransformation):
-    return
-  if callable(getattr(inner, "gradient_transformation", None)):
-    raise TypeError(
-      f"{fn}: inner must be an optax.GradientTransformation, got an instance"
-      f" of {type(inner).__name__}, which builds one: pass"
-      " inner.gradient_transformation()."
-    )
-  raise TypeError(
-    f"{fn}: inner must be an optax.GradientTransformation (an optimizer such"
-    f" as optax.adam(1e-3) or an optax.chain), got {inner!r} of type"
-    f" {type(inner).__name__}. Pass the optimizer itself, not its factory:"
-    f" {fn}(optax.adam(1e-3)), not {fn}(optax.adam)."
-  )
-
-
 def _map_params() -> Any:
   """``optax.tree.map_params`` (newer optax) or ``tree_map_params``."""
   tree_module = getattr(optax, "tree", None)
@@ -379,7 +362,7 @@ def momentum_reset(
     Training <https://arxiv.org/abs/2501.06842>`_, 2025
   """
   fn = "momentum_reset"
-  _check_inner(fn, inner)
+  _validate.check_inner(fn, inner)
   every = (
     DEFAULT_INTERVAL
     if interval is None

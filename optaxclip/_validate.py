@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 # The norm orders every clipper understands, in their canonical spelling.
 
@@ -237,3 +238,30 @@ def check_choice(
       f" got {value!r}."
     )
   return value.lower()
+
+
+def check_inner(fn: str, inner: Any) -> None:
+  """Checks a wrapper's ``inner`` is an optimizer, not its factory or holder.
+
+  Raises:
+    TypeError: for anything but an ``optax.GradientTransformation``, with
+      the fix for the two common slips (``optax.adam`` for
+      ``optax.adam(1e-3)``, and an ``optax.MultiSteps`` object).
+  """
+  if isinstance(inner, optax.GradientTransformation):
+    return
+  if callable(getattr(inner, "gradient_transformation", None)):
+    # optax.MultiSteps (and look-alikes) is an object holding an optimizer;
+    # the GradientTransformation is what its method returns.
+    raise TypeError(
+      f"{fn}: inner must be an optax.GradientTransformation, got an"
+      f" instance of {type(inner).__name__}, which is not one but builds"
+      " one: pass inner.gradient_transformation(), e.g."
+      f" {fn}(optax.MultiSteps(opt, k).gradient_transformation())."
+    )
+  raise TypeError(
+    f"{fn}: inner must be an optax.GradientTransformation (an optimizer"
+    f" such as optax.adam(1e-3) or an optax.chain), got {inner!r} of type"
+    f" {type(inner).__name__}. Pass the optimizer itself, not its factory:"
+    f" {fn}(optax.adam(1e-3)), not {fn}(optax.adam)."
+  )
