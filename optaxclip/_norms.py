@@ -119,6 +119,16 @@ def std_from_variance(variance: jax.Array) -> jax.Array:
   return safe_sqrt(variance)
 
 
+def static_sqrt(n: float) -> float:
+  """``sqrt(n)`` of a non-negative Python number known at trace time.
+
+  For the constants that are norms of counts: the ``1 / sqrt(d)`` attention
+  scale, or the L2 norm of ``n`` equal per-leaf bounds (``sqrt(n)`` times
+  the bound). Correctly rounded in float64, as ``math.sqrt``.
+  """
+  return math.sqrt(n)
+
+
 def _squares(x: jax.Array) -> jax.Array:
   """``|x|^2`` element-wise in the accumulation dtype, taken after the cast."""
   acc = accumulation_dtype(x.dtype)
@@ -763,6 +773,18 @@ def axes_rms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   size = max(int(np.prod([x.shape[a] for a in axes], dtype=np.int64)), 1)
   norms = axes_norms(x, axes, 2)
   return norms / np.sqrt(size).astype(norms.dtype)
+
+
+def axes_rms_each(
+  xs: Sequence[jax.Array], axes_list: Sequence[tuple[int, ...]]
+) -> list[jax.Array]:
+  """:func:`axes_rms` of several arrays, rescued under one ``lax.cond``."""
+  norms = axes_norms_each(xs, axes_list, 2)
+  out = []
+  for x, axes, n in zip(xs, axes_list, norms, strict=True):
+    size = max(int(np.prod([x.shape[a] for a in axes], dtype=np.int64)), 1)
+    out.append(n / np.sqrt(size).astype(n.dtype))
+  return out
 
 
 def batch_norms(
