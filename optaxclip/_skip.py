@@ -469,6 +469,9 @@ class SkipAndClipByGlobalNormState(NamedTuple):
   drop_norm_ema: jax.Array
   # float scalar: the same EMA of the squared norms; 1 before any.
   drop_norm_square_ema: jax.Array
+  # float scalar: drop_norm_square_ema - drop_norm_ema**2, kept by its own
+  # recursion (never negative, no cancellation); 0 before any valid step.
+  drop_norm_variance: jax.Array
   # dict[str, float scalar]: the thresholds the last step's norm was
   # compared with, by axlearn's names ("20x_mean", "20x_stddev", ...).
   drop_thresholds: dict
@@ -504,20 +507,25 @@ def _stddev_rule(multipliers, min_count):
   return thresholds
 
 
-def _norm_moments(norm, ema, square_ema, count, decay):
+def _norm_moments(norm, ema, square_ema, variance, count, decay):
   """One bias-corrected EMA step (Shazeer and Stern 2018, Sec. 7.1).
 
   The effective decay is ``decay * (1 - decay**c) / (1 - decay**(c + 1))``
   for ``c`` earlier valid steps: 0 on the first, so the initial EMA of 1 is
-  forgotten at once, and ``decay`` in the limit.
+  forgotten at once, and ``decay`` in the limit. The variance of the
+  weighted norms, ``square_ema - ema**2`` in exact arithmetic, follows
+  ``d * (variance + (1 - d) * (norm - ema)**2)``: the difference itself
+  loses every digit when the norms are nearly constant.
   """
   dtype = ema.dtype
   decay = jnp.asarray(decay).astype(dtype)
   c = count.astype(dtype)
-  step_decay = decay * (1 - decay**c) / (1 - decay ** (c + 1))
+  d = decay * (1 - decay**c) / (1 - decay ** (c + 1))
+  deviation = norm - ema
   return (
-    step_decay * ema + (1 - step_decay) * norm,
-    step_decay * square_ema + (1 - step_decay) * norm * norm,
+    d * ema + (1 - d) * norm,
+    d * square_ema + (1 - d) * norm * norm,
+    d * (variance + (1 - d) * deviation * deviation),
   )
 
 
@@ -563,7 +571,7 @@ def skip_and_clip_by_global_norm(
   Otherwise the gradients are clipped to ``max_norm`` and passed to
   ``inner``; only valid steps advance the EMAs, and every threshold keeps
   its own exceed counter. Switching from axlearn and the two deviations
-  (an exact clip without ``eps``; a negative EMA variance counts as 0) are
+  (an exact clip without ``eps``; the variance kept without cancellation) are
   in docs/llm_stability.md ("Peer rules").
 
   Args:
@@ -676,6 +684,7 @@ def skip_and_clip_by_global_norm(
       # axlearn starts both EMAs at 1 so no threshold is 0 on the first step.
       drop_norm_ema=one,
       drop_norm_square_ema=one,
+      drop_norm_variance=jnp.zeros((), dtype),
       drop_thresholds={k: jnp.full((), math.inf, dtype) for k in names},
       drop_exceed_counts={f"count_exceeds_{k}": zero for k in names},
       drop_clip_scale=one,
@@ -698,9 +707,10 @@ def skip_and_clip_by_global_norm(
     # A finite tree has a finite norm here (the kernel rescues overflowing
     # sums), so the norm alone tells whether every element is finite.
     valid = jnp.isfinite(observed)
-    # axlearn takes sqrt(mean_square - mean**2), NaN when rounding makes it
-    # negative (near-constant norms), which then drops every later step.
-    variance = jnp.maximum(square_ema - ema * ema, jnp.zeros_like(ema))
+    # axlearn takes sqrt(square_ema - ema**2): all rounding error for
+    # near-constant norms, and NaN when it rounds negative (after which the
+    # stddev rule drops every step). The variance has its own recursion.
+    variance = state.drop_norm_variance
     stddev = _norms.std_from_variance(variance)
     limits = thresholds(state.drop_count, ema, stddev)
     exceed_counts = {}
@@ -727,11 +737,18 @@ def skip_and_clip_by_global_norm(
     )
 
     if grad_norm_ema_decay is not None:
-      new_ema, new_square_ema = _norm_moments(
-        observed, ema, square_ema, state.drop_count, grad_norm_ema_decay
+      moments = _norm_moments(
+        observed,
+        ema,
+        square_ema,
+        variance,
+        state.drop_count,
+        grad_norm_ema_decay,
       )
-      ema = jnp.where(valid, new_ema, ema)
-      square_ema = jnp.where(valid, new_square_ema, square_ema)
+      ema, square_ema, variance = (
+        jnp.where(valid, new, old)
+        for new, old in zip(moments, (ema, square_ema, variance))
+      )
     return new_updates, SkipAndClipByGlobalNormState(
       drop_inner_state=new_inner_state,
       drop_grad_norm=observed,
@@ -748,6 +765,7 @@ def skip_and_clip_by_global_norm(
       ),
       drop_norm_ema=ema,
       drop_norm_square_ema=square_ema,
+      drop_norm_variance=variance,
       drop_thresholds=limits,
       drop_exceed_counts=exceed_counts,
       drop_clip_scale=jax.lax.stop_gradient(scale),

@@ -1025,8 +1025,8 @@ def skip_and_clip_reference(grad_seq, *, drop_norm=None, multipliers=(),
   norm is finite and below every threshold; each threshold counts the steps
   at or above it; a valid step's gradient is clipped to ``max_norm``
   (exactly, without axlearn's eps) and returned, an invalid one gives zeros.
-  One documented difference: a negative EMA variance counts as 0 (axlearn's
-  square root would be NaN).
+  The std is sqrt(square_ema - ema**2), accurate in float64 (a negative
+  rounding error counts as 0).
 
   Returns:
     A dict of per-step lists/arrays: ``outputs`` (float64 leaves),

@@ -22,7 +22,12 @@ step 61:
   ``grad_norm_ema_decay=0.9``, ``max_norm=2.0``;
 * ``stddev``: ``drop_norm=drop_norm_by_grad_norm_stddev(min_count=20,
   multipliers=(3, 6))``, ``grad_norm_ema_decay=0.95``, no ``max_norm``;
-* ``fixed``: ``drop_norm=8.0``, ``max_norm=1.5``.
+* ``fixed``: ``drop_norm=8.0``, ``max_norm=1.5``;
+* ``jitter``: 40 steps of one gradient whose scale varies by 1e-5 (seeded),
+  ``drop_norm_by_grad_norm_stddev(min_count=3)`` (multipliers 20, 40, 100),
+  ``grad_norm_ema_decay=0.9``: axlearn's ``sqrt(square_ema - ema**2)`` is
+  then rounding noise, turns NaN, and every later step drops (the case
+  where optaxclip documents a deviation).
 
 Produced with (jax 0.10.2, optax 0.2.8, numpy 2.4.6):
 
@@ -58,6 +63,7 @@ NAMES = (
   "skip_and_clip_by_global_norm",
 )
 STEPS = 160
+_JITTER_BASE = np.linspace(0.1, 1.7, 17).astype(np.float32)
 
 
 class PartitionedGradientTransformation(NamedTuple):
@@ -153,6 +159,19 @@ def main() -> None:
     tx = skip_and_clip(optax.adam(0.01), **kwargs)
     for key, value in _run(tx, _sequence(rng)).items():
       arrays[f"{name}_{key}"] = value
+  jitter = np.stack(
+    [
+      _JITTER_BASE * np.float32(1 + 1e-5 * rng.standard_normal())
+      for _ in range(40)
+    ]
+  ).astype(np.float32)
+  tx = skip_and_clip(
+    optax.identity(),
+    drop_norm=axlearn["drop_norm_by_grad_norm_stddev"](min_count=3),
+    grad_norm_ema_decay=0.9,
+  )
+  for key, value in _run(tx, jitter).items():
+    arrays[f"jitter_{key}"] = value
   path = pathlib.Path(__file__).with_name("axlearn_trajectories.npz")
   np.savez_compressed(path, **arrays)
   print(f"wrote {path} ({path.stat().st_size} bytes)")
