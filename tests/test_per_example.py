@@ -1,6 +1,7 @@
 """Tests for clip_per_example (per-example clipping, DP-SGD noise, quantiles)."""
 
 import math
+import pathlib
 
 import chex
 import jax
@@ -13,6 +14,7 @@ import pytest
 
 from optaxclip import _stats
 from helpers import maybe_jit
+from reference import automatic_clip_reference
 
 
 def per_example_reference(leaves, max_norm, reduce="sum"):
@@ -296,10 +298,6 @@ def test_bad_arguments(kwargs, match):
 # ---------------------------------------------------------------------------
 # Automatic clipping (AUTO-S, Bu et al.), flat and per layer, against a
 # float64 reference and Opacus' own optimizers.
-
-import pathlib  # noqa: E402
-
-from reference import automatic_clip_reference  # noqa: E402
 
 OPACUS = pathlib.Path(__file__).parent / "data" / "opacus_trajectories.npz"
 OPACUS_LEAVES = ("w1", "b1", "w2", "b2")
