@@ -11,7 +11,6 @@ spiking tensor is tamed without shrinking the others.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -57,24 +56,6 @@ class AdaGCState(NamedTuple):
   # int32 scalar: how many tensors were rescaled this step (during warmup, all
   # of them when the global norm exceeded lambda_abs).
   adagc_num_clipped: jax.Array
-
-
-def _check_beta(beta: Any) -> None:
-  value = _validate.check_real(_FN, "beta", beta)
-  if value is not None and not 0.0 < value < 1.0:
-    raise ValueError(
-      f"{_FN}: beta must be in the open interval (0, 1), got {beta!r}. It"
-      " is the EMA decay of the per-tensor thresholds, e.g. beta=0.98."
-    )
-
-
-def _check_eps(eps: Any) -> None:
-  value = _validate.check_real(_FN, "eps", eps)
-  if value is not None and not 0.0 <= value < math.inf:
-    raise ValueError(
-      f"{_FN}: eps must be finite and non-negative (0 <= eps < inf), got"
-      f" {eps!r}."
-    )
 
 
 def _warmup_steps(warmup_steps: Any) -> int:
@@ -151,10 +132,12 @@ def adagc(
     Wang et al., `AdaGC: Improving Training Stability for Large Language Model
     Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025
   """
-  _check_beta(beta)
+  _validate.check_decay(
+    _FN, "beta", beta, "0.98", "the EMA decay of the per-tensor thresholds"
+  )
   _validate.check_threshold(_FN, "lambda_rel", lambda_rel)
   _validate.check_threshold(_FN, "lambda_abs", lambda_abs)
-  _check_eps(eps)
+  _validate.check_eps(_FN, eps)
   num_warmup = _warmup_steps(warmup_steps)
 
   slicing = _tree.Slicing(_FN, stacked)

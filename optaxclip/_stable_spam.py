@@ -87,24 +87,6 @@ class AdaGNState(NamedTuple):
 # Shared plumbing: one statistic per leaf, or one for the whole tree.
 
 
-def _check_decay(fn: str, arg: str, value: Any, example: str) -> None:
-  as_float = _validate.check_real(fn, arg, value)
-  if as_float is not None and not 0.0 < as_float < 1.0:
-    raise ValueError(
-      f"{fn}: {arg} must be in the open interval (0, 1), got {value!r}. It"
-      f" is an EMA decay, e.g. {arg}={example}."
-    )
-
-
-def _check_eps(fn: str, eps: Any) -> None:
-  as_float = _validate.check_real(fn, "eps", eps)
-  if as_float is not None and not 0.0 <= as_float < math.inf:
-    raise ValueError(
-      f"{fn}: eps must be finite and non-negative (0 <= eps < inf), got"
-      f" {eps!r}."
-    )
-
-
 def _check_per_tensor(fn: str, per_tensor: Any) -> None:
   if not isinstance(per_tensor, (bool, np.bool_)):
     raise TypeError(
@@ -322,7 +304,7 @@ def adaclip(
     16-Bit Adam <https://arxiv.org/abs/2502.17055>`_, 2025
   """
   fn = "adaclip"
-  _check_decay(fn, "theta", theta, "0.999")
+  _validate.check_decay(fn, "theta", theta, "0.999")
   _check_per_tensor(fn, per_tensor)
   per_tensor = bool(per_tensor)
 
@@ -509,9 +491,9 @@ def adagn(
     16-Bit Adam <https://arxiv.org/abs/2502.17055>`_, 2025
   """
   fn = "adagn"
-  _check_decay(fn, "gamma1", gamma1, "0.7")
-  _check_decay(fn, "gamma2", gamma2, "0.9")
-  _check_eps(fn, eps)
+  _validate.check_decay(fn, "gamma1", gamma1, "0.7")
+  _validate.check_decay(fn, "gamma2", gamma2, "0.9")
+  _validate.check_eps(fn, eps)
   _check_per_tensor(fn, per_tensor)
   per_tensor = bool(per_tensor)
 

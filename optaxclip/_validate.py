@@ -107,6 +107,32 @@ def check_real(fn: str, arg: str, value: Any) -> float | None:
   return _as_real_scalar(fn, arg, value, "a real scalar that is not NaN")
 
 
+def check_decay(
+  fn: str,
+  arg: str,
+  value: Any,
+  example: str,
+  meaning: str = "an EMA decay",
+) -> None:
+  """Checks an EMA decay lies in the open interval (0, 1)."""
+  as_float = check_real(fn, arg, value)
+  if as_float is not None and not 0.0 < as_float < 1.0:
+    raise ValueError(
+      f"{fn}: {arg} must be in the open interval (0, 1), got {value!r}. It"
+      f" is {meaning}, e.g. {arg}={example}."
+    )
+
+
+def check_eps(fn: str, eps: Any) -> None:
+  """Checks a finite, non-negative ``eps`` (a denominator's floor)."""
+  as_float = check_real(fn, "eps", eps)
+  if as_float is not None and not 0.0 <= as_float < math.inf:
+    raise ValueError(
+      f"{fn}: eps must be finite and non-negative (0 <= eps < inf), got"
+      f" {eps!r}."
+    )
+
+
 def canonical_ord(fn: str, ord: Any) -> float:  # pylint: disable=redefined-builtin
   """Validates a norm order and returns it as ``1``, ``2`` or ``math.inf``.
 
