@@ -252,13 +252,14 @@ def _is_prng_key(value: Any) -> bool:
 
 def _collect_history(key: str, value: Any, stats: dict[str, jax.Array]) -> None:
   """A history field: one entry, or one per leaf keyed by its path when the
-  field mirrors a tree (e.g. per-element moment estimates)."""
+  field mirrors a tree (e.g. per-element moment estimates). Two leaves whose
+  paths print alike would share a key, so they are an error naming both."""
   if isinstance(value, _tree.PathValues):
     for path, entry in value.items():
       stats[f"{key}/{path}"] = entry
     return
-  for key_path, leaf in jax.tree_util.tree_leaves_with_path(value):
-    path = _tree.path_str(_tree.normalize_key_path(key_path))
+  paths = _tree.leaf_paths("clip_stats", value, f" (as {key!r} entries)")
+  for path, leaf in zip(paths, jax.tree.leaves(value), strict=True):
     stats[f"{key}/{path}" if path else key] = _unwrap(leaf)
 
 

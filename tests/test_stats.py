@@ -254,3 +254,15 @@ def test_summary_gives_one_scalar_per_field():
 def test_bad_include(include):
   with pytest.raises(TypeError, match="include"):
     oc.clip_stats({}, include=include)
+
+
+def test_history_of_leaves_whose_paths_print_alike_is_an_error():
+  """spam_clip's moments mirror the updates; keyed by path, the leaves at
+  ["a/b"] and ["a"]["b"] would share one key and one would vanish."""
+  grads = {"a/b": jnp.array([1.0, 2.0]), "a": {"b": jnp.array([3.0])}}
+  tx = oc.spam_clip()
+  _, state = tx.update(grads, tx.init(grads))
+  assert "spam_clip/spam_clip_count" in oc.clip_stats(state)
+  with pytest.raises(ValueError, match=r"\['a'\]\['b'\] and \['a/b'\].*"
+                                       r"both have the path 'a/b'"):
+    oc.clip_stats(state, include_history=True)
