@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scale, _skip, _stats, _tree, _validate
+from optaxclip import _moments, _norms, _scale, _stats, _tree, _validate
 
 _FN = "clip_by_historical_norm"
 DEFAULT_WINDOW = 128
@@ -72,7 +72,7 @@ def _historical_threshold(
   count = jnp.asarray(count).astype(jnp.int32)
   # skip_step's window statistics: two passes in power-of-two units, so
   # norms near the top of the dtype's range neither overflow nor round.
-  mean, std = _skip._rolling_mean_std(norms, count)
+  mean, std = _moments.window_mean_std(norms, count)
   spread = jnp.asarray(sigmas).astype(dtype) * jnp.maximum(std, _MIN_STD)
   active = count >= max(2, window // 2)
   return jnp.where(active, mean + spread, jnp.full((), math.inf, dtype))

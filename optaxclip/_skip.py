@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _scale, _stats, _tree, _validate
+from optaxclip import _moments, _norms, _scale, _stats, _tree, _validate
 
 # The rolling window of accepted norms when ``window=None`` (MaxText's
 # ``skip_step_interval``).
@@ -90,58 +90,6 @@ class SkipStepState(NamedTuple):
   # recorded losses at the last step that had a loss; inf while the loss
   # rule was inactive (warmup, or loss_spike_sigmas=None).
   loss_threshold: jax.Array
-
-
-def _rolling_mean_std(
-  history: jax.Array, count: jax.Array, *, ddof: int = 0
-) -> tuple[jax.Array, jax.Array]:
-  """Mean and std of the valid entries of a ring buffer.
-
-  ``ddof=0`` gives the population std (the norm rule), ``ddof=1`` the sample
-  std with Bessel's correction (the loss rule, as MaxText and ``torch.std``);
-  the divisor is at least 1, so one valid entry has std 0.
-  """
-  window = history.shape[0]
-  num_valid = jnp.minimum(count, window)
-  valid = jnp.arange(window, dtype=num_valid.dtype) < num_valid
-  zeros = jnp.zeros_like(history)
-  values = jnp.where(valid, history, zeros)
-  # In units of 2**(e - 1) for a largest |value| below 2**e, the sum and the
-  # squared deviations can neither overflow (losses of 1e30 in float32) nor
-  # underflow (values near 1e-30); powers of two scale exactly.
-  _, exponent = jnp.frexp(jnp.max(jnp.abs(values)))
-  unit, inverse = _power_of_two_pair(exponent - 1, history.dtype)
-  values = values * inverse
-  size = jnp.maximum(num_valid, 1).astype(history.dtype)
-  mean = jnp.sum(values) / size
-  # Two passes (mean, then squared deviations): no cancellation when the
-  # values are large and nearly constant.
-  deviations = jnp.where(valid, values - mean, zeros)
-  divisor = jnp.maximum(num_valid - ddof, 1).astype(history.dtype)
-  std = _norms.std_from_variance(jnp.sum(deviations * deviations) / divisor)
-  return mean * unit, std * unit
-
-
-def _power_of_two_pair(
-  exponent: jax.Array, dtype: Any
-) -> tuple[jax.Array, jax.Array]:
-  """``(2**k, 2**-k)`` with ``k`` the exponent clamped so both are normal.
-
-  Built from the exponent bits: exact on every platform, and never
-  subnormal (XLA:CPU flushes subnormals to zero, which would turn a
-  division by a huge unit into a multiplication by 0).
-  """
-  info = jnp.finfo(dtype)
-  int_dtype = jnp.int64 if info.bits == 64 else jnp.int32
-  k = jnp.clip(exponent, info.minexp + 1, info.maxexp - 2).astype(int_dtype)
-  bias = info.maxexp - 1
-
-  def power(e):
-    return jax.lax.bitcast_convert_type(
-      jnp.left_shift(e + bias, info.nmant), dtype
-    )
-
-  return jax.lax.stop_gradient(power(k)), jax.lax.stop_gradient(power(-k))
 
 
 def _spread(sigmas: Any, std: jax.Array) -> jax.Array:
@@ -349,7 +297,9 @@ def skip_step(
     if max_norm is not None:
       threshold = jnp.minimum(threshold, jnp.asarray(max_norm).astype(dtype))
     if spike_sigmas is not None:
-      mean, std = _rolling_mean_std(state.accepted_norms, state.num_accepted)
+      mean, std = _moments.window_mean_std(
+        state.accepted_norms, state.num_accepted
+      )
       warmed_up = state.num_accepted >= warmup_steps
       threshold = jnp.minimum(
         threshold, jnp.where(warmed_up, mean + _spread(spike_sigmas, std), inf)
@@ -377,7 +327,7 @@ def skip_step(
       loss_threshold = inf
       loss_skip = jnp.zeros((), jnp.bool_)
       if loss_spike_sigmas is not None:
-        loss_mean, loss_std = _rolling_mean_std(
+        loss_mean, loss_std = _moments.window_mean_std(
           state.loss_history, state.num_losses, ddof=1
         )
         spread = _spread(loss_spike_sigmas, loss_std)

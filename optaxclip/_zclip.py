@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scale, _skip, _stats, _tree, _validate
+from optaxclip import _moments, _norms, _scale, _stats, _tree, _validate
 
 _FN = "zclip"
 DEFAULT_WARMUP_STEPS = 25
@@ -188,7 +188,7 @@ def zclip(
     )
     fills = in_warmup & observed & (count == warmup - 1)
     # Population mean and std, taken in power-of-two units of the buffer.
-    buffer_mean, buffer_std = _skip._rolling_mean_std(
+    buffer_mean, buffer_std = _moments.window_mean_std(
       buffer, jnp.asarray(warmup, jnp.int32)
     )
 
@@ -255,6 +255,6 @@ def _ema_std(std: jax.Array, deviation: jax.Array, a: jax.Array) -> jax.Array:
   scaling is exact.
   """
   _, exponent = jnp.frexp(jnp.maximum(std, jnp.abs(deviation)))
-  unit, inverse = _skip._power_of_two_pair(exponent - 1, std.dtype)
+  unit, inverse = _moments.power_of_two_pair(exponent - 1, std.dtype)
   s, d = std * inverse, deviation * inverse
   return _norms.std_from_variance(a * (s * s) + (1 - a) * (d * d)) * unit
