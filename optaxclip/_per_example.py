@@ -11,17 +11,10 @@ Instead of the clamp ``min(1, C/||g||)`` it can apply automatic clipping
 example is normalised to ``C/(||g|| + 0.01)``, and with ``per_layer=True``
 each leaf by its own per-example norm (Opacus' ``"automatic_per_layer"``).
 
-The per-example norms come from the one norm kernel
-(:func:`optaxclip._norms.batch_norms`: per-leaf reductions over the
-non-batch axes) and the scale rule from :func:`optaxclip._scale.clip_scale`.
-
-References:
-  Abadi et al., `Deep Learning with Differential Privacy
-  <https://arxiv.org/abs/1607.00133>`_, 2016.
-  Andrew et al., `Differentially Private Learning with Adaptive Clipping
-  <https://arxiv.org/abs/1905.03871>`_, 2019.
-  Bu et al., `Automatic Clipping: Differentially Private Deep Learning Made
-  Easier and Stronger <https://arxiv.org/abs/2206.07136>`_, 2022.
+The per-example norms come from the one norm kernel (``_norms.batch_norms``:
+per-leaf reductions over the non-batch axes) and the scale rule from
+``_scale.clip_scale``. The three papers' full references are in
+:func:`clip_per_example`'s docstring.
 """
 
 from __future__ import annotations
@@ -336,7 +329,7 @@ def clip_per_example(
       noise_std = jnp.asarray(noise_multiplier).astype(jnp.float32) * threshold
       if per_layer:
         # Opacus' per-layer sensitivity: the norm of the L per-leaf bounds.
-        noise_std = noise_std * np.float32(np.sqrt(len(leaves)))
+        noise_std = noise_std * np.float32(_norms.static_sqrt(len(leaves)))
 
     out = []
     for i, x in enumerate(leaves):
