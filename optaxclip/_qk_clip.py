@@ -180,12 +180,16 @@ def _build_plan(
   layout: str,
   head_dim: int | None,
   num_heads: int | None,
-  stacked: Any,
+  slicing: _tree.Slicing,
   qk_nope_head_dim: int | None,
 ) -> tuple[_Attention, ...]:
-  with_path = jax.tree_util.tree_leaves_with_path(params)
-  paths = [_tree.path_str(p) for p, _ in with_path]
-  counts = _tree.stack_counts(_FN, stacked, params)
+  # Per leaf: its path, its stacked axes, and (the shape of one value per
+  # layer slice) the leading layer shape. Two leaves whose paths print alike
+  # are an error here: patterns and max_logits keys could not tell them
+  # apart, and two attention modules would silently share one gamma.
+  leaf_layout = slicing.layout(params)
+  paths, counts = leaf_layout.paths, leaf_layout.counts
+  shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
   # Each matching leaf belongs to the deepest module path it matches under.
   found: dict[str, list[tuple[int, str]]] = {}
   for index, path in enumerate(paths):
@@ -223,8 +227,7 @@ def _build_plan(
       )
     leaves, heads, kv_heads, stacks = [], set(), set(), set()
     for index, role in members:
-      path, shape = paths[index], tuple(np.shape(with_path[index][1]))
-      count = counts[index]
+      path, shape, count = paths[index], shapes[index], counts[index]
       axis, unit = _head_geometry(path, shape, count, layout, head_dim)
       total = shape[axis] // unit
       if role == "query":
@@ -248,7 +251,7 @@ def _build_plan(
           f"{_FN}: the leaf at {path!r} has per-head width {shape[-1]},"
           f" less than qk_nope_head_dim={qk_nope_head_dim}."
         )
-      stacks.add(shape[:count])
+      stacks.add(leaf_layout.segments[index][1])
       leaves.append(_Leaf(index, path, role, axis, unit))
     if len(heads) != 1 or len(kv_heads) != 1 or len(stacks) != 1:
       raise ValueError(
@@ -274,10 +277,12 @@ def _build_plan(
   return tuple(sorted(attentions, key=lambda a: a.path))
 
 
-def _segments(plan: tuple[_Attention, ...]) -> tuple:
+def _state_layout(plan: tuple[_Attention, ...]) -> _tree.Layout:
+  """One value per query head, attention module after module: the
+  per-head fields are keyed by the module's path, not by a leaf's."""
   # A model that is one attention module is keyed "<root>" in clip_stats
   # (not "qk_clip/qk_gamma/", with a dangling slash).
-  return tuple((a.path or "<root>", a.shape) for a in plan)
+  return _tree.Layout(tuple((a.path or "<root>", a.shape) for a in plan))
 
 
 # --------------------------------------------------------------------------
@@ -536,13 +541,7 @@ def qk_clip(
   head_dim = _optional_int("head_dim", head_dim, 1)
   num_heads = _optional_int("num_heads", num_heads, 1)
   qk_nope_head_dim = _optional_int("qk_nope_head_dim", qk_nope_head_dim, 0)
-  _tree.check_stacked(_FN, stacked)
-  if isinstance(stacked, jax.Array):
-    raise TypeError(
-      f"{_FN}: stacked must be static (an int, callable or pytree), got an"
-      " array. Under optax.inject_hyperparams, pass"
-      " static_args=('stacked',)."
-    )
+  slicing = _tree.Slicing(_FN, stacked)
   if layout != "flax" and head_dim is None:
     raise ValueError(
       f"{_FN}: layout={layout!r} fuses heads and head_dim on one axis;"
@@ -566,12 +565,11 @@ def qk_clip(
       layout=layout,
       head_dim=head_dim,
       num_heads=num_heads,
-      stacked=stacked,
+      slicing=slicing,
       qk_nope_head_dim=qk_nope_head_dim,
     )
 
-  def fresh_state(plan: tuple[_Attention, ...], dtype: Any) -> QKClipState:
-    layout = _tree.Layout(_segments(plan))
+  def fresh_state(layout: _tree.Layout, dtype: Any) -> QKClipState:
     return QKClipState(
       qk_max_logits=layout.full(0, dtype),
       qk_gamma=layout.full(1, dtype),
@@ -582,12 +580,12 @@ def qk_clip(
 
   def init_fn(params):
     if not any(hasattr(x, "shape") for x in jax.tree.leaves(params)):
-      # optax.tree.map_params initialises on a placeholder object: plain
-      # one-entry fields match any real state as a prefix.
-      one = jnp.zeros((1,), jnp.float32)
-      zero = jnp.zeros((), jnp.int32)
-      return QKClipState(one, one, one[0], zero, zero)
-    return fresh_state(plan_of(params), _norms.tree_accumulation_dtype(params))
+      # optax.tree.map_params initialises on a placeholder object that has
+      # no attention to find: a layout without entries gives the plain
+      # one-entry fields, which match any real state as a prefix.
+      return fresh_state(_tree.Layout(()), jnp.float32)
+    layout = _state_layout(plan_of(params))
+    return fresh_state(layout, _norms.tree_accumulation_dtype(params))
 
   def update_fn(updates, state, params=None, *, max_logits=None, **extra):
     del extra
@@ -600,18 +598,10 @@ def qk_clip(
     _tree.check_float_leaves(_FN, updates)
     plan = plan_of(params)
     dtype = _norms.tree_accumulation_dtype(params)
+    layout = _state_layout(plan)
     if state is None:
-      state = fresh_state(plan, dtype)
-    layout = _tree.Layout(_segments(plan))
-    known = getattr(state.qk_max_logits, "segments", None)
-    if (known is None and np.shape(state.qk_max_logits) != (layout.size,)) or (
-      known is not None and tuple(known) != layout.segments
-    ):
-      raise ValueError(
-        f"{_FN}: the state was created by init on different params: it has"
-        f" attention layers {getattr(state.qk_max_logits, 'segments', None)},"
-        f" the params give {_segments(plan)}. Call init(params) again."
-      )
+      state = fresh_state(layout, dtype)
+    layout.check(_FN, state.qk_max_logits, keyed=("attention layers", "params"))
     maxima = _collect_max_logits(max_logits, plan, dtype)
     if axis_name is not None:
       maxima = [jax.lax.pmax(m, axis_name) for m in maxima]
@@ -649,11 +639,11 @@ def qk_clip(
         out[leaf.index] = _rewrite(
           out[leaf.index], _tree.unwrap(param_leaves[leaf.index]), factor
         )
-    flat_max = jnp.concatenate([jnp.ravel(m) for m in maxima])
+    max_field = layout.gather(maxima, dtype)
     new_state = QKClipState(
-      qk_max_logits=layout.wrap(flat_max),
-      qk_gamma=layout.wrap(jnp.concatenate([jnp.ravel(g) for g in gammas])),
-      qk_max_logit=jnp.max(flat_max),
+      qk_max_logits=max_field,
+      qk_gamma=layout.gather(gammas, dtype),
+      qk_max_logit=jnp.max(_tree.values_of(max_field)),
       qk_num_clipped_heads=sum(clipped_counts, jnp.zeros((), jnp.int32)),
       qk_num_nonfinite_heads=sum(nonfinite_counts, jnp.zeros((), jnp.int32)),
     )

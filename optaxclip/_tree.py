@@ -763,13 +763,23 @@ class Layout:
         out.append(chunk.reshape(keep))
     return out
 
-  def check(self, fn: str, field: Any, *, groups: bool = False) -> None:
+  def check(
+    self,
+    fn: str,
+    field: Any,
+    *,
+    groups: bool = False,
+    keyed: tuple[str, str] | None = None,
+  ) -> None:
     """A clear error for a state ``init`` made for a different tree.
 
     A plain array (a placeholder, or a vector restored without its paths)
     passes when its size fits. Without the check the per-slice state would
     silently change shape from step to step, which breaks ``lax.cond`` and
-    ``lax.scan`` carries and checkpoints.
+    ``lax.scan`` carries and checkpoints. Segments that are not leaves are
+    named in the error by what they are: ``groups`` for ``groups=`` labels
+    of the updates, or ``keyed=(what, source)`` (``("attention layers",
+    "params")``), each key with its shape when it has one.
     """
     known = getattr(field, "segments", None)
     if known is None:
@@ -784,11 +794,14 @@ class Layout:
       have = f"{sum(_entries(s) for _, s in known)} tensors"
       where = _describe(known)
     if groups:
+      keyed = ("groups", "updates")
+    if keyed is not None:
+      what, source = keyed
       raise ValueError(
-        f"{fn}: the state was initialised with the groups"
-        f" {[key for key, _ in known or ()]}, but the updates fall into the"
-        f" groups {self.paths}. Call init on a tree with the structure of"
-        " the updates (init(params) with params shaped like the updates)."
+        f"{fn}: the state was initialised with the {what}"
+        f" {_keys(known or ())}, but the {source} fall into the {what}"
+        f" {_keys(self.segments)}. Call init on a tree with the structure of"
+        f" the {source} (init(params) with params shaped like the updates)."
       )
     raise ValueError(
       f"{fn}: the state was created by init on a different tree: it holds"
@@ -797,6 +810,10 @@ class Layout:
       f"{_describe(self.segments)}). Call init on a tree with the structure"
       " of the updates (e.g. the params the updates are gradients of)."
     )
+
+
+def _keys(segments: Any) -> list[str]:
+  return [f"{key}{list(shape) if shape else ''}" for key, shape in segments]
 
 
 def _describe(segments: Any) -> str:

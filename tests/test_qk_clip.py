@@ -547,12 +547,31 @@ def test_update_errors_name_what_is_missing():
   with pytest.raises(ValueError, match=r"not \(below\) any attention"):
     tx.update(params, state, params, max_logits={"mlp": jnp.ones(4)})
   other = oc.qk_clip(TAU).init(_mha(_rng(15), heads=2, kv_heads=2))
-  with pytest.raises(ValueError, match="different params"):
+  with pytest.raises(
+    ValueError,
+    match=r"initialised with the attention layers \['attn\[2\]'\], but the"
+    r" params fall into the attention layers \['attn\[4\]'\]",
+  ):
     tx.update(params, other, params, max_logits={"attn": jnp.ones(4)})
   with pytest.raises(ValueError, match="no query/key projection"):
     oc.qk_clip(TAU, query="wq", key="wk").init(params)
   with pytest.raises(ValueError, match="no key projection"):
     oc.qk_clip(TAU, key="nothing").init(params)
+
+
+def test_modules_whose_paths_print_alike_are_an_error_not_merged():
+  """``{"x/attn": ..., "x": {"attn": ...}}`` holds two attention modules
+  that print as one path: their heads would share one entry of max_logits
+  and one gamma, so both init and update name the clashing leaves."""
+  one, two = _mha(_rng(16))["attn"], _mha(_rng(17))["attn"]
+  params = {"x/attn": one, "x": {"attn": two}}
+  tx = oc.qk_clip(TAU)
+  clash = r"\['x'\]\['attn'\].*\['x/attn'\].*both have the path 'x/attn/"
+  with pytest.raises(ValueError, match=clash):
+    tx.init(params)
+  state = tx.init({"x": {"attn": two}})
+  with pytest.raises(ValueError, match=clash):
+    tx.update(params, state, params, max_logits={"x/attn": jnp.ones(4)})
 
 
 # --------------------------------------------------------------------------
