@@ -7,9 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import optaxclip as oc
+import reference
+from helpers import enable_x64, maybe_jit
 from reference import adagc_reference
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]
@@ -338,3 +341,205 @@ def test_valid_edge_arguments():
   out, state = tx.update(g, state)
   assert jnp.array_equal(out["a"], g["a"])  # lambda_rel = inf: no clipping
   assert int(state.adagc_num_clipped) == 0
+
+
+# --------------------------------------------------------------------------
+# Edge inputs: float64 norms under x64, the counter at int32's maximum, zero
+# tensors (never frozen), a state from another tree, the empty tree.
+# --------------------------------------------------------------------------
+
+
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def test_adagc_float64_norms_beyond_float32_range(use_jit):
+  rng = np.random.default_rng(2)
+  seq = [
+    [1e150 * rng.standard_normal((3, 2)), 1e-150 * rng.standard_normal(4)]
+    for _ in range(8)
+  ]
+  seq[5][0] = seq[5][0] * 30.0  # a spike after warmup
+  config = dict(
+    beta=0.9, lambda_rel=1.1, lambda_abs=1e151, warmup_steps=3, eps=0.0
+  )
+  want = reference.adagc_reference(seq, **config)
+  with enable_x64():
+    tx = oc.adagc(**config)
+    update = maybe_jit(tx.update, use_jit)
+    tree = lambda s: {"a": jnp.asarray(s[0]), "b": jnp.asarray(s[1])}
+    state = tx.init(tree(seq[0]))
+    assert state.adagc_gamma.dtype == jnp.float64
+    for t, leaves in enumerate(seq):
+      out, state = update(tree(leaves), state)
+      for got, exp in zip(jax.tree.leaves(out), want["outputs"][t]):
+        np.testing.assert_allclose(np.asarray(got), exp, rtol=1e-12)
+      np.testing.assert_allclose(
+        state.adagc_gamma, want["gamma"][t], rtol=1e-12
+      )
+      assert int(state.adagc_num_clipped) == want["num_clipped"][t], t
+    assert want["num_clipped"][5] >= 1  # the spike was clipped
+
+
+def test_adagc_count_saturates(use_jit):
+  config = dict(
+    beta=0.9, lambda_rel=1.5, lambda_abs=10.0, warmup_steps=2, eps=0.0
+  )
+  rng = np.random.default_rng(3)
+  seq = [[rng.standard_normal(3).astype(np.float32)] for _ in range(8)]
+  seq[6][0] = seq[6][0] * 40  # a spike after warmup
+  tx = oc.adagc(**config)
+  update = maybe_jit(tx.update, use_jit)
+  tree = lambda s: {"a": jnp.asarray(s[0])}
+  state = tx.init(tree(seq[0]))
+  for leaves in seq[:4]:
+    _, state = update(tree(leaves), state)
+  state = state._replace(adagc_count=jnp.asarray(INT32_MAX - 1, jnp.int32))
+  want = reference.adagc_reference(seq, **config)
+  for t in range(4, 8):
+    out, state = update(tree(seq[t]), state)
+    np.testing.assert_allclose(
+      np.asarray(out["a"]), want["outputs"][t][0], rtol=1e-5
+    )
+    np.testing.assert_allclose(state.adagc_gamma, want["gamma"][t], rtol=1e-5)
+  assert int(state.adagc_count) == INT32_MAX
+
+
+def _lora_sequence(num_steps, zero_steps, seed=0):
+  """Leaf 0 ("a", LoRA's A) is zero for its first ``zero_steps`` steps."""
+  rng = np.random.default_rng(seed)
+  seq = []
+  for t in range(num_steps):
+    a = rng.standard_normal((4, 2)).astype(np.float32) * 0.3
+    b = rng.standard_normal((2, 4)).astype(np.float32) * 0.3
+    if t < zero_steps:
+      a = np.zeros_like(a)
+    seq.append([a, b])
+  return seq
+
+
+@pytest.mark.parametrize(
+  "zero_steps", [1, 5, 12], ids=["step1", "warmup", "past_warmup"]
+)
+def test_adagc_tensor_with_zero_first_gradients_is_not_frozen(
+  zero_steps, use_jit
+):
+  config = dict(
+    beta=0.98, lambda_rel=1.05, lambda_abs=10.0, warmup_steps=5, eps=1e-8
+  )
+  seq = _lora_sequence(60, zero_steps)
+  seq[40][0] = seq[40][0] * 100.0  # a later spike on "a" is still clipped
+  want = reference.adagc_reference(seq, **config)
+  tx = oc.adagc(**config)
+  update = maybe_jit(tx.update, use_jit)
+  tree = lambda s: {"a": jnp.asarray(s[0]), "b": jnp.asarray(s[1])}
+  state = tx.init(tree(seq[0]))
+  for t, leaves in enumerate(seq):
+    out, state = update(tree(leaves), state)
+    for got, exp in zip(jax.tree.leaves(out), want["outputs"][t]):
+      np.testing.assert_allclose(
+        np.asarray(got), exp, rtol=1e-4, atol=1e-7, err_msg=str(t)
+      )
+    np.testing.assert_allclose(
+      state.adagc_gamma, want["gamma"][t], rtol=1e-4, err_msg=str(t)
+    )
+    if t < zero_steps:
+      assert float(state.adagc_gamma[0]) == math.inf
+    if t == zero_steps:  # the first nonzero norm initialises gamma
+      np.testing.assert_allclose(
+        float(state.adagc_gamma[0]), reference.norm([leaves[0]]), rtol=1e-6
+      )
+    if t == 40:
+      assert float(jnp.linalg.norm(out["a"])) < 0.1 * reference.norm(
+        [leaves[0]]
+      )
+  # "a" moves with (almost) its whole gradient, not 1e-8 of it.
+  ratio = float(jnp.linalg.norm(out["a"])) / reference.norm([seq[-1][0]])
+  assert ratio > 0.5
+
+
+def test_adagc_zero_tensor_later_leaves_gamma_unchanged(use_jit):
+  config = dict(
+    beta=0.9, lambda_rel=1.05, lambda_abs=10.0, warmup_steps=3, eps=0.0
+  )
+  seq = _lora_sequence(30, 0, seed=4)
+  for t in (1, 2, 10, 11, 12):  # zero inside warmup and after it
+    seq[t][0] = np.zeros_like(seq[t][0])
+  want = reference.adagc_reference(seq, **config)
+  tx = oc.adagc(**config)
+  update = maybe_jit(tx.update, use_jit)
+  tree = lambda s: {"a": jnp.asarray(s[0]), "b": jnp.asarray(s[1])}
+  state = tx.init(tree(seq[0]))
+  gammas = []
+  for t, leaves in enumerate(seq):
+    out, state = update(tree(leaves), state)
+    gammas.append(float(state.adagc_gamma[0]))
+    for got, exp in zip(jax.tree.leaves(out), want["outputs"][t]):
+      np.testing.assert_allclose(np.asarray(got), exp, rtol=1e-5, atol=1e-7)
+  assert gammas[0] == gammas[1] == gammas[2] > 0
+  assert gammas[9] == gammas[10] == gammas[11] == gammas[12] > 0
+  assert float(jnp.linalg.norm(out["a"])) > 0.1
+
+
+# 4. Clear errors; a non-empty placeholder for an empty tree.
+
+
+def test_adagc_state_from_a_different_tree_is_a_clear_error(use_jit):
+  tx = oc.adagc()
+  state = tx.init({"a": jnp.ones(2), "b": jnp.ones(3), "c": jnp.ones(1)})
+  update = maybe_jit(tx.update, use_jit)
+  with pytest.raises(
+    ValueError,
+    match=(
+      r"^adagc: the state was created by init on a different tree: it holds"
+      r" statistics for 3 tensors at a, b, c, but the updates have 2 leaves"
+      r" \(2 tensors at a, b\)\. Call init on a tree with the structure"
+    ),
+  ):
+    update({"a": jnp.ones(2), "b": jnp.ones(3)}, state)
+  with pytest.raises(ValueError, match=r"^adagc: .* 3 tensors.* 0 leaves"):
+    update({}, state)
+
+
+@pytest.mark.usefixtures("standard_promotion")  # optax.adam's counters
+def test_adagc_empty_group_checkpoints_with_orbax(tmp_path):
+  params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+  labels = {"w": "main", "b": "main"}
+  tx = optax.multi_transform(
+    {
+      "main": optax.chain(oc.adagc(warmup_steps=2), optax.adam(1e-2)),
+      "empty": optax.chain(oc.adagc(warmup_steps=2), optax.adam(1e-2)),
+    },
+    labels,
+  )
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for scale in (1.0, 2.0, 0.5, 8.0):
+    grads = jax.tree.map(lambda p, s=scale: jnp.full_like(p, s), params)
+    _, state = step(grads, state, params)
+  empty = state.inner_states["empty"].inner_state[0]
+  assert empty.adagc_gamma.shape == (1,) and int(empty.adagc_count) == 4
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "state", state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(
+    tmp_path / "state", jax.tree.map(jnp.zeros_like, state)
+  )
+  chex.assert_trees_all_equal(restored, state)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
+  chex.assert_trees_all_equal(
+    step(grads, restored, params), step(grads, state, params)
+  )
+
+
+def test_adagc_empty_tree_placeholder(use_jit):
+  tx = oc.adagc(warmup_steps=1)
+  state = tx.init({})
+  assert all(np.asarray(x).size > 0 for x in jax.tree.leaves(state))
+  assert float(state.adagc_gamma[0]) == math.inf
+  update = maybe_jit(tx.update, use_jit)
+  for _ in range(3):
+    out, state = update({}, state)
+  assert out == {}
+  assert int(state.adagc_count) == 3 and int(state.adagc_num_clipped) == 0
+  assert float(state.adagc_global_norm) == 0.0
+  assert float(state.adagc_gamma[0]) == math.inf

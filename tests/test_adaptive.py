@@ -11,7 +11,7 @@ import pytest
 
 import optaxclip as oc
 import reference
-from helpers import maybe_jit
+from helpers import enable_x64, maybe_jit
 
 
 def norm_sequence(steps=320, seed=0):
@@ -266,3 +266,222 @@ def test_zclip_std_update_has_a_finite_gradient_at_zero():
   for fn in (jax.grad(std_after), jax.jit(jax.grad(std_after))):
     assert float(std_after(jnp.float32(0.0))) == 0.0
     assert np.isfinite(float(fn(jnp.float32(0.0))))
+
+
+# --------------------------------------------------------------------------
+# Edge inputs: float64 norms beyond float32's range under x64, counters at
+# int32's maximum, zero gradients (never an absorbing state).
+# --------------------------------------------------------------------------
+
+
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _unit_direction(dtype=jnp.float32):
+  """A two-leaf tree of global L2 norm 1."""
+  rng = np.random.default_rng(1)
+  tree = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal((3,))}
+  total = math.sqrt(sum(float(np.sum(x**2)) for x in tree.values()))
+  return {k: jnp.asarray(v / total, dtype) for k, v in tree.items()}
+
+
+def _with_norm(direction, norm):
+  return jax.tree.map(lambda d: d * jnp.asarray(norm, d.dtype), direction)
+
+
+def _run_norms(tx, norms, use_jit, dtype=jnp.float32, state=None):
+  """Steps ``tx`` over trees of the given global norms; (outputs, states)."""
+  direction = _unit_direction(dtype)
+  if state is None:
+    state = tx.init(direction)
+  update = maybe_jit(tx.update, use_jit)
+  outs, states = [], []
+  for n in norms:
+    out, state = update(_with_norm(direction, n), state)
+    outs.append(out)
+    states.append(state)
+  return outs, states
+
+
+def _out_norm(out) -> float:
+  return reference.norm([np.asarray(x) for x in jax.tree.leaves(out)])
+
+
+def _check_zclip(outs, states, want, norms, rtol=1e-5):
+  for i, (out, state, (cap, spike, mean, var), n) in enumerate(
+    zip(outs, states, want, norms)
+  ):
+    assert bool(state.zclip_spike) == spike, i
+    np.testing.assert_allclose(
+      float(state.zclip_threshold), cap, rtol=rtol, atol=1e-12, err_msg=str(i)
+    )
+    np.testing.assert_allclose(
+      _out_norm(out),
+      n * reference.clip_scale(n, cap),
+      rtol=rtol,
+      atol=1e-12,
+      err_msg=str(i),
+    )
+    if mean is not None:
+      np.testing.assert_allclose(float(state.zclip_mean), mean, rtol=rtol)
+      # The state keeps the EMA variance's root; the reference its square.
+      np.testing.assert_allclose(
+        float(state.zclip_std), math.sqrt(var), rtol=5 * rtol, atol=0
+      )
+
+
+# 1. Under x64, state follows the accumulation dtype of the params.
+
+
+def test_autoclip_float64_norms_beyond_float32_range(use_jit):
+  norms = [5e100, 1e100, 3e100, 2e101, 4e100]
+  with enable_x64():
+    tx = oc.autoclip(50.0, history_size=3)
+    outs, states = _run_norms(tx, norms, use_jit, jnp.float64)
+    want = reference.autoclip(norms, 50.0, 3)
+    for out, state, (c, scale), n in zip(outs, states, want, norms):
+      assert state.autoclip_history.dtype == jnp.float64
+      assert state.autoclip_threshold.dtype == jnp.float64
+      np.testing.assert_allclose(float(state.autoclip_norm), n, rtol=1e-13)
+      np.testing.assert_allclose(float(state.autoclip_threshold), c, rtol=1e-13)
+      np.testing.assert_allclose(_out_norm(out), n * scale, rtol=1e-13)
+      chex.assert_trees_all_equal_dtypes(out, _unit_direction(jnp.float64))
+    assert bool(states[3].autoclip_clipped)
+    # float32 params under x64 keep a float32 state.
+    assert oc.autoclip().init(_unit_direction()).autoclip_history.dtype == (
+      jnp.float32
+    )
+
+
+@pytest.mark.parametrize(
+  "config",
+  [
+    {"max_norm": None},
+    {"max_norm": None, "mode": "percentile", "z_thresh": 1.0},
+    {"max_norm": 1e102, "clip_option": "mean"},
+  ],
+  ids=["zscore", "percentile", "mean"],
+)
+def test_zclip_float64_norms_beyond_float32_range(config, use_jit):
+  rng = np.random.default_rng(0)
+  norms = list(1e100 * (1 + 0.1 * rng.standard_normal(12)))
+  norms[8] = 9e100  # a spike
+  with enable_x64():
+    tx = oc.zclip(warmup_steps=4, **config)
+    outs, states = _run_norms(tx, norms, use_jit, jnp.float64)
+    for field in states[-1]._fields:
+      value = getattr(states[-1], field)
+      if jnp.issubdtype(value.dtype, jnp.floating):
+        assert value.dtype == jnp.float64, field
+    want = reference.zclip(norms, warmup_steps=4, **config)
+    _check_zclip(outs, states, want, norms, rtol=1e-12)
+    assert any(bool(s.zclip_spike) for s in states)
+    assert oc.zclip().init(_unit_direction()).zclip_mean.dtype == jnp.float32
+
+
+# 2. Counters saturate instead of wrapping.
+
+
+def test_autoclip_count_saturates_and_history_keeps_rolling(use_jit):
+  size = 4
+  tx = oc.autoclip(25.0, history_size=size)
+  first = [1.0, 2.0, 3.0, 4.0, 5.0]
+  _, states = _run_norms(tx, first, use_jit)
+  state = states[-1]._replace(
+    autoclip_count=jnp.asarray(INT32_MAX - 1, jnp.int32)
+  )
+  later = [0.5, 7.0, 0.25, 6.0, 9.0]
+  outs, states = _run_norms(tx, later, use_jit, state=state)
+  assert [int(s.autoclip_count) for s in states] == [INT32_MAX] * len(later)
+  want = reference.autoclip(first + later, 25.0, size)[len(first) :]
+  for out, s, (c, scale), n in zip(outs, states, want, later):
+    assert math.isfinite(float(s.autoclip_threshold))
+    np.testing.assert_allclose(float(s.autoclip_threshold), c, rtol=1e-6)
+    np.testing.assert_allclose(_out_norm(out), n * scale, rtol=1e-6)
+  # The history is the last `size` norms, in order.
+  np.testing.assert_allclose(states[-1].autoclip_history, later[-size:])
+
+
+def test_zclip_count_saturates_and_never_reenters_warmup(use_jit):
+  config = dict(warmup_steps=3, max_norm=None)
+  tx = oc.zclip(**config)
+  first = [1.0, 1.2, 0.8, 1.1, 0.9]
+  _, states = _run_norms(tx, first, use_jit)
+  state = states[-1]._replace(zclip_count=jnp.asarray(INT32_MAX - 1, jnp.int32))
+  later = [1.0, 20.0, 1.05, 30.0]
+  outs, states = _run_norms(tx, later, use_jit, state=state)
+  assert [int(s.zclip_count) for s in states] == [INT32_MAX] * len(later)
+  want = reference.zclip(first + later, **config)[len(first) :]
+  _check_zclip(outs, states, want, later)
+  assert bool(states[1].zclip_spike) and bool(states[3].zclip_spike)
+  assert float(_out_norm(outs[1])) < 2.0
+
+
+# 3. Zero is not an absorbing state.
+
+
+@pytest.mark.parametrize(
+  "config",
+  [
+    {"max_norm": None},
+    {"max_norm": None, "clip_option": "mean"},
+    {"max_norm": None, "mode": "percentile"},
+    {},  # the default fixed cap of 1
+    {"max_norm": None, "skip_update_on_spike": True},
+  ],
+  ids=["zscore", "mean", "percentile", "max_norm", "skip"],
+)
+def test_zclip_all_zero_warmup_does_not_zero_later_updates(config, use_jit):
+  norms = [0.0] * 6 + [0.5, 0.6, 0.4, 0.55, 0.45, 0.5, 0.52, 5.0, 0.5]
+  tx = oc.zclip(warmup_steps=3, **config)
+  outs, states = _run_norms(tx, norms, use_jit)
+  want = reference.zclip(norms, warmup_steps=3, **config)
+  _check_zclip(outs, states, want, norms)
+  # Warmup ends after three nonzero norms; later updates are not zeroed.
+  assert int(states[5].zclip_count) == 0 and int(states[-1].zclip_count) == 9
+  for out, n in zip(outs[6:], norms[6:]):
+    if n < 1.0:
+      np.testing.assert_allclose(_out_norm(out), n, rtol=1e-6)
+  assert bool(states[-2].zclip_spike) and _out_norm(outs[-2]) > 0.4
+
+
+def test_zclip_long_zero_run_after_warmup_does_not_absorb():
+  """Thousands of zero steps after warmup (a frozen group) leave the EMA."""
+  tx = oc.zclip(warmup_steps=5, max_norm=None)
+  direction = _unit_direction()
+
+  def step(state, norm):
+    out, state = tx.update(_with_norm(direction, norm), state)
+    return state, (oc.global_norm(out), state.zclip_mean)
+
+  norms = jnp.concatenate(
+    [
+      jnp.asarray([1.0, 1.1, 0.9, 1.05, 0.95]),
+      jnp.zeros(5000),
+      jnp.asarray([1.0, 1.02, 0.98]),
+    ]
+  ).astype(jnp.float32)
+  _, (out_norms, means) = jax.lax.scan(step, tx.init(direction), norms)
+  np.testing.assert_allclose(out_norms[-3:], norms[-3:], rtol=1e-6)
+  np.testing.assert_allclose(means[-4], 1.0, rtol=1e-6)  # unchanged by zeros
+
+
+def test_zclip_recovers_from_a_state_with_zero_statistics(use_jit):
+  """A state saved when zeros were fed (mean = var = 0) is not absorbing."""
+  tx = oc.zclip(warmup_steps=2, max_norm=None)
+  state = tx.init(_unit_direction())._replace(zclip_count=jnp.asarray(2, jnp.int32))
+  outs, states = _run_norms(tx, [0.7, 0.8, 0.75], use_jit, state=state)
+  np.testing.assert_allclose(_out_norm(outs[0]), 0.7, rtol=1e-6)
+  assert not bool(states[0].zclip_spike)
+  assert float(states[-1].zclip_mean) > 0
+  assert all(_out_norm(o) > 0.1 for o in outs)
+
+
+def test_zclip_zero_spike_threshold_is_not_fed_to_the_statistics(use_jit):
+  norms = [1.0, 1.1, 0.9] + [1.0, 9.0, 1.05, 12.0, 0.95, 15.0, 1.0]
+  config = dict(warmup_steps=3, max_norm=None, clip_factor=0.0)
+  outs, states = _run_norms(oc.zclip(**config), norms, use_jit)
+  want = reference.zclip(norms, **config)
+  _check_zclip(outs, states, want, norms)
+  assert _out_norm(outs[4]) == 0.0  # clip_factor = 0 zeroes the spike ...
+  assert float(states[-1].zclip_mean) > 0.9  # ... but not the statistics
