@@ -8,7 +8,7 @@
 * :func:`clip_by_block_rms` rescales each tensor so its RMS is at most a
   threshold (optax's ``clip_by_block_rms``).
 
-All three share the kernel in :mod:`optaxclip._norms` and its scale rule, and
+All three share the norm kernel (``_norms``) and its scale rule, and
 record their pre-clip norms in their state at no extra pass: the norms are the
 reductions the clip needs anyway.
 """
@@ -296,9 +296,7 @@ def clip_by_global_norm(
 
   def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
     del params, extra_args
-    _tree.check_float_leaves(fn, updates)
-    if state is None:  # the state only records diagnostics: rebuild it
-      state = init_fn(updates)
+    state = _tree.diagnostics_state(fn, updates, state, init_fn)
     if global_norm is None:
       norm = _norms.global_norm_from(updates, norm_ord, axis_name)
     else:
@@ -334,9 +332,7 @@ def _clip_by_group_norms(
         " be used with groups=, which needs one norm per group; drop it and"
         " let the transform compute the group norms."
       )
-    _tree.check_float_leaves(fn, updates)
-    if state is None:  # the state only records diagnostics: rebuild it
-      state = init_fn(updates)
+    state = _tree.diagnostics_state(fn, updates, state, init_fn)
     keys, layout = _group_layout(fn, groups, updates)
     layout.check(fn, state.group_norms, groups=True)
     dtype = state.group_norms.dtype
@@ -436,9 +432,7 @@ def clip_by_norm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _tree.check_float_leaves(fn, updates)
-    if state is None:  # the state only records diagnostics: rebuild it
-      state = init_fn(updates)
+    state = _tree.diagnostics_state(fn, updates, state, init_fn)
     layout = slicing.layout(updates)
     layout.check(fn, state.leaf_norms)
     reduced, dtype = list(layout.reduced), state.leaf_norms.dtype
@@ -536,9 +530,7 @@ def clip_by_block_rms(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _tree.check_float_leaves(fn, updates)
-    if state is None:  # the state only records diagnostics: rebuild it
-      state = init_fn(updates)
+    state = _tree.diagnostics_state(fn, updates, state, init_fn)
     layout = slicing.layout(updates)
     layout.check(fn, state.block_rms)
     leaves, treedef = jax.tree.flatten(updates)

@@ -406,9 +406,7 @@ def spectral_clip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _tree.check_float_leaves(fn, updates)
-    if state is None:  # the state only records diagnostics: rebuild it
-      state = init_fn(updates)
+    state = _tree.diagnostics_state(fn, updates, state, init_fn)
     kinds, segments = _plan(fn, updates, stacked, matrices_only)
     known = getattr(state.spectral_bounds, "segments", ())
     if tuple(known) != segments:

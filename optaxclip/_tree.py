@@ -179,6 +179,19 @@ def require_state(fn: str, state: Any) -> None:
     )
 
 
+def diagnostics_state(
+  fn: str, updates: Any, state: Any, init_fn: Callable[[Any], Any]
+) -> Any:
+  """The state of a transform whose state only records diagnostics.
+
+  Checks the updates (:func:`check_float_leaves`) and rebuilds a ``None``
+  state from them with ``init_fn``, so ``update(updates, None)`` works as
+  it does for optax's own clipping transforms.
+  """
+  check_float_leaves(fn, updates)
+  return init_fn(updates) if state is None else state
+
+
 # --------------------------------------------------------------------------
 # Per-leaf options: one entry, a callable, or a pytree matched by path.
 

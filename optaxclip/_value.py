@@ -123,9 +123,7 @@ def _value_clipper(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _tree.check_float_leaves(fn, updates)
-    if state is None:  # the state only holds diagnostics: rebuild it
-      state = init_fn(updates)
+    state = _tree.diagnostics_state(fn, updates, state, init_fn)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     for leaf in leaves:
