@@ -28,6 +28,7 @@ here. Everything the parent test compares is pickled to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import pickle
@@ -96,6 +97,44 @@ PER_EXAMPLE = tuple(PER_EXAMPLE_ARGS)
 SHAPES = {"w": (8, 16), "k": (16, 8), "v": (16,), "b": (16,)}
 BATCH_SHAPES = {"w": (BATCH, 8, 16), "k": (BATCH, 4, 4), "b": (BATCH, 16)}
 
+# Every transform in tests/registry.py that no scenario above exercises runs
+# as its registry row (named "row:<name>"), on the registry's leaf names with
+# shapes that split over the mesh (or on the row's own tree).
+ROW_PREFIX = "row:"
+ROW_SHAPES = {"kernel": (8, 16), "bias": (16,), "scale": (16,)}
+
+
+def registry_configs(rows) -> list[str]:
+  """The registry rows whose factory no scenario in CONFIGS exercises."""
+  covered = set(CONFIGS.values())
+  return [ROW_PREFIX + r.name for r in rows
+          if r.factory.__name__ not in covered]
+
+
+def _import_registry():
+  tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if tests_dir not in sys.path:
+    sys.path.insert(0, tests_dir)
+  import registry  # pylint: disable=g-import-not-at-top
+  return registry
+
+
+def row_host_tree(row, seed: int, scale: float = 1.0) -> dict:
+  """Host gradients (or params) for a registry row, the same everywhere."""
+  import jax  # pylint: disable=g-import-not-at-top
+  registry = _import_registry()
+  if row.tree is registry.default_tree:
+    shapes = {k: ((BATCH, *s) if row.per_example else s)
+              for k, s in ROW_SHAPES.items()}
+    return host_tree(seed, shapes, scale)
+  template = registry.params(row)
+  rng = np.random.default_rng(seed)
+
+  def draw(x):
+    shape = (BATCH, *x.shape) if row.per_example else x.shape
+    return (scale * rng.standard_normal(shape)).astype(np.dtype(x.dtype))
+  return jax.tree.map(draw, template)
+
 
 def _with_loss(tx):
   """``tx`` called with a ``loss`` extra argument computed from the grads."""
@@ -119,6 +158,9 @@ def host_tree(seed: int, shape_of: dict, scale: float = 1.0) -> dict:
 
 def step_gradients(name: str, step: int) -> dict:
   """The host gradients config ``name`` gets at ``step`` (0-based)."""
+  if name.startswith(ROW_PREFIX):
+    row = _import_registry().by_name(name[len(ROW_PREFIX):])
+    return row_host_tree(row, 100 + step, SCALES[step])
   shape_of = BATCH_SHAPES if name in PER_EXAMPLE else SHAPES
   g = host_tree(100 + step, shape_of, SCALES[step])
   if name == "skip_step" and step == NAN_STEP:
@@ -261,6 +303,27 @@ def run(process_id: int) -> dict:
          for name, args in PER_EXAMPLE_ARGS.items()},
   }
   assert set(makers) == set(CONFIGS), (set(makers) ^ set(CONFIGS))
+  registry = _import_registry()
+  row_names = registry_configs(registry.ROWS)
+
+  def row_spec(path, x, per_example):
+    """The registry tree's layout: split across and within processes."""
+    key = jax.tree_util.keystr(path[:1]).strip("[]'\"")
+    if per_example:  # the batch axis over all 8 devices
+      return P(("data", "model"), *([None] * (x.ndim - 1)))
+    fixed = {"kernel": P("data", "model"), "bias": P(("data", "model")),
+             "scale": P("model")}
+    if key in fixed and x.shape == ROW_SHAPES[key]:
+      return fixed[key]
+    if x.ndim and x.shape[0] % NUM_PROCESSES == 0:
+      return P("data")
+    return P()
+
+  def row_to_global(tree, per_example=False):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.make_array_from_callback(
+            x.shape, NamedSharding(mesh, row_spec(path, x, per_example)),
+            lambda idx, x=x: x[idx]), tree)
 
   def record(out_glob, out_loc, inputs=None):
     rec = {
@@ -312,6 +375,33 @@ def run(process_id: int) -> dict:
       u_loc, state_loc = update(to_local(g_host), state_loc, p_loc)
       steps.append(record((u_glob, state_glob), (u_loc, state_loc),
                           None if per_example else g_glob))
+    results["configs"][name] = steps
+    timings[name] = time.perf_counter() - t0
+
+  for name in row_names:
+    t0 = time.perf_counter()
+    row = registry.by_name(name[len(ROW_PREFIX):])
+    tx = row.make()
+    init = jax.jit(tx.init, keep_unused=True)
+    update = jax.jit(registry.update_fn(row, tx))
+    # init and params take the per-example (batch-free) shapes.
+    p_host = row_host_tree(dataclasses.replace(row, per_example=False), 1)
+    p_glob, p_loc = row_to_global(p_host), to_local(p_host)
+    state_glob, state_loc = init(p_glob), init(p_loc)
+    steps = [record(state_glob, state_loc)]
+    for s in range(NUM_STEPS):
+      g_host = step_gradients(name, s)
+      g_glob = row_to_global(g_host, row.per_example)
+      u_glob, state_glob = update(g_glob, state_glob, p_glob)
+      u_loc, state_loc = update(to_local(g_host), state_loc, p_loc)
+      out_glob, out_loc = (u_glob, state_glob), (u_loc, state_loc)
+      rec = record(out_glob, out_loc)
+      if not row.per_example:
+        rec["same_sharding"] = {
+            i: bool(a.sharding.is_equivalent_to(b.sharding, b.ndim))
+            for i, (a, b) in enumerate(zip(jax.tree.leaves(u_glob),
+                                           jax.tree.leaves(g_glob)))}
+      steps.append(rec)
     results["configs"][name] = steps
     timings[name] = time.perf_counter() - t0
 

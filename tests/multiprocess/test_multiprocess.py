@@ -53,7 +53,7 @@ import jax
 import numpy as np
 import pytest
 
-import optaxclip as oc
+import registry
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -72,12 +72,8 @@ def _load_worker():
 
 
 W = _load_worker()
-CONFIG_NAMES = list(W.CONFIGS) + ["global_norm"]
-# Public functions that are not transforms and need no multi-host check:
-# clip_stats only re-keys fields of a state (no computation).
-# clip_stats only re-packs state fields; default_unit_axes and stacked_by_path
-# work on shapes and paths, not arrays; tree_norms is what record_norms runs.
-NOT_RUN = {"clip_stats", "default_unit_axes", "stacked_by_path", "tree_norms"}
+ROW_CONFIGS = W.registry_configs(registry.ROWS)
+CONFIG_NAMES = list(W.CONFIGS) + ROW_CONFIGS + ["global_norm"]
 
 
 def _skip_reason() -> str | None:
@@ -233,11 +229,13 @@ def test_runtime(results):
   assert set(results[0]["configs"]) == set(CONFIG_NAMES)
 
 
-def test_covers_every_public_transform():
-  public = {name for name in oc.__all__
-            if name[0].islower() and callable(getattr(oc, name))}
-  covered = set(W.CONFIGS.values()) | {"global_norm"}
-  assert public - NOT_RUN <= covered, public - NOT_RUN - covered
+def test_covers_every_registry_row_factory():
+  """Each transform runs in a scenario above or as its registry row (the
+  registry's own test checks that it lists every public transform)."""
+  covered = set(W.CONFIGS.values()) | {
+      registry.by_name(n[len(W.ROW_PREFIX):]).factory.__name__
+      for n in ROW_CONFIGS}
+  assert {r.factory.__name__ for r in registry.ROWS} <= covered
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -285,7 +283,9 @@ def test_identical_across_processes(results, name):
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in W.CONFIGS if n not in W.PER_EXAMPLE])
+    "name", [n for n in W.CONFIGS if n not in W.PER_EXAMPLE]
+    + [n for n in ROW_CONFIGS
+       if not registry.by_name(n[len(W.ROW_PREFIX):]).per_example])
 def test_updates_keep_sharding(results, name):
   for proc, r in enumerate(results):
     for step, rec in enumerate(r["configs"][name][1:], start=1):
