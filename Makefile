@@ -8,14 +8,31 @@ FLOOR_PY    = $(FLOOR_VENV)/bin/python
 FLOOR_PINS  = .ci/floor-constraints.txt
 MULTIDEVICE_FLAGS = --xla_force_host_platform_device_count=8
 PYTEST = -m pytest -q -p no:cacheprovider
+# The single-device suites run on both cores (pytest-xdist) and share one
+# persistent XLA compilation cache: the same small programs are compiled by
+# many tests (and by both workers); a cache hit skips XLA's compile.
+XDIST ?= -n 2
+JAX_CACHE = JAX_COMPILATION_CACHE_DIR=$(CURDIR)/build/jax-cache \
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+PARALLEL = $(MAKE) --no-print-directory -k -j2 --output-sync=target
 
 .PHONY: test lint unit multidevice multiprocess floor package docs demo bench study clean
+.PHONY: venvs checks
 
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$*]"
 	touch $@
+
+# make test's extras in one pip call: its parts run in parallel and must not
+# install into one virtualenv at the same time.
+$(VENV)/.installed-ci: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,lint,docs]"
+	touch $(VENV)/.installed-test $(VENV)/.installed-lint $(VENV)/.installed-docs $@
 
 $(FLOOR_VENV)/.installed: pyproject.toml $(FLOOR_PINS)
 	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
@@ -28,7 +45,23 @@ $(FLOOR_VENV)/.installed: pyproject.toml $(FLOOR_PINS)
 # real processes (each in its own process: XLA_FLAGS must be set before jax is
 # imported), the single-device suite again on the floor versions, the
 # packaging check, and the docs site with --strict.
-test: lint unit multidevice multiprocess floor package docs
+# On 2 cores the parts overlap in three phases: both virtualenvs install at
+# once; the unit suite (both cores) runs beside the light checks; then the
+# floor suite beside the multi-device and multi-process ones. Each part's
+# output is printed whole when it ends (--output-sync); -k runs every part
+# even after a failure, and make test fails if any part failed.
+test:
+	@date +"[test] start %T"
+	@$(PARALLEL) venvs
+	@$(PARALLEL) unit checks; first=$$?; \
+	  $(PARALLEL) floor multidevice multiprocess; second=$$?; \
+	  date +"[test] end %T"; \
+	  test $$first -eq 0 && test $$second -eq 0
+
+venvs: $(VENV)/.installed-ci $(FLOOR_VENV)/.installed
+
+checks: $(VENV)/.installed-ci
+	@$(MAKE) --no-print-directory lint package docs
 
 lint: $(VENV)/.installed-lint
 	@date +"[lint] start %T"
@@ -39,7 +72,7 @@ lint: $(VENV)/.installed-lint
 
 unit: $(VENV)/.installed-test
 	@date +"[unit] start %T"
-	$(PY) $(PYTEST) --doctest-modules optaxclip tests --ignore=tests/multidevice --ignore=tests/multiprocess
+	$(JAX_CACHE) $(PY) $(PYTEST) $(XDIST) --doctest-modules optaxclip tests --ignore=tests/multidevice --ignore=tests/multiprocess
 	@date +"[unit] end %T"
 
 multidevice: $(VENV)/.installed-test
@@ -55,7 +88,7 @@ multiprocess: $(VENV)/.installed-test
 floor: $(FLOOR_VENV)/.installed
 	@date +"[floor] start %T"
 	$(FLOOR_PY) -c "import jax, optax, flax; print('floor versions: jax', jax.__version__, 'optax', optax.__version__, 'flax', flax.__version__)"
-	$(FLOOR_PY) $(PYTEST) --doctest-modules optaxclip tests --ignore=tests/multidevice --ignore=tests/multiprocess
+	$(JAX_CACHE) $(FLOOR_PY) $(PYTEST) $(XDIST) --doctest-modules optaxclip tests --ignore=tests/multidevice --ignore=tests/multiprocess
 	@date +"[floor] end %T"
 
 # Builds the sdist and wheel, checks their metadata, installs the wheel into a
