@@ -723,7 +723,7 @@ def max_attention_logits(
   )
   logits = logits.reshape(*batch, heads, length, k.shape[-3])
   if scale is None:
-    scale = 1.0 / math.sqrt(depth)
+    scale = 1.0 / _norms.static_sqrt(depth)
   logits = logits * jnp.asarray(scale).astype(dtype)
   keep = None
   if mask is not None:
