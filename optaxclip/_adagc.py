@@ -58,14 +58,6 @@ class AdaGCState(NamedTuple):
   adagc_num_clipped: jax.Array
 
 
-def _warmup_steps(warmup_steps: Any) -> int:
-  if warmup_steps is None:
-    return DEFAULT_WARMUP_STEPS
-  return _validate.check_static_int(
-    _FN, "warmup_steps", warmup_steps, minimum=1
-  )
-
-
 def adagc(
   *,
   beta: Any = 0.98,
@@ -138,7 +130,9 @@ def adagc(
   _validate.check_threshold(_FN, "lambda_rel", lambda_rel)
   _validate.check_threshold(_FN, "lambda_abs", lambda_abs)
   _validate.check_eps(_FN, eps)
-  num_warmup = _warmup_steps(warmup_steps)
+  num_warmup = _validate.check_static_int_or(
+    _FN, "warmup_steps", warmup_steps, DEFAULT_WARMUP_STEPS
+  )
 
   slicing = _tree.Slicing(_FN, stacked)
 

@@ -141,10 +141,8 @@ def autoclip(
   _validate.check_in_range(
     _FN, "percentile", percentile, 0, 100, low_open=False, high_open=False
   )
-  size = (
-    DEFAULT_HISTORY_SIZE
-    if history_size is None
-    else (_validate.check_static_int(_FN, "history_size", history_size))
+  size = _validate.check_static_int_or(
+    _FN, "history_size", history_size, DEFAULT_HISTORY_SIZE
   )
 
   def init_fn(params):

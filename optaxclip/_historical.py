@@ -138,10 +138,8 @@ def clip_by_historical_norm(
     Levanter, ``clip_update_by_historical_norm``
     (``src/levanter/optim/clip_update_norm.py``).
   """
-  size = (
-    DEFAULT_WINDOW
-    if window is None
-    else _validate.check_static_int(_FN, "window", window, minimum=2)
+  size = _validate.check_static_int_or(
+    _FN, "window", window, DEFAULT_WINDOW, minimum=2
   )
   _validate.check_threshold(_FN, "sigmas", sigmas)
 

@@ -235,25 +235,15 @@ def skip_step(
         f"{fn}: {name} must be a positive scalar (0 < {name} <= inf) or None"
         f" to disable {rule}, got {sigmas!r}."
       )
-  window = (
-    DEFAULT_WINDOW
-    if window is None
-    else _validate.check_static_int(fn, "window", window)
+  window = _validate.check_static_int_or(fn, "window", window, DEFAULT_WINDOW)
+  warmup_steps = _validate.check_static_int_or(
+    fn, "warmup_steps", warmup_steps, window
   )
-  warmup_steps = (
-    window
-    if warmup_steps is None
-    else _validate.check_static_int(fn, "warmup_steps", warmup_steps)
+  loss_window = _validate.check_static_int_or(
+    fn, "loss_window", loss_window, window
   )
-  loss_window = (
-    window
-    if loss_window is None
-    else _validate.check_static_int(fn, "loss_window", loss_window)
-  )
-  loss_warmup_steps = (
-    max(1, loss_window // 2 - 1)
-    if loss_warmup_steps is None
-    else _validate.check_static_int(fn, "loss_warmup_steps", loss_warmup_steps)
+  loss_warmup_steps = _validate.check_static_int_or(
+    fn, "loss_warmup_steps", loss_warmup_steps, max(1, loss_window // 2 - 1)
   )
   inner = optax.with_extra_args_support(inner)
 
@@ -584,12 +574,8 @@ def skip_and_clip_by_global_norm(
     if drop_multipliers is None
     else _check_multipliers(fn, drop_multipliers)
   )
-  min_count = (
-    _DROP_MIN_COUNT
-    if drop_min_count is None
-    else _validate.check_static_int(
-      fn, "drop_min_count", drop_min_count, minimum=0
-    )
+  min_count = _validate.check_static_int_or(
+    fn, "drop_min_count", drop_min_count, _DROP_MIN_COUNT, minimum=0
   )
   if isinstance(drop_norm, str):
     rule = _validate.check_choice(fn, "drop_norm", drop_norm, _DROP_RULES)

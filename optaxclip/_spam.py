@@ -176,15 +176,11 @@ def spam_clip(
   _validate.check_threshold(fn, "threshold", threshold)
   _validate.check_in_range(fn, "b2", b2, 0, 1, low_open=True, high_open=True)
   _validate.check_threshold(fn, "eps", eps)
-  num_warmup = (
-    DEFAULT_CLIP_WARMUP_STEPS
-    if warmup_steps is None
-    else _validate.check_static_int(fn, "warmup_steps", warmup_steps, minimum=0)
+  num_warmup = _validate.check_static_int_or(
+    fn, "warmup_steps", warmup_steps, DEFAULT_CLIP_WARMUP_STEPS, minimum=0
   )
-  interval = (
-    None
-    if reset_interval is None
-    else _validate.check_static_int(fn, "reset_interval", reset_interval)
+  interval = _validate.check_static_int_or(
+    fn, "reset_interval", reset_interval, None
   )
 
   def init_fn(params):
@@ -363,15 +359,11 @@ def momentum_reset(
   """
   fn = "momentum_reset"
   _validate.check_inner(fn, inner)
-  every = (
-    DEFAULT_INTERVAL
-    if interval is None
-    else _validate.check_static_int(fn, "interval", interval)
+  every = _validate.check_static_int_or(
+    fn, "interval", interval, DEFAULT_INTERVAL
   )
-  num_warmup = (
-    DEFAULT_RESET_WARMUP_STEPS
-    if warmup_steps is None
-    else _validate.check_static_int(fn, "warmup_steps", warmup_steps, minimum=0)
+  num_warmup = _validate.check_static_int_or(
+    fn, "warmup_steps", warmup_steps, DEFAULT_RESET_WARMUP_STEPS, minimum=0
   )
   inner = optax.with_extra_args_support(inner)
   map_params = _map_params()

@@ -379,10 +379,8 @@ def spectral_clip(
   """
   fn = "spectral_clip"
   _validate.check_threshold(fn, "threshold", threshold)
-  steps = (
-    _DEFAULT_NS_STEPS
-    if ns_steps is None
-    else _validate.check_static_int(fn, "ns_steps", ns_steps)
+  steps = _validate.check_static_int_or(
+    fn, "ns_steps", ns_steps, _DEFAULT_NS_STEPS
   )
   layout = _validate.check_choice(fn, "layout", layout, _LAYOUTS)
   for arg, value in (

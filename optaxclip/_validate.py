@@ -212,6 +212,15 @@ def check_static_int(fn: str, arg: str, value: Any, *, minimum: int = 1) -> int:
   return int(value)
 
 
+def check_static_int_or(
+  fn: str, arg: str, value: Any, default: Any, *, minimum: int = 1
+) -> Any:
+  """:func:`check_static_int`, or ``default`` when ``value`` is None."""
+  if value is None:
+    return default
+  return check_static_int(fn, arg, value, minimum=minimum)
+
+
 def check_in_range(
   fn: str,
   arg: str,

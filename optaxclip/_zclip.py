@@ -135,10 +135,8 @@ def zclip(
   clip_option = _validate.check_choice(
     _FN, "clip_option", clip_option, ("adaptive_scaling", "mean")
   )
-  warmup = (
-    DEFAULT_WARMUP_STEPS
-    if warmup_steps is None
-    else (_validate.check_static_int(_FN, "warmup_steps", warmup_steps))
+  warmup = _validate.check_static_int_or(
+    _FN, "warmup_steps", warmup_steps, DEFAULT_WARMUP_STEPS
   )
 
   def init_fn(params):
