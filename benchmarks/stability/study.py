@@ -215,6 +215,7 @@ def run(task_names, *, quick: bool, clipper_names=None, log=print):
           quick=quick, stable_range=stable_range, names=clipper_names,
           log=log)
       results["tasks"][name]["seconds"] = time.perf_counter() - start
+      results["tasks"][name]["date"] = results["date"]
       continue
     kwargs = {"steps": QUICK_STEPS[name]} if quick else {}
     task = tasks_lib.TASKS[name](**kwargs)
@@ -236,6 +237,7 @@ def run(task_names, *, quick: bool, clipper_names=None, log=print):
         "rows": [run_clipper(task, c, log=log) for c in rows],
     }
     results["tasks"][name]["seconds"] = time.perf_counter() - start
+    results["tasks"][name]["date"] = results["date"]
   return results
 
 
@@ -249,6 +251,7 @@ def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     by_name = {row["clipper"]: row for row in old["rows"]}
     by_name.update({row["clipper"]: row for row in task["rows"]})
     old["rows"] = list(by_name.values())
+    old["date"] = task["date"]
     old["seconds"] = sum(row.get("seconds", 0.0) for row in old["rows"])
   saved["date"], saved["jax"] = new["date"], new["jax"]
   saved["seconds"] = sum(t.get("seconds", 0.0)
@@ -276,7 +279,8 @@ def write_markdown(results, path: pathlib.Path) -> None:
     lrs = task["learning_rates"]
     lines += [f"## {name}: {task['metric']} ({task['base_optimizer']}, "
               f"{task['steps']} steps; trivial predictor "
-              f"{task['chance']:.3g})", "",
+              f"{task['chance']:.3g}; run {task.get('date', results['date'])})",
+              "",
               "| clipper | threshold | " + " | ".join(f"lr {lr:g}"
                                                      for lr in lrs)
               + " | range | best |",

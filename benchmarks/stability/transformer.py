@@ -490,7 +490,10 @@ def figures(task: dict[str, Any], out) -> list:
   ax.set_xscale("log")
   ax.set_xlabel("learning rate")
   ax.set_ylabel("final held-out loss (median of seeds)")
-  ax.set_ylim(top=task["chance"] + 0.2)
+  finite = [m for row in task["rows"]
+            for m in row["variants"]["default"]["median_metric"]
+            if m is not None]
+  ax.set_ylim(min(finite) - 0.05, max(finite) + 0.1)
   ax.set_title("transformer: final loss against learning rate")
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
