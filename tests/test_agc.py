@@ -322,3 +322,61 @@ def test_equinox_scalar_input_linear_clips_each_row(in_features, use_jit):
                              rtol=1e-6)
   assert clipped == 1 and int(state.num_clipped_units) == 1
   np.testing.assert_array_equal(out.weight[1:], grads.weight[1:])
+
+
+# --------------------------------------------------------------------------
+# Unit norms whose sums of squares overflow or underflow float32; subnormals.
+# --------------------------------------------------------------------------
+
+
+def _f64(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def _assert_close(actual, expected, rtol=1e-6):
+  np.testing.assert_allclose(
+    np.asarray(actual, np.float64), expected, rtol=rtol, atol=0
+  )
+
+
+def test_adaptive_grad_clip_unit_norms_of_1e20(use_jit):
+  """AGC's unit norms of 1e20 gradients and 1e20 parameters."""
+  rng = np.random.default_rng(0)
+  grads = {
+    "kernel": jnp.asarray(rng.standard_normal((3, 4)) * 1e20, jnp.float32)
+  }
+  params = {
+    "kernel": jnp.asarray(rng.standard_normal((3, 4)) * 1e19, jnp.float32)
+  }
+  tx = oc.adaptive_grad_clip(0.1, eps=1e-3)
+  out, _ = maybe_jit(tx.update, use_jit)(grads, tx.init(params), params)
+  # A (fan_in, fan_out) kernel's units are its output columns: axes (0,).
+  expected, clipped = reference.adaptive_grad_clip(
+    _f64(grads), _f64(params), 0.1, 1e-3, [(0,)]
+  )
+  assert clipped > 0
+  assert np.all(np.isfinite(np.asarray(out["kernel"])))
+  _assert_close(out["kernel"], expected[0], rtol=1e-5)
+
+
+def test_adaptive_grad_clip_unit_norms_of_tiny_grads(use_jit):
+  """Gradients of 1e-30 against parameters of 1e-28: clipped, not passed."""
+  grads = {"kernel": jnp.full((3, 4), 1e-30, jnp.float32)}
+  params = {"kernel": jnp.full((3, 4), 1e-30, jnp.float32)}
+  tx = oc.adaptive_grad_clip(0.5, eps=1e-40)
+  out, _ = maybe_jit(tx.update, use_jit)(grads, tx.init(params), params)
+  expected, clipped = reference.adaptive_grad_clip(
+    _f64(grads), _f64(params), 0.5, 1e-40, [(0,)]
+  )
+  assert clipped == 4
+  _assert_close(out["kernel"], expected[0], rtol=1e-5)
+
+
+def test_agc_subnormal_gradient_comes_back_bit_identical(use_jit):
+  grads = {"k": jnp.full((2, 3), 1e-40, jnp.float32)}
+  params = {"k": jnp.ones((2, 3), jnp.float32)}
+  tx = oc.adaptive_grad_clip(0.1)
+  out, _ = maybe_jit(tx.update, use_jit)(grads, tx.init(params), params)
+  np.testing.assert_array_equal(
+    np.asarray(out["k"]).view(np.int32), np.asarray(grads["k"]).view(np.int32)
+  )

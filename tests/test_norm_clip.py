@@ -289,3 +289,255 @@ def test_apply_if_finite_wrapping_keeps_state_dtype():
   out, state = step(grads, state, params)
   assert int(state.notfinite_count) == 0
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out))
+
+
+# --------------------------------------------------------------------------
+# Overflowing and underflowing sums of squares, zero thresholds, subnormals,
+# derivatives at 1e30, a state from another tree, the empty tree's state.
+# --------------------------------------------------------------------------
+
+
+ORD_BY_NAME = {"l1": 1, "l2": 2, "linf": math.inf}
+
+
+def _big_tree():
+  """Float32 elements near 1e20: every sum of squares overflows float32."""
+  return {
+    "w": jnp.asarray([[1e20, -2e20], [3e19, 0.0]], jnp.float32),
+    "b": jnp.asarray([1e20, 5e19, -1e20], jnp.float32),
+  }
+
+
+def _tiny_tree(scale=1e-20):
+  """Elements whose squares flush to zero in float32."""
+  return {
+    "w": jnp.asarray(np.array([[1.0, -2.0], [0.5, 0.0]]) * scale, jnp.float32),
+    "b": jnp.asarray(np.array([1.0, 3.0, -1.0]) * scale, jnp.float32),
+  }
+
+
+def _assert_close(actual, expected, rtol=1e-6):
+  np.testing.assert_allclose(
+    np.asarray(actual, np.float64), expected, rtol=rtol, atol=0
+  )
+
+
+@pytest.mark.parametrize("ord_name", list(ORD_BY_NAME))
+def test_clip_by_global_norm_of_1e20_float32(ord_name, use_jit):
+  ord_ = ORD_BY_NAME[ord_name]
+  tree = _big_tree()
+  tx = oc.clip_by_global_norm(1.0, ord=ord_)
+  out, state = maybe_jit(tx.update, use_jit)(tree, tx.init(tree))
+  expected, n = reference.clip_by_global_norm(leaves64(tree), 1.0, ord_)
+  for a, e in zip(jax.tree.leaves(out), expected):
+    assert a.dtype == jnp.float32
+    _assert_close(a, e, rtol=2e-6)
+  _assert_close(state.global_norm, n)
+  assert bool(state.global_norm_clipped)
+  assert np.isclose(reference.norm(leaves64(out), ord_), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ord_name", list(ORD_BY_NAME))
+def test_clip_by_norm_per_leaf_of_1e20(ord_name, use_jit):
+  ord_ = ORD_BY_NAME[ord_name]
+  tree = _big_tree()
+  tx = oc.clip_by_norm(1.0, ord=ord_)
+  out, state = maybe_jit(tx.update, use_jit)(tree, tx.init(tree))
+  expected, norms = reference.clip_by_norm(leaves64(tree), 1.0, ord_)
+  _assert_close(state.leaf_norms, norms)
+  for a, e in zip(jax.tree.leaves(out), expected):
+    _assert_close(a, e, rtol=2e-6)
+
+
+def test_clip_by_block_rms_of_1e20(use_jit):
+  tree = _big_tree()
+  tx = oc.clip_by_block_rms(1.0)
+  out, state = maybe_jit(tx.update, use_jit)(tree, tx.init(tree))
+  expected, rms = reference.clip_by_block_rms(leaves64(tree), 1.0)
+  _assert_close(state.block_rms, rms)
+  for a, e in zip(jax.tree.leaves(out), expected):
+    _assert_close(a, e, rtol=2e-6)
+
+
+def test_grad_through_the_overflow_path(use_jit):
+  """d||g||/dg = g / ||g||, also where the sum of squares overflows."""
+  tree = _big_tree()
+  grad = maybe_jit(jax.grad(oc.global_norm), use_jit)(tree)
+  ref = leaves64(tree)
+  n = reference.norm(ref)
+  for a, x in zip(jax.tree.leaves(grad), ref):
+    _assert_close(a, x / n, rtol=1e-5)
+
+
+# ---------------------------------------------------------- inf and NaN stay loud
+
+
+@pytest.mark.parametrize(
+  "bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"]
+)
+@pytest.mark.parametrize("ord_name", list(ORD_BY_NAME))
+def test_non_finite_element_still_gives_nan(bad, ord_name, use_jit):
+  """Next to 1e20 elements (so the rare path runs) an inf/NaN is still loud."""
+  ord_ = ORD_BY_NAME[ord_name]
+  tree = {
+    "a": jnp.asarray([1e20, 1e20, bad], jnp.float32),
+    "b": jnp.asarray([1.0, 2.0], jnp.float32),
+  }
+  for tx in (
+    oc.clip_by_global_norm(1.0, ord=ord_),
+    oc.clip_by_norm(1.0, ord=ord_),
+  ):
+    out, state = maybe_jit(tx.update, use_jit)(tree, tx.init(tree))
+    assert np.all(np.isnan(np.asarray(out["a"])))
+    assert not np.isfinite(np.asarray(state[0]).ravel()[0])
+  out, state = maybe_jit(oc.clip_by_block_rms(1.0).update, use_jit)(tree, None)
+  assert np.all(np.isnan(np.asarray(out["a"])))
+  assert not np.isfinite(float(state.block_rms[0]))
+  norm = maybe_jit(lambda t: oc.global_norm(t, ord=ord_), use_jit)(tree)
+  if np.isnan(bad):
+    assert np.isnan(float(norm))
+  else:
+    assert float(norm) == np.inf
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: oc.clip_by_global_norm(0.0),
+    lambda: oc.clip_by_global_norm(0.0, ord=1),
+    lambda: oc.clip_by_norm(0.0),
+    lambda: oc.clip_by_norm(0.0, ord=math.inf),
+    lambda: oc.clip_by_block_rms(0.0),
+  ],
+  ids=["global", "global_l1", "per_leaf", "per_leaf_linf", "block_rms"],
+)
+@pytest.mark.parametrize(
+  "scale", [1e-30, 1e-40, 0.0], ids=["1e-30", "1e-40", "0"]
+)
+def test_threshold_zero_gives_zero_updates(make, scale, use_jit):
+  """docs/design.md#numerics, item 3: c = 0 yields zero updates, even for 1e-30 and subnormals."""
+  tree = _tiny_tree(scale) if scale else _tiny_tree(1.0)
+  if not scale:
+    tree = jax.tree.map(jnp.zeros_like, tree)
+  tx = make()
+  out, _ = maybe_jit(tx.update, use_jit)(tree, tx.init(tree))
+  for leaf in jax.tree.leaves(out):
+    assert leaf.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: oc.clip_by_global_norm(1.0),
+    lambda: oc.clip_by_global_norm(1.0, ord=1),
+    lambda: oc.clip_by_global_norm(1.0, ord=math.inf),
+    lambda: oc.clip_by_norm(1.0),
+    lambda: oc.clip_by_block_rms(1.0),
+  ],
+  ids=["global", "global_l1", "global_linf", "per_leaf", "block_rms"],
+)
+def test_subnormal_gradient_comes_back_bit_identical(make, use_jit):
+  bits = np.array([1e-40, -1e-40, 1e-45, 0.0], np.float32)
+  assert np.all(np.abs(bits[bits != 0]) < np.finfo(np.float32).tiny)
+  tree = {"a": jnp.asarray(bits), "b": jnp.asarray(bits[:2].copy())}
+  tx = make()
+  out, _ = maybe_jit(tx.update, use_jit)(tree, tx.init(tree))
+  for a, x in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(
+      np.asarray(a).view(np.int32), np.asarray(x).view(np.int32)
+    )
+
+
+# --------------------------------------------- derivatives at tiny gradients
+
+
+def _reference_clip_jacobian_vector(g, v, c, ord_):
+  """d/dg sum(v * clip(g)) in float64, for one flat g with a unique max."""
+  g, v = np.asarray(g, np.float64), np.asarray(v, np.float64)
+  n = reference.norm([g], ord_)
+  if n <= c:
+    return v
+  if ord_ == 2:
+    dn = g / n
+  elif ord_ == 1:
+    dn = np.sign(g)
+  else:
+    dn = np.zeros_like(g)
+    i = int(np.argmax(np.abs(g)))
+    dn[i] = np.sign(g[i])
+  # clip(g) = c g / n  =>  d/dg (v . clip) = c v / n - c (v . g) dn / n^2
+  return c * v / n - c * float(v @ g) * dn / n**2
+
+
+@pytest.mark.parametrize("ord_name", list(ORD_BY_NAME))
+@pytest.mark.parametrize("threshold", [1.0, 1e-31], ids=["within", "clipping"])
+@pytest.mark.parametrize("per_leaf", [False, True], ids=["global", "per_leaf"])
+def test_grad_finite_and_right_at_1e30(ord_name, threshold, per_leaf, use_jit):
+  ord_ = ORD_BY_NAME[ord_name]
+  g = jnp.asarray([1e-30, -3e-30, 2e-30, 0.5e-30], jnp.float32)
+  v = jnp.asarray([0.5, 1.0, -2.0, 3.0], jnp.float32)
+  if per_leaf:
+    tx = oc.clip_by_norm(threshold, ord=ord_)
+  else:
+    tx = oc.clip_by_global_norm(threshold, ord=ord_)
+
+  def loss(g):
+    out, _ = tx.update({"g": g}, None)
+    return jnp.sum(v * out["g"])
+
+  grad = maybe_jit(jax.grad(loss), use_jit)(g)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  expected = _reference_clip_jacobian_vector(
+    np.asarray(g, np.float64), np.asarray(v, np.float64), threshold, ord_
+  )
+  np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- policies
+
+
+@pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_block_rms"])
+@pytest.mark.parametrize("given", [1, 3, 0])
+def test_state_from_another_tree_is_a_clear_error(name, given):
+  tx = getattr(oc, name)(1.0)
+  state = tx.init({"a": jnp.zeros(2), "b": jnp.zeros(3)})
+  updates = {f"x{i}": jnp.ones(2) for i in range(given)}
+  with pytest.raises(ValueError) as info:
+    tx.update(updates, state)
+  message = str(info.value)
+  assert message.startswith(f"{name}: the state was created by init on a"
+                            " different tree")
+  assert "holds statistics for 2 tensors at a, b" in message
+  assert f"updates have {given} leaves" in message
+  assert "Call init on a tree with the structure of the updates" in message
+
+
+@pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_block_rms"])
+def test_empty_tree_state_is_non_empty_and_orbax_saveable(name, tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  tx = optax.multi_transform(
+    {"clip": getattr(oc, name)(1.0), "none": optax.identity()},
+    {"w": "none"},  # the "clip" group is empty
+  )
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  inner = state.inner_states["clip"].inner_state
+  for field in inner:
+    assert field.size > 0
+  updates, state = jax.jit(tx.update)(params, state, params)
+  inner = state.inner_states["clip"].inner_state
+  assert inner[0].shape == (1,) and float(inner[0][0]) == 0.0
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "state", state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(
+    tmp_path / "state", jax.tree.map(jnp.zeros_like, state)
+  )
+  chex.assert_trees_all_equal(restored, state)
+  # An empty tree directly: same placeholder from init and from update.
+  direct = getattr(oc, name)(1.0)
+  s0 = direct.init({})
+  _, s1 = direct.update({}, s0)
+  chex.assert_trees_all_equal_shapes_and_dtypes(s0, s1)
+  assert s1[0].shape == (1,)

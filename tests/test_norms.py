@@ -174,3 +174,152 @@ def test_donated_update_needs_no_copy_of_a_leaf():
 
   ours = temp(oc.clip_by_global_norm(1.0))
   assert ours <= temp(optax.clip_by_global_norm(1.0)) + 0.01 * grad_bytes
+
+
+# --------------------------------------------------------------------------
+# Sums of squares that overflow (float32 elements of 1e20, bf16 of 1e30) or
+# underflow (1e-20) while the norm is representable; float64 expectations.
+# --------------------------------------------------------------------------
+
+
+ORD_BY_NAME = {"l1": 1, "l2": 2, "linf": math.inf}
+
+
+def _big_tree():
+  """Float32 elements near 1e20: every sum of squares overflows float32."""
+  return {
+    "w": jnp.asarray([[1e20, -2e20], [3e19, 0.0]], jnp.float32),
+    "b": jnp.asarray([1e20, 5e19, -1e20], jnp.float32),
+  }
+
+
+def _tiny_tree(scale=1e-20):
+  """Elements whose squares flush to zero in float32."""
+  return {
+    "w": jnp.asarray(np.array([[1.0, -2.0], [0.5, 0.0]]) * scale, jnp.float32),
+    "b": jnp.asarray(np.array([1.0, 3.0, -1.0]) * scale, jnp.float32),
+  }
+
+
+def _assert_close(actual, expected, rtol=1e-6):
+  np.testing.assert_allclose(
+    np.asarray(actual, np.float64), expected, rtol=rtol, atol=0
+  )
+
+
+# ---------------------------------------------------------------- overflow
+
+
+def test_the_hostile_trees_do_overflow_and_underflow_float32():
+  """The premise: the plain float32 sums of squares are inf and 0."""
+  big = np.concatenate([x.ravel() for x in leaves64(_big_tree())]).astype(
+    np.float32
+  )
+  tiny = np.concatenate([x.ravel() for x in leaves64(_tiny_tree())]).astype(
+    np.float32
+  )
+  with np.errstate(over="ignore", under="ignore"):
+    assert np.isinf(np.sum(np.square(big)))
+    assert np.sum(np.square(tiny)) < 1e-38  # flushed or subnormal
+
+
+@pytest.mark.parametrize("ord_name", list(ORD_BY_NAME))
+def test_global_norm_of_1e20_float32(ord_name, use_jit):
+  ord_ = ORD_BY_NAME[ord_name]
+  tree = _big_tree()
+  norm = maybe_jit(lambda t: oc.global_norm(t, ord=ord_), use_jit)(tree)
+  assert norm.dtype == jnp.float32
+  _assert_close(norm, reference.norm(leaves64(tree), ord_))
+
+
+def test_bf16_elements_of_1e30(use_jit):
+  """bf16 squares accumulate in float32, where 1e60 overflows."""
+  tree = {
+    "a": jnp.full((4,), 1e30, jnp.bfloat16),
+    "b": jnp.ones((3,), jnp.bfloat16),
+  }
+  ref = leaves64(tree)  # the bf16-rounded values, exactly, in float64
+  norm = maybe_jit(oc.global_norm, use_jit)(tree)
+  assert norm.dtype == jnp.float32
+  _assert_close(norm, reference.norm(ref), rtol=1e-6)
+  tx = oc.clip_by_global_norm(1.0)
+  out, _ = maybe_jit(tx.update, use_jit)(tree, tx.init(tree))
+  expected, _ = reference.clip_by_global_norm(ref, 1.0)
+  for a, e in zip(jax.tree.leaves(out), expected):
+    assert a.dtype == jnp.bfloat16
+    _assert_close(a, e, rtol=1e-2)  # one bf16 rounding
+  per_leaf, _ = maybe_jit(oc.clip_by_norm(1.0).update, use_jit)(tree, None)
+  expected, _ = reference.clip_by_norm(ref, 1.0)
+  for a, e in zip(jax.tree.leaves(per_leaf), expected):
+    _assert_close(a, e, rtol=1e-2)
+
+
+def test_fp16_large_and_small(use_jit):
+  """fp16 is squared in float32: 6e4 (near fp16's max) and 1e-4 both work."""
+  tree = {
+    "big": jnp.full((4,), 6e4, jnp.float16),
+    "small": jnp.full((4,), 1e-4, jnp.float16),
+  }
+  ref = leaves64(tree)
+  norm = maybe_jit(oc.global_norm, use_jit)(tree)
+  _assert_close(norm, reference.norm(ref))
+  tx = oc.clip_by_norm(1.0)
+  out, state = maybe_jit(tx.update, use_jit)(tree, tx.init(tree))
+  expected, norms = reference.clip_by_norm(ref, 1.0)
+  _assert_close(state.leaf_norms, norms)
+  for a, e in zip(jax.tree.leaves(out), expected):
+    assert a.dtype == jnp.float16
+    _assert_close(a, e, rtol=1e-3)
+
+
+def test_shard_style_axis_name_overflow(use_jit):
+  """With ``axis_name``, the rare path combines maxima and sums across it."""
+  shards = jnp.asarray(
+    [[1e20, 2e20], [3e19, 0.0], [-1e20, 1e19], [0.0, 0.0]], jnp.float32
+  )
+  ref = np.asarray(shards, np.float64)
+  for ord_ in (1, 2, math.inf):
+    fn = jax.vmap(
+      lambda x, o=ord_: oc.global_norm({"x": x}, ord=o, axis_name="d"),
+      axis_name="d",
+    )
+    norms = maybe_jit(fn, use_jit)(shards)
+    _assert_close(norms, np.full(4, reference.norm([ref], ord_)))
+
+
+# ----------------------------------------------------------------- underflow
+
+
+@pytest.mark.parametrize("ord_name", list(ORD_BY_NAME))
+def test_global_norm_of_1e20_elements_underflowing(ord_name, use_jit):
+  ord_ = ORD_BY_NAME[ord_name]
+  norm = maybe_jit(lambda t: oc.global_norm(t, ord=ord_), use_jit)(
+    [jnp.full(4, 1e-20, jnp.float32)]
+  )
+  expected = {1: 4e-20, 2: 2e-20, math.inf: 1e-20}[ord_]
+  _assert_close(norm, expected, rtol=1e-6)
+
+
+def test_tiny_norms_everywhere(use_jit):
+  tree = _tiny_tree()
+  ref = leaves64(tree)
+  _assert_close(maybe_jit(oc.global_norm, use_jit)(tree), reference.norm(ref))
+  _, state = maybe_jit(oc.clip_by_norm(1.0).update, use_jit)(tree, None)
+  _assert_close(state.leaf_norms, [reference.norm([x]) for x in ref])
+  _, state = maybe_jit(oc.clip_by_block_rms(1.0).update, use_jit)(tree, None)
+  _assert_close(state.block_rms, reference.clip_by_block_rms(ref, 1.0)[1])
+
+
+@pytest.mark.parametrize("ord_name", list(ORD_BY_NAME))
+def test_grad_of_global_norm_at_1e30(ord_name, use_jit):
+  ord_ = ORD_BY_NAME[ord_name]
+  g = jnp.asarray([1e-30, -3e-30, 2e-30], jnp.float32)
+  grad = maybe_jit(jax.grad(lambda x: oc.global_norm(x, ord=ord_)), use_jit)(g)
+  g64 = np.asarray(g, np.float64)
+  if ord_ == 2:
+    expected = g64 / np.linalg.norm(g64)
+  elif ord_ == 1:
+    expected = np.sign(g64)
+  else:
+    expected = np.array([0.0, -1.0, 0.0])
+  np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-7)

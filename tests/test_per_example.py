@@ -15,6 +15,7 @@ import pytest
 from optaxclip import _stats
 from helpers import maybe_jit
 from reference import automatic_clip_reference
+import reference
 
 
 def per_example_reference(leaves, max_norm, reduce="sum"):
@@ -528,3 +529,30 @@ def test_clamp_per_layer_hand_computed():
   np.testing.assert_allclose(out["a"], [0.6 + 0.3, 0.8 + 0.4], rtol=1e-6)
   np.testing.assert_allclose(out["b"], [1.0 + 0.5], rtol=1e-6)
   assert int(state.num_clipped_examples) == 1
+
+
+# --------------------------------------------------------------------------
+# An example whose sum of squares overflows float32.
+# --------------------------------------------------------------------------
+
+
+def _assert_close(actual, expected, rtol=1e-6):
+  np.testing.assert_allclose(
+    np.asarray(actual, np.float64), expected, rtol=rtol, atol=0
+  )
+
+
+def test_clip_per_example_1e20_example_is_finite(use_jit):
+  """An example with 1e20 elements has a finite norm: clipped, not excluded."""
+  batch = {
+    "w": jnp.asarray(
+      [[1e20, -1e20, 1e20, 1e20], [0.3, 0.4, 0.0, 0.0]], jnp.float32
+    )
+  }
+  tx = oc.clip_per_example(1.0, reduce="sum")
+  out, state = maybe_jit(tx.update, use_jit)(batch, tx.init(batch))
+  assert int(state.num_nonfinite_examples) == 0
+  assert int(state.num_clipped_examples) == 1
+  rows = np.asarray(batch["w"], np.float64)
+  expected = sum(r * reference.clip_scale(np.linalg.norm(r), 1.0) for r in rows)
+  _assert_close(out["w"], expected, rtol=2e-6)
