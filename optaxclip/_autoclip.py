@@ -158,11 +158,7 @@ def autoclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _tree.require_state(_FN, state)
-    _tree.check_float_leaves(_FN, updates)
-    # A state restored on the host (jax.device_get, msgpack) holds NumPy
-    # arrays, which have no `.at`.
-    state = jax.tree.map(jnp.asarray, state)
+    state = _tree.history_state(_FN, updates, state)
     dtype = state.autoclip_history.dtype
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(dtype)
     observed = jax.lax.stop_gradient(norm)

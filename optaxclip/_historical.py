@@ -156,12 +156,10 @@ def clip_by_historical_norm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _tree.require_state(_FN, state)
-    _tree.check_float_leaves(_FN, updates)
-    # jnp.asarray: a restored state may hold NumPy arrays.
-    buffer = jnp.asarray(state.historical_norms)
-    count = jnp.asarray(state.historical_count)
-    index = jnp.asarray(state.historical_index)
+    state = _tree.history_state(_FN, updates, state)
+    buffer = state.historical_norms
+    count = state.historical_count
+    index = state.historical_index
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(buffer.dtype)
     observed = jax.lax.stop_gradient(norm)
     threshold = _historical_threshold(buffer, count, sigmas)

@@ -267,17 +267,7 @@ def skip_step(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _tree.check_float_leaves(fn, updates)
-    _tree.require_state(fn, state)
-    # A state restored on the host (jax.device_get, msgpack) holds NumPy
-    # arrays, which have no `.at`; `inner` converts its own state if needed.
-    state = state._replace(
-      **{
-        field: jnp.asarray(getattr(state, field))
-        for field in SkipStepState._fields
-        if field != "inner_state"
-      }
-    )
+    state = _tree.history_state(fn, updates, state, inner="inner_state")
     dtype = state.skip_norm.dtype
     inf = jnp.full((), math.inf, dtype)
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(dtype)
@@ -627,16 +617,7 @@ def skip_and_clip_by_global_norm(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _tree.check_float_leaves(fn, updates)
-    _tree.require_state(fn, state)
-    # NumPy arrays from a host restore become arrays (`inner` sees its own).
-    state = state._replace(
-      **{
-        f: jax.tree.map(jnp.asarray, getattr(state, f))
-        for f in SkipAndClipByGlobalNormState._fields
-        if f != "drop_inner_state"
-      }
-    )
+    state = _tree.history_state(fn, updates, state, inner="drop_inner_state")
     ema, square_ema = state.drop_norm_ema, state.drop_norm_square_ema
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(ema.dtype)
     observed = jax.lax.stop_gradient(norm)

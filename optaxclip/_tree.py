@@ -192,6 +192,26 @@ def diagnostics_state(
   return init_fn(updates) if state is None else state
 
 
+def history_state(fn: str, updates: Any, state: Any, inner: str = "") -> Any:
+  """The state of a transform that keeps history, checked and on device.
+
+  ``state=None`` is an error (:func:`require_state`) and the updates are
+  checked (:func:`check_float_leaves`). A state restored on the host
+  (``jax.device_get``, msgpack) holds NumPy arrays, which have no ``.at``:
+  every field becomes ``jax.Array``s, except the field named ``inner``
+  (a wrapped optimizer's state, which that optimizer handles itself).
+  """
+  require_state(fn, state)
+  check_float_leaves(fn, updates)
+  return state._replace(
+    **{
+      field: jax.tree.map(jnp.asarray, getattr(state, field))
+      for field in state._fields
+      if field != inner
+    }
+  )
+
+
 # --------------------------------------------------------------------------
 # Per-leaf options: one entry, a callable, or a pytree matched by path.
 

@@ -156,11 +156,7 @@ def zclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _tree.require_state(_FN, state)
-    _tree.check_float_leaves(_FN, updates)
-    # A state restored on the host (jax.device_get, msgpack) holds NumPy
-    # arrays, which have no `.at`.
-    state = jax.tree.map(jnp.asarray, state)
+    state = _tree.history_state(_FN, updates, state)
     f32 = state.zclip_mean.dtype
     norm = _norms.global_norm_from(updates, 2, axis_name).astype(f32)
     g = jax.lax.stop_gradient(norm)
