@@ -1,6 +1,7 @@
 """adaptive_grad_clip: the paper's rule, optax parity, axes, numerics."""
 
 import inspect
+import math
 
 import chex
 import jax
@@ -380,3 +381,117 @@ def test_agc_subnormal_gradient_comes_back_bit_identical(use_jit):
   np.testing.assert_array_equal(
     np.asarray(out["k"]).view(np.int32), np.asarray(grads["k"]).view(np.int32)
   )
+
+
+# --------------------------------------------------------------------------
+# Params that do not match the gradients; scalar leaves; integer params.
+# --------------------------------------------------------------------------
+
+
+# --- Defect 4: AGC params that do not match the gradients --------------------
+
+
+def test_agc_params_with_other_keys_name_both_structures(use_jit):
+  tx = oc.adaptive_grad_clip(0.1)
+  grads = {"a": jnp.ones((3, 4)), "b": jnp.ones(2)}
+  params = {"a": jnp.ones((3, 4)), "c": jnp.ones(2)}
+  with pytest.raises(
+    ValueError,
+    match=r"^adaptive_grad_clip: params must have the structure of the"
+    r" gradients.*gradients are PyTreeDef\(\{'a': \*, 'b': \*\}\), params are"
+    r" PyTreeDef\(\{'a': \*, 'c': \*\}\)",
+  ):
+    maybe_jit(tx.update, use_jit)(grads, tx.init(params), params)
+
+
+def test_agc_params_deeper_than_gradients_are_a_structure_error():
+  tx = oc.adaptive_grad_clip(0.1)
+  grads = {"a": jnp.ones((3, 4))}
+  params = {"a": {"kernel": jnp.ones((3, 4))}}
+  with pytest.raises(ValueError, match=r"params must have the structure"):
+    tx.update(grads, None, params)
+
+
+@pytest.mark.parametrize("param_shape", [(1, 4), (4,), (3, 4, 1)])
+def test_agc_broadcastable_param_shapes_are_rejected(param_shape, use_jit):
+  tx = oc.adaptive_grad_clip(0.1)
+  grads = {"layer": {"kernel": jnp.ones((3, 4))}}
+  params = {"layer": {"kernel": jnp.ones(param_shape)}}
+  with pytest.raises(
+    ValueError,
+    match=r"^adaptive_grad_clip: the gradient at 'layer/kernel' has shape"
+    rf" \(3, 4\) but its parameter has shape {re_shape(param_shape)}",
+  ):
+    maybe_jit(tx.update, use_jit)(grads, tx.init(params), params)
+
+
+def re_shape(shape):
+  return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+@pytest.mark.parametrize("axis", [0, -1, (0,)])
+def test_agc_explicit_axis_on_a_scalar_leaf(axis, use_jit):
+  tx = oc.adaptive_grad_clip(0.1, axis=axis)
+  g = {"dense": jnp.ones((3, 2)), "temperature": jnp.ones(())}
+  first = axis[0] if isinstance(axis, tuple) else axis
+  with pytest.raises(
+    ValueError,
+    match=rf"^adaptive_grad_clip: axis {first} is out of range for the leaf at"
+    r" 'temperature' of shape \(\) \(a scalar has no axes",
+  ):
+    maybe_jit(tx.update, use_jit)(g, tx.init(g), g)
+
+
+def test_agc_scalar_leaf_with_a_callable_axis_follows_the_hint(use_jit):
+  tx = oc.adaptive_grad_clip(
+    0.1, axis=lambda path, leaf: None if leaf.ndim == 0 else 0
+  )
+  g = {"dense": jnp.asarray([[3.0, 1.0], [4.0, 0.0]]), "t": jnp.asarray(2.0)}
+  p = {"dense": jnp.asarray([[1.0, 1.0], [0.0, 1.0]]), "t": jnp.asarray(5.0)}
+  out, state = maybe_jit(tx.update, use_jit)(g, tx.init(p), p)
+  # Units (columns): grad norms 5, 1 vs 0.1 * param norms 1, sqrt(2) ->
+  # scales 0.1 / 5, 0.1 sqrt(2) / 1; the scalar: |2| vs 0.1 * 5 -> 0.25.
+  g64 = np.array([[3.0, 1.0], [4.0, 0.0]])
+  want = g64 * np.array([0.1 * 1.0 / 5.0, 0.1 * math.sqrt(2.0) / 1.0])
+  np.testing.assert_allclose(
+    np.asarray(out["dense"], np.float64), want, rtol=1e-6
+  )
+  np.testing.assert_allclose(float(out["t"]), 2.0 * 0.1 * 5.0 / 2.0, rtol=1e-6)
+  assert int(state.num_clipped_units) == 3
+
+
+def test_agc_integer_params_are_type_errors_naming_the_path():
+  g = {"w": jnp.ones((2, 3))}
+  p = {"w": jnp.ones((2, 3), jnp.int32)}
+  tx = oc.adaptive_grad_clip(0.1)
+  with pytest.raises(
+    TypeError,
+    match=r"^adaptive_grad_clip: every leaf of params must be a"
+    r" floating-point.*'w' has dtype int32",
+  ):
+    tx.update(g, None, p)
+
+
+# --- Policy 6b: update(updates, None) -----------------------------------------
+
+
+def test_agc_accepts_state_none(use_jit):
+  rng = np.random.default_rng(4)
+  g = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+  p = {"w": jnp.asarray(rng.normal(size=(3, 2)) * 0.1, jnp.float32)}
+  tx = oc.adaptive_grad_clip(0.5)
+  update = maybe_jit(tx.update, use_jit)
+  got_out, got_state = update(g, None, p)
+  want_out, want_state = update(g, tx.init(p), p)
+  np.testing.assert_array_equal(
+    np.asarray(got_out["w"]), np.asarray(want_out["w"])
+  )
+  assert type(got_state) is oc.AdaptiveGradClipState
+  assert int(got_state.num_clipped_units) == int(want_state.num_clipped_units)
+  # Independent count: units are columns; clipped when ||g|| > 0.5 max(||p||,
+  # 1e-3).
+  g64, p64 = np.asarray(g["w"], np.float64), np.asarray(p["w"], np.float64)
+  gn = np.linalg.norm(g64, axis=0)
+  pn = np.maximum(np.linalg.norm(p64, axis=0), 1e-3)
+  assert int(got_state.num_clipped_units) == int(np.sum(gn > 0.5 * pn))
+  assert float(got_state.clipped_unit_fraction) == np.sum(gn > 0.5 * pn) / 2

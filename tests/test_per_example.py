@@ -556,3 +556,193 @@ def test_clip_per_example_1e20_example_is_finite(use_jit):
   rows = np.asarray(batch["w"], np.float64)
   expected = sum(r * reference.clip_scale(np.linalg.norm(r), 1.0) for r in rows)
   _assert_close(out["w"], expected, rtol=2e-6)
+
+
+# --------------------------------------------------------------------------
+# Thresholds and batches at the edges: bf16 thresholds, a forgotten vmap,
+# the adaptive threshold's range, empty batches, traced invalid rules.
+# --------------------------------------------------------------------------
+
+
+F32_TINY = float(np.finfo(np.float32).tiny)
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def test_bf16_threshold_clips_like_its_float64_value(use_jit):
+  rng = np.random.default_rng(0)
+  grads = rng.normal(size=(5, 3)) * np.linspace(0.1, 2.0, 5)[:, None]
+  tx = oc.clip_per_example(jnp.asarray(0.75, jnp.bfloat16), reduce="sum")
+  state = tx.init({"w": jnp.zeros(3)})
+  out, _ = maybe_jit(tx.update, use_jit)(
+    {"w": jnp.asarray(grads, jnp.float32)}, state
+  )
+  g64 = np.asarray(grads, np.float32).astype(np.float64)
+  norms = np.sqrt(np.sum(g64**2, axis=1))
+  want = np.sum(g64 * np.minimum(1.0, 0.75 / norms)[:, None], axis=0)
+  np.testing.assert_allclose(np.asarray(out["w"], np.float64), want, rtol=1e-6)
+
+
+# --- Defect 5: clip_per_example ---------------------------------------------
+
+
+def test_forgotten_vmap_is_detected_with_params(use_jit):
+  tx = oc.clip_per_example(1.0)
+  params = {"w": jnp.zeros((64, 10))}
+  mean_grad = {"w": jnp.ones((64, 10))}  # jax.grad of the batch loss
+  with pytest.raises(
+    ValueError,
+    match=r"^clip_per_example: the per-example gradients at 'w' have shape"
+    r" \(64, 10\), but their parameter has shape \(64, 10\): expected"
+    r" \(batch,\) \+ \(64, 10\).*jax\.vmap",
+  ):
+    maybe_jit(tx.update, use_jit)(mean_grad, tx.init(params), params)
+
+
+def test_per_example_leaf_shape_must_match_its_parameter():
+  tx = oc.clip_per_example(1.0)
+  params = {"dense": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)}}
+  grads = {"dense": {"kernel": jnp.zeros((8, 3, 4)), "bias": jnp.zeros((8, 3))}}
+  with pytest.raises(
+    ValueError, match=r"at 'dense/bias' have shape \(8, 3\).*shape \(4,\)"
+  ):
+    tx.update(grads, tx.init(params), params)
+  with pytest.raises(
+    ValueError,
+    match=r"^clip_per_example: params must have the structure of the"
+    r" per-example gradients.*gradients are PyTreeDef",
+  ):
+    tx.update({"w": jnp.zeros((8, 4))}, tx.init(params), params)
+
+
+def test_per_example_with_matching_params_matches_float64(use_jit):
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(6, 3, 2)) * np.linspace(0.2, 3.0, 6)[:, None, None]
+  b = rng.normal(size=(6, 2))
+  grads = {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
+  params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+  tx = oc.clip_per_example(1.5)
+  out, _ = maybe_jit(tx.update, use_jit)(grads, tx.init(params), params)
+  w64 = np.asarray(grads["w"], np.float64)
+  b64 = np.asarray(grads["b"], np.float64)
+  norms = np.sqrt(np.sum(w64**2, axis=(1, 2)) + np.sum(b64**2, axis=1))
+  scale = np.minimum(1.0, 1.5 / norms)
+  np.testing.assert_allclose(
+    np.asarray(out["w"], np.float64),
+    np.sum(w64 * scale[:, None, None], axis=0) / 6,
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    np.asarray(out["b"], np.float64),
+    np.sum(b64 * scale[:, None], axis=0) / 6,
+    rtol=1e-5,
+  )
+
+
+def _adaptive_reference(c0, norms_per_step, gamma, lr):
+  """Float64 Andrew et al. update with the documented float32 bounds."""
+  c, trajectory = c0, []
+  for norms in norms_per_step:
+    fraction = np.mean(np.asarray(norms) <= c)
+    c = min(max(c * math.exp(-lr * (fraction - gamma)), F32_TINY), F32_MAX)
+    trajectory.append(c)
+  return trajectory
+
+
+def test_adaptive_threshold_cannot_collapse_to_zero(use_jit):
+  gamma, lr = 0.5, 20.0  # C shrinks by e^-10 per all-zero step
+  tx = oc.clip_per_example(1.0, target_quantile=gamma, quantile_lr=lr)
+  step = maybe_jit(tx.update, use_jit)
+  state = tx.init({"w": jnp.zeros(3)})
+  zeros = {"w": jnp.zeros((4, 3))}
+  # Unit-norm examples: (0.6, 0.8, 0) has norm 1 exactly in float32.
+  ones = {"w": jnp.tile(jnp.asarray([[0.6, 0.8, 0.0]]), (4, 1))}
+  got = []
+  for _ in range(12):  # e^-120 < float32 tiny: the exact update underflows
+    _, state = step(zeros, state)
+    got.append(float(state.per_example_max_norm))
+  for _ in range(12):
+    out, state = step(ones, state)
+    got.append(float(state.per_example_max_norm))
+  want = _adaptive_reference(
+    1.0, [np.zeros(4)] * 12 + [np.ones(4)] * 12, gamma, lr
+  )
+  assert min(got) > 0.0
+  assert got[11] == pytest.approx(F32_TINY, rel=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  # Recovered: C > 1 >= every norm, so the last update is the plain mean.
+  assert got[-2] > 1.0
+  np.testing.assert_allclose(
+    np.asarray(out["w"], np.float64), [0.6, 0.8, 0.0], rtol=1e-6
+  )
+
+
+def test_infinite_initial_threshold_can_come_down(use_jit):
+  gamma, lr = 0.5, 20.0
+  tx = oc.clip_per_example(math.inf, target_quantile=gamma, quantile_lr=lr)
+  step = maybe_jit(tx.update, use_jit)
+  state = tx.init({"w": jnp.zeros(3)})
+  ones = {"w": jnp.tile(jnp.asarray([[0.6, 0.8, 0.0]]), (4, 1))}
+  got = []
+  for _ in range(5):
+    _, state = step(ones, state)
+    got.append(float(state.per_example_max_norm))
+  want = _adaptive_reference(math.inf, [np.ones(4)] * 5, gamma, lr)
+  assert got[0] == F32_MAX
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_empty_batch_mean_is_a_clear_error(use_jit):
+  tx = oc.clip_per_example(1.0)
+  empty = {"w": jnp.zeros((0, 3))}
+  with pytest.raises(
+    ValueError,
+    match=r"^clip_per_example: the batch is empty \(leading axis of size 0\),"
+    r' and reduce="mean" would divide by 0',
+  ):
+    maybe_jit(tx.update, use_jit)(empty, tx.init(None))
+
+
+def test_empty_batch_sum_is_zero(use_jit):
+  tx = oc.clip_per_example(1.0, reduce="sum")
+  out, state = maybe_jit(tx.update, use_jit)(
+    {"w": jnp.zeros((0, 3))}, tx.init({"w": jnp.zeros(3)})
+  )
+  np.testing.assert_array_equal(np.asarray(out["w"]), np.zeros(3))
+  assert out["w"].shape == (3,)
+  assert int(state.num_clipped_examples) == 0
+  assert int(state.num_nonfinite_examples) == 0
+  assert float(state.per_example_norm_mean) == 0.0
+
+
+def test_per_example_sum_of_integer_leaves_no_longer_truncates():
+  # Defect 5d: reduce="sum" used to cast the clipped float sum back to int.
+  tx = oc.clip_per_example(1.0, reduce="sum")
+  with pytest.raises(TypeError, match=r"'w' has dtype int32"):
+    tx.update({"w": jnp.asarray([[3, 4], [0, 1]], jnp.int32)}, tx.init(None))
+
+
+@pytest.mark.parametrize(
+  "hparams",
+  [
+    dict(target_quantile=lambda count: jnp.where(count >= 1, 1.5, 0.5)),
+    dict(
+      target_quantile=0.5,
+      quantile_lr=lambda count: jnp.where(count >= 1, -0.2, 0.2),
+    ),
+  ],
+  ids=["quantile-1.5", "negative-lr"],
+)
+def test_traced_invalid_quantile_rule_is_loud(hparams):
+  tx = optax.inject_hyperparams(oc.clip_per_example)(max_norm=2.0, **hparams)
+  step = jax.jit(tx.update)
+  state = tx.init({"w": jnp.zeros(3)})
+  ones = {"w": jnp.tile(jnp.asarray([[0.6, 0.8, 0.0]]), (4, 1))}
+  out, state = step(ones, state)  # valid rule: all 4 within C = 2
+  np.testing.assert_allclose(np.asarray(out["w"]), [0.6, 0.8, 0.0], rtol=1e-6)
+  assert float(state.inner_state.per_example_max_norm) == pytest.approx(
+    2.0 * math.exp(-0.2 * (1.0 - 0.5)), rel=1e-6
+  )
+  _, state = step(ones, state)  # invalid rule: C becomes NaN ...
+  assert math.isnan(float(state.inner_state.per_example_max_norm))
+  out, _ = step(ones, state)  # ... and every later update is NaN
+  assert np.all(np.isnan(np.asarray(out["w"])))

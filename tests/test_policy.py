@@ -185,3 +185,51 @@ def test_state_is_the_factorys_state_and_plain_arrays(row):
     assert getattr(oc, name) is type(state), name
   for leaf in jax.tree.leaves(state):
     assert isinstance(leaf, (jax.Array, np.ndarray)), type(leaf)
+
+
+# ---------------------------------------------------------------------------
+# Hostile inputs every transform must survive: low-precision trees, zeros,
+# the empty tree. (Per-transform semantics of inf and NaN are in each
+# transform's own test file.)
+
+
+def _cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=repr)
+@pytest.mark.parametrize(
+  "dtype",
+  [jnp.bfloat16, jnp.float16, jnp.float32],
+  ids=lambda d: np.dtype(d).name,
+)
+def test_low_precision_trees_keep_dtype_and_shape_and_stay_finite(
+  row, dtype
+):
+  tx = row.make()
+  params = _cast(registry.params(row, seed=4), dtype)
+  step = jax.jit(registry.update_fn(row, tx))
+  state = tx.init(params)
+  for scale in (1.0, 0.0, 3.0):  # zeros in between: no absorbing state
+    grads = registry.updates(row, params, scale)
+    out, state = step(grads, state, params)
+    want = params if row.per_example else grads
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, want)
+    for leaf in jax.tree.leaves(out):
+      assert np.all(np.isfinite(np.asarray(leaf, np.float32))), (scale, leaf)
+
+
+@pytest.mark.parametrize(
+  "row", [r for r in ROWS if r.tree is registry.default_tree], ids=repr
+)
+def test_a_tree_with_none_leaves_and_empty_subtrees(row, use_jit):
+  params = dict(registry.params(row, seed=5), none=None, empty={})
+  tx = row.make()
+  grads = registry.updates(row, params)
+  out, _ = maybe_jit(registry.update_fn(row, tx), use_jit)(
+    grads, tx.init(params), params
+  )
+  assert out["none"] is None and out["empty"] == {}
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+    out["kernel"], params["kernel"] if row.per_example else grads["kernel"]
+  )

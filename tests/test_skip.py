@@ -14,6 +14,7 @@ import pytest
 import optaxclip as oc
 import reference
 import reference as ref_skip
+from helpers import maybe_jit
 
 NUM_STEPS = 320
 # A fixed unit-norm direction: every gradient tree is this tree times a norm.
@@ -379,3 +380,106 @@ def test_norm_statistics_do_not_overflow_float32(use_jit, history, spike):
   np.testing.assert_allclose(float(state.skip_threshold), threshold,
                              rtol=1e-5)
   assert bool(state.step_skipped)
+
+
+# --------------------------------------------------------------------------
+# Schedules that turn invalid when traced; MultiSteps as the inner transform.
+# --------------------------------------------------------------------------
+
+
+# --- Defect 2: skip_step with a max_norm schedule that turns NaN/negative ----
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0], ids=["nan", "negative"])
+def test_traced_invalid_max_norm_skips_every_step(bad):
+  schedule = lambda count: jnp.where(count >= 1, bad, 10.0).astype(jnp.float32)
+  tx = optax.inject_hyperparams(oc.skip_step)(optax.sgd(1.0), max_norm=schedule)
+  params = {"w": jnp.zeros(2)}
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  grads = {"w": jnp.array([3.0, 4.0])}  # norm 5, far below the cap of 10
+  updates, state = step(grads, state, params)
+  np.testing.assert_array_equal(np.asarray(updates["w"]), [-3.0, -4.0])
+  assert not bool(state.inner_state.step_skipped)
+  for k in range(1, 4):  # the cap is now invalid: fail safe, skip
+    updates, state = step(grads, state, params)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), [0.0, 0.0])
+    assert bool(state.inner_state.step_skipped)
+    assert int(state.inner_state.num_consecutive_skipped) == k
+    threshold = float(state.inner_state.skip_threshold)
+    assert math.isnan(threshold) if math.isnan(bad) else threshold == bad
+  # The inner optimizer never moved on a skipped step (sgd has no state, so
+  # check the hyperparameter count kept advancing while updates stayed 0).
+  assert int(state.inner_state.num_skipped) == 3
+
+
+def test_concrete_nan_max_norm_from_a_schedule_is_loud_in_eager_mode():
+  # Without jit, inject_hyperparams rebuilds skip_step with a *concrete*
+  # array, which construction-time validation rejects.
+  schedule = lambda count: jnp.where(count >= 1, jnp.nan, 10.0)
+  tx = optax.inject_hyperparams(oc.skip_step)(optax.sgd(1.0), max_norm=schedule)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
+  with pytest.raises(
+    ValueError, match=r"^skip_step: max_norm must be a non-negative.*got nan"
+  ):
+    tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
+
+
+def test_traced_nan_spike_sigmas_skips_after_warmup():
+  tx = optax.inject_hyperparams(
+    oc.skip_step, static_args=("window", "warmup_steps")
+  )(
+    optax.sgd(1.0),
+    spike_sigmas=lambda count: jnp.where(count >= 3, jnp.nan, 3.0),
+    window=4,
+    warmup_steps=2,
+  )
+  params = {"w": jnp.zeros(2)}
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  skipped = []
+  for norm in [1.0, 1.1, 1.05, 1.0, 1.0]:
+    _, state = step({"w": jnp.array([norm, 0.0])}, state, params)
+    skipped.append(bool(state.inner_state.step_skipped))
+  # Steps 0-2 use sigma 3 (1.05 < mean 1.05 + 3 std), steps 3+ a NaN sigma.
+  assert skipped == [False, False, False, True, True]
+
+
+# --- Defect 3: skip_step(optax.MultiSteps(...)) ------------------------------
+
+
+def test_multisteps_message_says_gradient_transformation():
+  multi = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+  with pytest.raises(
+    TypeError,
+    match=r"^skip_step: inner must be an optax\.GradientTransformation, got"
+    r" an instance of MultiSteps, which is not one but builds one: pass"
+    r" inner\.gradient_transformation\(\)",
+  ):
+    oc.skip_step(multi, max_norm=1.0)
+
+
+def test_any_object_with_gradient_transformation_gets_the_hint():
+  class Holder:
+    def gradient_transformation(self):
+      return optax.sgd(1.0)
+
+  with pytest.raises(
+    TypeError, match=r"instance of Holder.*inner\.gradient_transformation\(\)"
+  ):
+    oc.skip_step(Holder())
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_multisteps_gradient_transformation_is_accepted(use_jit):
+  multi = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+  tx = oc.skip_step(multi.gradient_transformation(), max_norm=10.0)
+  params = {"w": jnp.zeros(2)}
+  step = maybe_jit(tx.update, use_jit)
+  state = tx.init(params)
+  first, state = step({"w": jnp.array([1.0, 2.0])}, state, params)
+  second, state = step({"w": jnp.array([3.0, 4.0])}, state, params)
+  np.testing.assert_array_equal(np.asarray(first["w"]), [0.0, 0.0])
+  np.testing.assert_allclose(np.asarray(second["w"]), [-2.0, -3.0])

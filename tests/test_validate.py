@@ -4,11 +4,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
 
 import optaxclip as oc
+from optaxclip import _validate
 
 FACTORIES = [
     (oc.clip_by_global_norm, "clip_by_global_norm", "max_norm"),
@@ -111,3 +113,65 @@ def test_traced_invalid_threshold_gives_nan_not_a_sign_flip():
   state.hyperparams["max_norm"] = jnp.asarray(-1.0)
   out, _ = jax.jit(tx.update)(g, state)
   assert np.isnan(np.asarray(out["a"])).all()
+
+
+# --------------------------------------------------------------------------
+# Low-precision, bool and complex scalars as thresholds.
+# --------------------------------------------------------------------------
+
+
+# --- Defect 1: low-precision scalar thresholds ------------------------------
+
+_LOW_PRECISION_TWOS = [
+  pytest.param(jnp.asarray(2.0, jnp.bfloat16), id="jax-bf16-array"),
+  pytest.param(jnp.bfloat16(2.0), id="jnp.bfloat16-scalar"),
+  pytest.param(ml_dtypes.bfloat16(2.0), id="ml_dtypes-bf16-scalar"),
+  pytest.param(np.float16(2.0), id="numpy-fp16-scalar"),
+  pytest.param(jnp.asarray(2.0, jnp.float16), id="jax-fp16-array"),
+  pytest.param(jnp.float16(2.0), id="jnp.float16-scalar"),
+  pytest.param(np.asarray(2.0, ml_dtypes.float8_e4m3fn), id="float8"),
+  pytest.param(np.int8(2), id="numpy-int8"),
+]
+
+
+@pytest.mark.parametrize("value", _LOW_PRECISION_TWOS)
+def test_low_precision_scalar_thresholds_are_accepted(value):
+  _validate.check_threshold("f", "x", value)
+  _validate.check_in_range(
+    "f", "x", value, 0.0, 4.0, low_open=False, high_open=False
+  )
+  assert _validate.check_real("f", "x", value) == 2.0
+  oc.skip_step(optax.sgd(1.0), max_norm=value, spike_sigmas=value)
+  oc.adaptive_grad_clip(value, eps=value)
+  oc.clip_per_example(value, noise_multiplier=value)
+
+
+@pytest.mark.parametrize(
+  "value, fragment",
+  [
+    (jnp.asarray(-1.0, jnp.bfloat16), "got Array(-1, dtype=bfloat16)"),
+    (np.float16(-2.0), "-2.0"),  # numpy 2 prints np.float16(-2.0)
+    (jnp.asarray(np.nan, jnp.bfloat16), "got nan"),
+    (jnp.asarray([1.0, 2.0], jnp.bfloat16), "shape (2,)"),
+  ],
+)
+def test_invalid_low_precision_thresholds_are_still_rejected(value, fragment):
+  with pytest.raises(ValueError, match=r"^skip_step: max_norm ") as info:
+    oc.skip_step(optax.sgd(1.0), max_norm=value)
+  assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+  "value, dtype_name",
+  [
+    (jnp.asarray(True), "bool"),
+    (np.complex64(1.0), "complex64"),
+    (jnp.asarray(1.0 + 0j, jnp.complex64), "complex64"),
+  ],
+)
+def test_bool_and_complex_scalars_are_not_real_numbers(value, dtype_name):
+  with pytest.raises(
+    TypeError,
+    match=rf"^clip_per_example: max_norm must be a real number.*{dtype_name}",
+  ):
+    oc.clip_per_example(value)
