@@ -122,9 +122,10 @@ def std_from_variance(variance: jax.Array) -> jax.Array:
 def static_sqrt(n: float) -> float:
   """``sqrt(n)`` of a non-negative Python number known at trace time.
 
-  For the constants that are norms of counts: the ``1 / sqrt(d)`` attention
-  scale, or the L2 norm of ``n`` equal per-leaf bounds (``sqrt(n)`` times
-  the bound). Correctly rounded in float64, as ``math.sqrt``.
+  For the constants taken from static shapes and counts: the ``1 / sqrt(d)``
+  attention scale, the L2 norm of ``n`` equal per-leaf bounds (``sqrt(n)``
+  times the bound), Muon's ``sqrt(fan_out / fan_in)``. Correctly rounded in
+  float64, as ``math.sqrt``.
   """
   return math.sqrt(n)
 

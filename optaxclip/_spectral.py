@@ -312,7 +312,7 @@ def _rectangular_factor(shape: tuple, layout: str, enabled: bool) -> float:
     return 1.0
   rows, cols = shape[-2], shape[-1]
   fan_out, fan_in = (cols, rows) if layout == "flax" else (rows, cols)
-  return float(max(1.0, fan_out / max(fan_in, 1)) ** 0.5)
+  return _norms.static_sqrt(max(1.0, fan_out / max(fan_in, 1)))
 
 
 def spectral_clip(
