@@ -135,6 +135,7 @@ def _map_leaves(
   *,
   num_flat: int = 0,
   rest: Callable[[list[int]], list[tuple[jax.Array, ...]]] | None = None,
+  done: dict[int, tuple[jax.Array, ...]] | None = None,
 ) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array | None]]:
   """``[fn(keys[i], *(a[i] for a in arrays)) for i in range(n)]``, with
   small leaves of one kind computed together.
@@ -167,6 +168,8 @@ def _map_leaves(
       sharded, empty, or alone of its kind) at once, given their indices,
       in the format of ``fn``; by default ``fn`` runs on each. Lets a caller
       put all large leaves' overflow rescues under one ``lax.cond``.
+    done: leaves already computed, by index: only their ``num_flat``
+      trailing results (their leading results come back as ``()``).
 
   Returns:
     ``(per_leaf, flat)``: per leaf, the tuple of ``fn``'s leading results;
@@ -189,7 +192,11 @@ def _map_leaves(
     owners.append((i, int(np.prod(res[cut].shape)) if num_flat else 0))
 
   singles = []
+  for i, res in (done or {}).items():
+    record(i, res)
   for i in range(n):
+    if done and i in done:
+      continue
     xs = [a[i] for a in arrays]
     if on_cpu() and all(
       0 < x.size < SMALL_LEAF_SIZE and _may_bucket(x) for x in xs
@@ -247,12 +254,76 @@ def map_leaves(
   rest: Callable[[list[int]], list[tuple[jax.Array, ...]]] | None = None,
 ) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array | None]]:
   """See :func:`_map_leaves`; small leaves are stacked on the CPU program
-  only (:func:`by_platform`), the plain program runs ``fn`` leaf by leaf."""
+  only (:func:`by_platform`), the plain program runs ``fn`` leaf by leaf.
 
-  def run(arrays):
+  Leaves that no program stacks (large, sharded or empty ones) get the same
+  computation on every platform, so they are computed once, outside the
+  platform switch: inside it they would be traced and lowered twice (once
+  per program), which on the 144-leaf benchmark tree was most of
+  ``clip_by_block_rms``'s trace time. Only the small leaves, and the flat
+  vectors that interleave both kinds, go through :func:`by_platform`.
+  """
+  arrays = [list(a) for a in arrays]
+  n = len(keys)
+  if getattr(_PROGRAM, "cpu", None) is not None:
+    # Already inside a program: nothing to hoist.
     return _map_leaves(fn, arrays, keys, num_flat=num_flat, rest=rest)
+  fixed = [
+    i
+    for i in range(n)
+    if not all(
+      0 < a[i].size < SMALL_LEAF_SIZE and _may_bucket(a[i]) for a in arrays
+    )
+  ]
+  fixed_set = set(fixed)
+  small = [i for i in range(n) if i not in fixed_set]
+  per_leaf: list[Any] = [None] * n
+  if fixed:
+    if rest is not None:
+      fixed_res = [tuple(r) for r in rest(fixed)]
+    else:
+      fixed_res = [tuple(fn(keys[i], *(a[i] for a in arrays))) for i in fixed]
+    cut = len(fixed_res[0]) - num_flat
+    for i, res in zip(fixed, fixed_res, strict=True):
+      per_leaf[i] = res[:cut]
+  if not small:
+    if not num_flat:
+      return per_leaf, []
+    if not fixed:
+      return per_leaf, [None] * num_flat
+    flat: list[jax.Array | None] = []
+    for k in range(num_flat):
+      parts = [res[cut + k].reshape(-1) for res in fixed_res]
+      dtype = _widest(p.dtype for p in parts)
+      flat.append(jnp.concatenate([p.astype(dtype) for p in parts]))
+    return per_leaf, flat
 
-  return by_platform(run, [list(a) for a in arrays])
+  # The small leaves go through the platform switch. The fixed leaves' flat
+  # results (one entry per slice) go in as operands, so each flat vector
+  # comes out in leaf order, built once; their other results stay outside.
+  fixed_flat = (
+    [[res[cut + k] for res in fixed_res] for k in range(num_flat)]
+    if fixed
+    else [[] for _ in range(num_flat)]
+  )
+
+  def run(small_arrays, fixed_flat):
+    full: list[list[Any]] = [[None] * n for _ in arrays]
+    for a, sa in zip(full, small_arrays, strict=True):
+      for i, x in zip(small, sa, strict=True):
+        a[i] = x
+    done = {i: tuple(f[j] for f in fixed_flat) for j, i in enumerate(fixed)}
+    res, flat = _map_leaves(
+      fn, full, keys, num_flat=num_flat, rest=rest, done=done
+    )
+    return [res[i] for i in small], flat
+
+  small_res, flat = by_platform(
+    run, [[a[i] for i in small] for a in arrays], fixed_flat
+  )
+  for i, res in zip(small, small_res, strict=True):
+    per_leaf[i] = tuple(res)
+  return per_leaf, list(flat)
 
 
 def reduction_groups(

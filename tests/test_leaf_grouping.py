@@ -80,6 +80,32 @@ def test_map_leaves_stacks_small_same_shape_leaves():
   assert len(shapes_seen) == 2
 
 
+def test_map_leaves_traces_large_leaves_once():
+  # A large leaf gets the same computation on every platform, so it is traced
+  # once, outside the platform switch; small ones once per program.
+  big = jnp.ones((_grouping.SMALL_LEAF_SIZE,))
+  leaves = [big, jnp.ones((3,)), jnp.ones((3,)), big * 2]
+  calls = []
+
+  def fn(key, x):
+    calls.append(x.shape)
+    return x * 2, jnp.sum(x, keepdims=True)
+
+  def run(leaves):
+    per_leaf, (flat,) = _grouping.map_leaves(
+      fn, [leaves], [x.shape for x in leaves], num_flat=1
+    )
+    return [r[0] for r in per_leaf], flat
+
+  out, flat = jax.jit(run)(leaves)
+  assert calls.count(big.shape) == 2  # one per large leaf, not per program
+  np.testing.assert_array_equal(
+    np.asarray(flat), [big.size, 3.0, 3.0, 2.0 * big.size]
+  )
+  for got, x in zip(out, leaves):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(x) * 2)
+
+
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", list(TRANSFORMS))
