@@ -203,9 +203,7 @@ def _cast(tree, dtype):
   [jnp.bfloat16, jnp.float16, jnp.float32],
   ids=lambda d: np.dtype(d).name,
 )
-def test_low_precision_trees_keep_dtype_and_shape_and_stay_finite(
-  row, dtype
-):
+def test_low_precision_trees_keep_dtype_and_shape_and_stay_finite(row, dtype):
   tx = row.make()
   params = _cast(registry.params(row, seed=4), dtype)
   step = jax.jit(registry.update_fn(row, tx))
@@ -233,3 +231,29 @@ def test_a_tree_with_none_leaves_and_empty_subtrees(row, use_jit):
   chex.assert_trees_all_equal_shapes_and_dtypes(
     out["kernel"], params["kernel"] if row.per_example else grads["kernel"]
   )
+
+
+# ---------------------------------------------------------------------------
+# clip_stats: every transform's diagnostics, keyed by the transform's name.
+
+
+@pytest.mark.parametrize("row", ROWS, ids=repr)
+def test_clip_stats_keys_name_the_transform_and_values_are_arrays(row):
+  tx = row.make()
+  params = registry.params(row)
+  step = jax.jit(registry.update_fn(row, tx))
+  _, state = step(registry.updates(row, params), tx.init(params), params)
+  stats = oc.clip_stats(state)
+  assert bool(stats) == row.stats, sorted(stats)
+  # A wrapper's diagnostics may be its inner clipper's (shadow).
+  names = {n for n in oc.__all__ if not n.endswith("State")}
+  for key, value in stats.items():
+    first = key.split("/")[0]
+    assert first == row.factory.__name__ or (row.wrapper and first in names)
+    assert isinstance(value, jax.Array), (key, type(value))
+  # The same keys from a chain with the transform in it, and under jit.
+  chained = optax.chain(optax.identity(), tx)
+  _, chain_state = jax.jit(registry.update_fn(row, chained))(
+    registry.updates(row, params), chained.init(params), params
+  )
+  assert set(jax.jit(oc.clip_stats)(chain_state)) == set(stats)
