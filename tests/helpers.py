@@ -1,8 +1,10 @@
-"""Shared test helpers: the list of clippers every generic test runs over.
+"""Shared test helpers, and the norm-bound clippers of the property tests.
 
-Following optimistix's ``tests/helpers.py``, the transforms live in one list
-of :class:`Clipper` cases, so each property test is parametrized over all of
-them and a new clipper gets every test by being added here.
+The list of every public transform is ``tests/registry.py``; the generic
+suites run over it. ``CLIPPERS`` below is the specialised table of the
+property tests (test_properties.py): the clippers that bound a norm or a
+value by a threshold, each with its float64 reference and the bound it
+guarantees, and each naming the registry row it specialises (``row``).
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class Clipper:
   direction_kept: bool = True
   # Non-threshold keyword arguments that ``make`` passes to ``factory``.
   options: tuple = ()
+  # The registry row of this transform (tests/registry.py).
+  row: str = ""
 
   def __repr__(self):
     return self.name
@@ -117,34 +121,42 @@ def _value_bound(leaves, c):
 CLIPPERS = [
     Clipper("global_l2", lambda c: oc.clip_by_global_norm(c), "max_norm",
             oc.clip_by_global_norm,
-            lambda l, c: reference.clip_by_global_norm(l, c)[0], _norm_bound(2)),
+            lambda l, c: reference.clip_by_global_norm(l, c)[0], _norm_bound(2),
+            row="clip_by_global_norm"),
     Clipper("global_l1", lambda c: oc.clip_by_global_norm(c, ord=1),
             "max_norm", oc.clip_by_global_norm,
             lambda l, c: reference.clip_by_global_norm(l, c, 1)[0],
-            _norm_bound(1), options=(("ord", 1),)),
+            _norm_bound(1), options=(("ord", 1),),
+            row="clip_by_global_norm_l1"),
     Clipper("global_linf", lambda c: oc.clip_by_global_norm(c, ord="inf"),
             "max_norm", oc.clip_by_global_norm,
             lambda l, c: reference.clip_by_global_norm(l, c, math.inf)[0],
-            _norm_bound(math.inf), options=(("ord", "inf"),)),
+            _norm_bound(math.inf), options=(("ord", "inf"),),
+            row="clip_by_global_norm_linf"),
     Clipper("per_tensor_l2", lambda c: oc.clip_by_norm(c), "max_norm",
             oc.clip_by_norm, lambda l, c: reference.clip_by_norm(l, c)[0],
-            _leaf_bound(2), direction_kept=False),
+            _leaf_bound(2), direction_kept=False,
+            row="clip_by_norm"),
     Clipper("per_tensor_linf", lambda c: oc.clip_by_norm(c, ord=jnp.inf),
             "max_norm", oc.clip_by_norm,
             lambda l, c: reference.clip_by_norm(l, c, math.inf)[0],
             _leaf_bound(math.inf), direction_kept=False,
-            options=(("ord", math.inf),)),
+            options=(("ord", math.inf),),
+            row="clip_by_norm"),
     Clipper("block_rms", lambda c: oc.clip_by_block_rms(c), "threshold",
             oc.clip_by_block_rms,
             lambda l, c: reference.clip_by_block_rms(l, c)[0], _rms_bound,
-            direction_kept=False),
+            direction_kept=False,
+            row="clip_by_block_rms"),
     Clipper("value", lambda c: oc.clip_by_value(c), "max_value",
             oc.clip_by_value,
             lambda l, c: reference.clip_by_value(l, -c, c)[0], _value_bound,
-            direction_kept=False),
+            direction_kept=False,
+            row="clip_by_value"),
     Clipper("clip_alias", lambda c: oc.clip(c), "max_delta", oc.clip,
             lambda l, c: reference.clip_by_value(l, -c, c)[0], _value_bound,
-            direction_kept=False),
+            direction_kept=False,
+            row="clip"),
 ]
 
 NORM_CLIPPERS = [c for c in CLIPPERS if c.name not in ("value", "clip_alias")]

@@ -177,3 +177,12 @@ def test_state_is_stable_and_round_trips_through_numpy(clipper):
   chex.assert_trees_all_equal(restored, state2)
   chex.assert_trees_all_equal(step(tree, restored), step(tree, state2))
   chex.clear_trace_counter()
+
+
+def test_every_clipper_specialises_a_registry_row():
+  import registry  # pylint: disable=g-import-not-at-top
+
+  for clipper in CLIPPERS:
+    row = registry.by_name(clipper.row)
+    assert row.factory is clipper.factory, clipper
+    assert row.threshold_arg == clipper.threshold_arg, clipper
