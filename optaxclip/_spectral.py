@@ -66,20 +66,24 @@ def _compute_dtype(dtype: Any) -> jnp.dtype:
 
 
 def _plan(
-  fn: str, tree: Any, stacked: Any, matrices_only: bool
-) -> tuple[list[str], tuple]:
-  """Per leaf: ``"matrix"``, ``"vector"`` or ``"skip"``; and the segments.
+  slicing: _tree.Slicing, tree: Any, matrices_only: bool
+) -> tuple[list[str], tuple[int, ...], _tree.Layout]:
+  """Per leaf: ``"matrix"``, ``"vector"`` or ``"skip"`` and its stacked
+  axes; and the layout of the bounds in the state.
 
   A leaf is a (batch of) matrices when at least two axes remain after its
-  stacked axes: every axis but the last two then indexes a separate matrix.
+  stacked axes: every axis but the last two then indexes a separate matrix,
+  and the leaf owns a bound per matrix. A vector owns one per layer slice.
   """
-  counts = _tree.stack_counts(fn, stacked, tree)
+  leaf_layout = slicing.layout(tree)
   kinds, segments = [], []
-  for (key_path, leaf), count in zip(
-    jax.tree_util.tree_leaves_with_path(tree), counts, strict=True
+  for (path, per_slice), count, leaf in zip(
+    leaf_layout.segments,
+    leaf_layout.counts,
+    jax.tree.leaves(tree),
+    strict=True,
   ):
     shape = np.shape(leaf)
-    path = _tree.path_str(_tree.normalize_key_path(key_path))
     if len(shape) - count >= 2:
       kinds.append("matrix")
       segments.append((path, tuple(shape[:-2])))
@@ -87,8 +91,8 @@ def _plan(
       kinds.append("skip")
     else:
       kinds.append("vector")
-      segments.append((path, tuple(shape[:count])))
-  return kinds, tuple(segments)
+      segments.append((path, per_slice))
+  return kinds, leaf_layout.counts, _tree.Layout(tuple(segments))
 
 
 def _clip_vectors(
@@ -298,13 +302,6 @@ def _clip_matrices_sharded(
   return run(xs, jnp.asarray(threshold))
 
 
-def _bounds_field(flat: jax.Array, segments: tuple) -> Any:
-  """The per-path field; for a tree with nothing to clip, the plain
-  placeholder ``[0.]`` (no paths to keep: ``optax.tree.map_params`` matches
-  the state of an empty placeholder tree as a prefix of the real one)."""
-  return _tree.PathValues(flat, segments) if segments else flat
-
-
 def _rectangular_factor(shape: tuple, layout: str, enabled: bool) -> float:
   """The authors' sqrt(max(1, fan_out / fan_in)) (Muon's), from static
   shapes: PyTorch weights are ``(out, in)``, Flax kernels ``(in, out)``."""
@@ -389,32 +386,21 @@ def spectral_clip(
   ):
     if not isinstance(value, (bool, np.bool_)):
       raise TypeError(f"{fn}: {arg} must be True or False, got {value!r}.")
-  _tree.check_stacked(fn, stacked)
+  slicing = _tree.Slicing(fn, stacked)
 
   def init_fn(params):
-    _, segments = _plan(fn, params, stacked, matrices_only)
-    size = sum(int(np.prod(s, dtype=np.int64)) for _, s in segments)
+    _, _, bounds_layout = _plan(slicing, params, matrices_only)
     dtype = _norms.tree_accumulation_dtype(params)
     return SpectralClipState(
-      spectral_bounds=_bounds_field(
-        jnp.zeros((max(size, 1),), dtype), segments
-      ),
+      spectral_bounds=bounds_layout.full(0, dtype),
       num_spectral_over_threshold=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     state = _tree.diagnostics_state(fn, updates, state, init_fn)
-    kinds, segments = _plan(fn, updates, stacked, matrices_only)
-    known = getattr(state.spectral_bounds, "segments", ())
-    if tuple(known) != segments:
-      raise ValueError(
-        f"{fn}: the state was initialised on a tree with other clipped"
-        f" leaves ({list(known)[:4]}) than the updates have"
-        f" ({list(segments)[:4]}). Call init on a tree shaped like the"
-        " updates."
-      )
-    counts = _tree.stack_counts(fn, stacked, updates)
+    kinds, counts, bounds_layout = _plan(slicing, updates, matrices_only)
+    bounds_layout.check(fn, state.spectral_bounds)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
     new_leaves = list(leaves)
@@ -445,17 +431,16 @@ def spectral_clip(
       )
       for i, out, bound in zip(mat, outs, mat_bounds, strict=True):
         new_leaves[i], bounds[i] = out, bound
-    bounds = [b.reshape(-1) for b in bounds if b is not None]
+    bounds = [b for b in bounds if b is not None]
     dtype = state.spectral_bounds.dtype
+    field = bounds_layout.gather(bounds, dtype)
+    count_over = jnp.zeros((), jnp.int32)
     if bounds:
-      flat = jnp.concatenate([b.astype(dtype) for b in bounds])
+      flat = _tree.values_of(field)
       over = jnp.logical_not(flat <= jnp.asarray(threshold).astype(dtype))
       count_over = jnp.sum(over, dtype=jnp.int32)
-    else:
-      flat = jnp.zeros((1,), dtype)
-      count_over = jnp.zeros((), jnp.int32)
     return jax.tree.unflatten(treedef, new_leaves), SpectralClipState(
-      spectral_bounds=_bounds_field(flat, segments),
+      spectral_bounds=field,
       num_spectral_over_threshold=count_over,
     )
 

@@ -427,3 +427,15 @@ def test_validation():
   tx = oc.spectral_clip(1.0)
   with pytest.raises(ValueError, match="init"):
     tx.update({"w": jnp.ones((2, 2))}, tx.init({"v": jnp.ones((2, 2))}))
+
+
+def test_leaves_whose_paths_print_alike_are_an_error():
+  """Bounds are keyed by path: ["a/b"] and ["a"]["b"] would share one
+  clip_stats key, so init and update name both leaves instead."""
+  grads = {"a/b": jnp.ones((2, 2)), "a": {"b": 3 * jnp.ones((2, 2))}}
+  tx = oc.spectral_clip(1.0)
+  clash = r"\['a'\]\['b'\] and \['a/b'\] both have the path 'a/b'"
+  with pytest.raises(ValueError, match=clash):
+    tx.init(grads)
+  with pytest.raises(ValueError, match=clash):
+    tx.update(grads, None)
