@@ -40,6 +40,9 @@ def _ratio_jvp(primals, tangents):
   return q, (dthreshold - q * dnorm) / norm
 
 
+# Jitted, as the per-leaf helpers of _norms: called once per leaf, a jitted
+# function is traced once per shape instead of every time.
+@jax.jit
 def clip_scale(norm: jax.Array, threshold: Any) -> tuple[jax.Array, jax.Array]:
   """The factor that brings ``norm`` down to ``threshold``, and whether it did.
 
@@ -78,6 +81,7 @@ def clip_scale(norm: jax.Array, threshold: Any) -> tuple[jax.Array, jax.Array]:
   return scale, jnp.logical_not(within)
 
 
+@jax.jit
 def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
   """``x * scale`` in at least float32, returned in ``x``'s dtype and shape.
 
