@@ -170,6 +170,22 @@ def run(tx, updates, params=None, use_jit=False, state=None):
   return fn(updates, state, params)
 
 
+def run_steps(tx, trees, use_jit=True, leaves=False):
+  """Steps ``tx`` over a sequence of update trees from ``init(trees[0])``.
+
+  Returns ``(outs, states)``: each step's updates (as float64 leaf lists if
+  ``leaves``) and its state as host NumPy arrays.
+  """
+  update = maybe_jit(tx.update, use_jit)
+  state = tx.init(trees[0])
+  outs, states = [], []
+  for tree in trees:
+    out, state = update(tree, state)
+    outs.append(leaves64(out) if leaves else out)
+    states.append(jax.tree.map(np.asarray, state))
+  return outs, states
+
+
 def small_tree(rng: np.random.Generator, dtype=jnp.float32, scale=1.0) -> dict:
   """A small mixed-structure tree: dict, list, tuple, scalar, None leaf."""
   def arr(shape):

@@ -12,7 +12,7 @@ import pytest
 
 import optaxclip as oc
 import reference
-from helpers import enable_x64, maybe_jit
+from helpers import enable_x64, maybe_jit, run_steps
 from reference import adagc_reference
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]
@@ -49,17 +49,6 @@ def _grad_sequence(seed, num_steps=NUM_STEPS, nonfinite=False):
 def _tree(leaves):
   return {"w": jnp.asarray(leaves[0]), "b": jnp.asarray(leaves[1]),
           "k": [jnp.asarray(leaves[2])]}
-
-
-def _run(tx, seq, use_jit):
-  update = jax.jit(tx.update) if use_jit else tx.update
-  state = tx.init(_tree(seq[0]))
-  outs, states = [], []
-  for leaves in seq:
-    out, state = update(_tree(leaves), state)
-    outs.append([np.asarray(x, np.float64) for x in jax.tree.leaves(out)])
-    states.append(jax.tree.map(np.asarray, state))
-  return outs, states
 
 
 def _leaf_order(step):
@@ -100,7 +89,8 @@ def test_matches_reference(name, use_jit):
   seq = _grad_sequence(seed=len(name))
   if not use_jit:  # eager dispatch is slow: the warmup and 40 steps after it
     seq = seq[: config["warmup_steps"] + 40]
-  outs, states = _run(oc.adagc(**config), seq, use_jit)
+  outs, states = run_steps(
+      oc.adagc(**config), [_tree(x) for x in seq], use_jit, leaves=True)
   _compare(outs, states, adagc_reference(seq, **config))
   assert sum(s.adagc_num_clipped for s in states) > 0
 
@@ -108,7 +98,8 @@ def test_matches_reference(name, use_jit):
 def test_nonfinite_matches_reference(use_jit):
   config = dict(DEFAULTS, warmup_steps=5)
   seq = _grad_sequence(seed=3, nonfinite=True)
-  outs, states = _run(oc.adagc(**config), seq, use_jit)
+  outs, states = run_steps(
+      oc.adagc(**config), [_tree(x) for x in seq], use_jit, leaves=True)
   want = adagc_reference(seq, **config)
   _compare(outs, states, want)
   # Warmup step 2: every tensor NaN, thresholds untouched.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import maybe_jit
+from helpers import maybe_jit, run_steps
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import global_norm_reference, norm_growth_reference
@@ -56,14 +56,7 @@ def _grad_sequence(seed, nonfinite=False):
 
 
 def _run(tx, seq, use_jit=True):
-  update = maybe_jit(tx.update, use_jit)
-  state = tx.init(_tree(*seq[0]))
-  outs, states = [], []
-  for b, w in seq:
-    out, state = update(_tree(b, w), state)
-    outs.append(out)
-    states.append(jax.tree.map(np.asarray, state))
-  return outs, states
+  return run_steps(tx, [_tree(b, w) for b, w in seq], use_jit)
 
 
 def _compare(outs, states, want, rtol=2e-5):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import enable_x64, maybe_jit
+from helpers import enable_x64, maybe_jit, run_steps
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import adaclip_reference, adagn_reference
@@ -70,14 +70,7 @@ def _tree(leaves):
 def _run(tx, seq, use_jit, tree=_tree):
   if not use_jit:
     seq = seq[:EAGER_STEPS]
-  update = jax.jit(tx.update) if use_jit else tx.update
-  state = tx.init(tree(seq[0]))
-  outs, states = [], []
-  for leaves in seq:
-    out, state = update(tree(leaves), state)
-    outs.append([np.asarray(x, np.float64) for x in jax.tree.leaves(out)])
-    states.append(jax.tree.map(np.asarray, state))
-  return outs, states
+  return run_steps(tx, [tree(x) for x in seq], use_jit, leaves=True)
 
 
 def _assert_outputs(outs, want, rtol, atol):
