@@ -11,7 +11,9 @@ PYTEST = -m pytest -q -p no:cacheprovider
 # The single-device suites run on both cores (pytest-xdist) and share one
 # persistent XLA compilation cache: the same small programs are compiled by
 # many tests (and by both workers); a cache hit skips XLA's compile.
-XDIST ?= -n 2
+# loadgroup keeps a module's xdist_group (an expensive module fixture) on one
+# worker.
+XDIST ?= -n 2 --dist loadgroup
 JAX_CACHE = JAX_COMPILATION_CACHE_DIR=$(CURDIR)/build/jax-cache \
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0

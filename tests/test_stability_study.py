@@ -19,6 +19,11 @@ import helpers
 import jax
 import pytest
 
+# The quick run is a module fixture of a few minutes: under pytest-xdist the
+# module's tests stay on one worker so it runs once (make test: --dist
+# loadgroup).
+pytestmark = pytest.mark.xdist_group("stability_study")
+
 _STUDY = (pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
           / "stability" / "study.py")
 
