@@ -201,3 +201,30 @@ def leaves64(tree) -> list[np.ndarray]:
   return [np.asarray(x, dtype=np.float64) if not np.iscomplexobj(x)
           else np.asarray(x, dtype=np.complex128)
           for x in jax.tree.leaves(tree)]
+
+
+# Overflow and underflow cases shared by the norm-kernel and clipper tests.
+ORD_BY_NAME = {"l1": 1, "l2": 2, "linf": math.inf}
+
+
+def big_tree():
+  """Float32 elements near 1e20: every sum of squares overflows float32."""
+  return {
+    "w": jnp.asarray([[1e20, -2e20], [3e19, 0.0]], jnp.float32),
+    "b": jnp.asarray([1e20, 5e19, -1e20], jnp.float32),
+  }
+
+
+def tiny_tree(scale=1e-20):
+  """Elements whose squares flush to zero in float32."""
+  return {
+    "w": jnp.asarray(np.array([[1.0, -2.0], [0.5, 0.0]]) * scale, jnp.float32),
+    "b": jnp.asarray(np.array([1.0, 3.0, -1.0]) * scale, jnp.float32),
+  }
+
+
+def assert_close_f64(actual, expected, rtol=1e-6):
+  """``actual`` equals the float64 ``expected`` to ``rtol`` (no atol)."""
+  np.testing.assert_allclose(
+    np.asarray(actual, np.float64), expected, rtol=rtol, atol=0
+  )

@@ -12,6 +12,7 @@ import helpers
 import optaxclip as oc
 from optaxclip import _grouping, _norms
 import reference
+from helpers import ORD_BY_NAME, big_tree as _big_tree, tiny_tree as _tiny_tree, assert_close_f64 as _assert_close
 from helpers import leaves64, maybe_jit, small_tree
 
 ORDS = [2, 1, math.inf]
@@ -182,29 +183,7 @@ def test_donated_update_needs_no_copy_of_a_leaf():
 # --------------------------------------------------------------------------
 
 
-ORD_BY_NAME = {"l1": 1, "l2": 2, "linf": math.inf}
-
-
-def _big_tree():
-  """Float32 elements near 1e20: every sum of squares overflows float32."""
-  return {
-    "w": jnp.asarray([[1e20, -2e20], [3e19, 0.0]], jnp.float32),
-    "b": jnp.asarray([1e20, 5e19, -1e20], jnp.float32),
-  }
-
-
-def _tiny_tree(scale=1e-20):
-  """Elements whose squares flush to zero in float32."""
-  return {
-    "w": jnp.asarray(np.array([[1.0, -2.0], [0.5, 0.0]]) * scale, jnp.float32),
-    "b": jnp.asarray(np.array([1.0, 3.0, -1.0]) * scale, jnp.float32),
-  }
-
-
-def _assert_close(actual, expected, rtol=1e-6):
-  np.testing.assert_allclose(
-    np.asarray(actual, np.float64), expected, rtol=rtol, atol=0
-  )
+# ORD_BY_NAME and the overflowing / underflowing trees: tests/helpers.py.
 
 
 # ---------------------------------------------------------------- overflow
