@@ -367,6 +367,13 @@ def reduction_groups(
   return groups
 
 
+def opaque(x: Any) -> Any:
+  """``lax.optimization_barrier`` on every platform, with an identity
+  derivative: for numerics that must not be rewritten by XLA's algebraic
+  simplifier (:func:`_norms._scaled_partial`), not for speed."""
+  return _barrier(x)
+
+
 @jax.custom_jvp
 def _barrier(x: jax.Array) -> jax.Array:
   """``lax.optimization_barrier`` with an identity derivative.

@@ -274,7 +274,15 @@ def _scaled_partial(
 
   ``inverse`` is a power of two (:func:`_rescue_scale`), so the scaling is
   exact and only the sum rounds.
+
+  ``x`` goes through an optimization barrier: when it is a compile-time
+  constant (a zero leaf made by ``optax.set_to_zero`` or ``zeros_like``
+  inside the jitted step), XLA's algebraic simplifier regroups
+  ``(x * inverse) ** 2`` as ``inverse ** 2 * x ** 2``, and ``inverse ** 2``
+  is out of range (``inf * 0 = NaN``). The barrier keeps ``x`` opaque, on
+  every platform (the simplifier is shared).
   """
+  x = _grouping.opaque(x)
   dtype = inverse.dtype
   if jnp.iscomplexobj(x):
     re = jnp.real(x).astype(dtype) * inverse

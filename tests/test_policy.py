@@ -257,3 +257,34 @@ def test_clip_stats_keys_name_the_transform_and_values_are_arrays(row):
     registry.updates(row, params), chained.init(params), params
   )
   assert set(jax.jit(oc.clip_stats)(chain_state)) == set(stats)
+
+
+# ---------------------------------------------------------------------------
+# Constant leaves inside jit. A zero leaf made inside the jitted step (as
+# optax.set_to_zero does for a frozen layer, or a zero-initialised bias when
+# init runs in the same jit) is a compile-time constant, and XLA's algebraic
+# simplifier regroups products of constants: the overflow rescue's
+# ``(x * 2**80)**2`` once became ``(2**80)**2 * x**2 = inf * 0 = NaN``.
+
+
+@pytest.mark.parametrize("value", [0.0, 1e-30, 1e30], ids=["zero", "tiny", "huge"])
+@pytest.mark.parametrize("row", ROWS, ids=repr)
+def test_uniform_constant_leaves_inside_jit_match_eager(row, value):
+  params = registry.params(row, seed=6)
+  leaves, treedef = jax.tree.flatten(params)
+  # One leaf of a single repeated value, in params and gradients alike.
+  leaves[0] = jnp.full_like(leaves[0], value)
+  params = jax.tree.unflatten(treedef, leaves)
+  grads = registry.updates(row, params)
+
+  def step():
+    tx = row.make()
+    return registry.update_fn(row, tx)(grads, tx.init(params), params)
+
+  with jax.disable_jit():
+    want = step()
+  got = jax.jit(step)()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all() or not np.isfinite(b).all(), (a, b)
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=0)
