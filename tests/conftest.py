@@ -39,3 +39,10 @@ def standard_promotion():
   them relax the promotion rule to JAX's default for their duration."""
   with jax.numpy_dtype_promotion("standard"):
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked ``expensive`` run first: under pytest-xdist a long test
+  that starts last keeps one worker busy while the other has finished."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("expensive") is None)

@@ -1,11 +1,13 @@
 """Smoke test of the stability study (``benchmarks/stability/study.py``).
 
-Runs the study's ``--quick`` mode (every task; every clipper on ``digits``
-and the baselines plus ``clip_by_global_norm`` on the others; the two
-extreme learning rates of each grid, few steps) and checks the outputs:
+Runs the study's ``--quick`` mode (every task; the baselines and
+``clip_by_global_norm``; the two extreme learning rates of each grid, few
+steps) and checks the outputs:
 their shapes, that every row has a default and (where it has a threshold) a
 tuned variant, and that training without clipping diverges at the top
-learning rate of the tasks where the study is meant to show it.
+learning rate of the tasks where the study is meant to show it. Every other
+clipper of the study takes one jitted step on its task's model, with its
+default and its largest candidate threshold.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import pathlib
 
 import helpers
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-# The quick run is a module fixture of a few minutes: under pytest-xdist the
-# module's tests stay on one worker so it runs once (make test: --dist
-# loadgroup).
-pytestmark = pytest.mark.xdist_group("stability_study")
-
+# The quick run takes a minute or two: it runs once, in one test (pytest-xdist
+# could otherwise run a module fixture once on each worker), and that test
+# starts first (the "expensive" mark, see conftest.py).
 _STUDY = (pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
           / "stability" / "study.py")
 
@@ -36,11 +38,7 @@ def _load():
   return module
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-  if helpers.flax_version() < (0, 11):
-    pytest.skip("the study's LM uses the flax >= 0.11 NNX API")
-  out = tmp_path_factory.mktemp("study")
+def _quick_run(out: pathlib.Path):
   study = _load()
   # The study's model code (not the library) broadcasts biases implicitly
   # and mixes Python floats into arrays, as user code does; the strict
@@ -48,11 +46,20 @@ def quick(tmp_path_factory):
   with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion(
       "standard"):
     study.main(["--quick", "--out", str(out), "--no-plots"])
-  return study, out, json.loads((out / "stability.json").read_text())
+  return study, json.loads((out / "stability.json").read_text())
 
 
-def test_every_task_and_clipper_has_a_row(quick):
-  study, out, results = quick
+@pytest.mark.expensive
+def test_quick_run(tmp_path):
+  if helpers.flax_version() < (0, 11):
+    pytest.skip("the study's LM uses the flax >= 0.11 NNX API")
+  study, results = _quick_run(tmp_path)
+  _check_every_task_and_clipper_has_a_row(study, tmp_path, results)
+  _check_transformer_task_reports_its_rows(study, tmp_path, results)
+  _check_no_clipping_diverges_at_the_top_learning_rate(results, "adding")
+
+
+def _check_every_task_and_clipper_has_a_row(study, out, results):
   assert set(results["tasks"]) == {"lm", "digits", "adding", "dp_digits",
                                    "transformer"}
   for name, task in results["tasks"].items():
@@ -60,8 +67,7 @@ def test_every_task_and_clipper_has_a_row(quick):
       continue
     expected = (study.clippers_lib.DP_CLIPPERS if name == "dp_digits"
                 else study.clippers_lib.CLIPPERS)
-    if name != study.QUICK_ALL_CLIPPERS_TASK:
-      expected = [c for c in expected if c.name in study.QUICK_CLIPPERS]
+    expected = [c for c in expected if c.name in study.QUICK_CLIPPERS]
     assert [row["clipper"] for row in task["rows"]] == [
         c.name for c in expected]
     n_lr = len(task["learning_rates"])
@@ -81,8 +87,7 @@ def test_every_task_and_clipper_has_a_row(quick):
     assert f"## {name}:" in markdown
 
 
-def test_transformer_task_reports_its_rows(quick):
-  study, out, results = quick
+def _check_transformer_task_reports_its_rows(study, out, results):
   task = results["tasks"]["transformer"]
   expected = [r.name for r in study.transformer_lib._rows()
               if r.name in study.transformer_lib.QUICK_ROWS]
@@ -102,6 +107,36 @@ def test_transformer_task_reports_its_rows(quick):
   assert "### transformer: LR sensitivity" in (out / "stability.md").read_text()
 
 
+def test_every_clipper_takes_a_step():
+  # The DP task's two rows are both in the quick run.
+  study = _load()
+  assert {c.name for c in study.clippers_lib.DP_CLIPPERS} <= (
+      study.QUICK_CLIPPERS)
+  task = study.tasks_lib.TASKS["digits"](steps=1)
+  clippers = study.clippers_lib.CLIPPERS
+  with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion(
+      "standard"):
+    key = jax.random.key(0)
+    params = task.init(key)
+    _, grads = task.grads(params, key)
+    for clipper in clippers:
+      # As the study's runner does: the threshold is traced.
+      @jax.jit
+      def step(thr, clipper=clipper):
+        tx = clipper.build(task.base_optimizer(), thr, 0)
+        return tx.update(grads, tx.init(params), params)[0]
+
+      thresholds = ((0.0,) if clipper.default is None
+                    else (clipper.default, max(clipper.candidates)))
+      for thr in thresholds:
+        updates = step(jnp.float32(thr))
+        assert (jax.tree.structure(updates) == jax.tree.structure(params)
+                ), clipper.name
+        leaves = [np.asarray(x) for x in jax.tree.leaves(updates)]
+        assert all(np.isfinite(x).all() for x in leaves), (clipper.name, thr)
+        assert any(np.any(x) for x in leaves), (clipper.name, thr)
+
+
 def test_lr_sensitivity_by_hand():
   study = _load()
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -117,9 +152,7 @@ def test_lr_sensitivity_by_hand():
       np.array([[1.0], [9.0]]), np.array([[2.0], [2.0]])), [0.5])
 
 
-@pytest.mark.parametrize("task", ["adding"])
-def test_no_clipping_diverges_at_the_top_learning_rate(quick, task):
-  _, _, results = quick
+def _check_no_clipping_diverges_at_the_top_learning_rate(results, task):
   row = results["tasks"][task]["rows"][0]
   assert row["clipper"] == "none"
   assert row["variants"]["default"]["any_diverged"][-1]
