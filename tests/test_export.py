@@ -177,7 +177,7 @@ PARAMS = [
 ]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity (_export caches on it)
 class Setup:
   promotion: str
   update: Callable[..., Any]  # the jitted tx.update
@@ -212,7 +212,9 @@ def _check_calls(exported: export.Exported, setup: Setup) -> None:
       _assert_identical(exported.call(*args), setup.update(*args))
 
 
+@functools.cache
 def _export(setup: Setup, platforms) -> export.Exported:
+  # Cached: the serialization test re-uses the modules exported above.
   with jax.numpy_dtype_promotion(setup.promotion):
     return export.export(setup.update, platforms=platforms)(*setup.args)
 
@@ -233,7 +235,11 @@ def test_lowers_for_every_platform(case, regime):
     _check_calls(exported, setup)
 
 
-@pytest.mark.parametrize("case, regime", PARAMS)
+# The acting regime's CPU module is called by the serialization test below
+# (after a round trip), and its multi-platform module above.
+@pytest.mark.parametrize(
+  "case, regime", [p for p in PARAMS if p.values[1] == "passes"]
+)
 def test_cpu_export_matches_jit(case, regime):
   setup = _setup(case, regime)
   exported = _export(setup, ("cpu",))

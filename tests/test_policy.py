@@ -197,11 +197,11 @@ def _cast(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
+# float32 is every other suite's tree (the default tree mixes float32 and
+# bfloat16 leaves).
 @pytest.mark.parametrize("row", ROWS, ids=repr)
 @pytest.mark.parametrize(
-  "dtype",
-  [jnp.bfloat16, jnp.float16, jnp.float32],
-  ids=lambda d: np.dtype(d).name,
+  "dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: np.dtype(d).name
 )
 def test_low_precision_trees_keep_dtype_and_shape_and_stay_finite(row, dtype):
   tx = row.make()

@@ -8,6 +8,8 @@ structure and dtype are kept, finite input gives finite output, and the
 result equals the float64 reference.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -46,9 +48,17 @@ def trees(draw):
 thresholds = st.sampled_from([0.0, 1e-3, 0.1, 1.0, 7.5, 1e4])
 
 
-def _apply(clipper, threshold, tree, use_jit=True):
+@functools.cache
+def _transform(clipper, threshold, use_jit):
+  # One transform (and one jitted update) per clipper and threshold: the
+  # properties below draw the same thresholds and shapes again and again.
   tx = clipper.make(threshold)
-  return maybe_jit(tx.update, use_jit)(tree, tx.init(tree))[0]
+  return tx, maybe_jit(tx.update, use_jit)
+
+
+def _apply(clipper, threshold, tree, use_jit=True):
+  tx, update = _transform(clipper, threshold, use_jit)
+  return update(tree, tx.init(tree))[0]
 
 
 @pytest.mark.parametrize("clipper", CLIPPERS, ids=repr)
