@@ -26,13 +26,14 @@ JAX_CACHE = JAX_COMPILATION_CACHE_DIR=$(CURDIR)/build/jax-cache \
 FAST_FLAGS = --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false
 FAST_COMPILE = XLA_FLAGS="$(FAST_FLAGS)"
 # The floor versions run what can break with an older jax, optax or flax: every
-# public example (doctests), every registry row through the policy and
-# checkpoint suites (jit and eager, low precision, inject_hyperparams, orbax,
-# pickle, flax serialization, optax.tree.map_params) and the framework
-# integrations (NNX, linen, Equinox, MultiSteps). The numerics are the same
+# public example (doctests), every registry row through the policy, checkpoint
+# and export suites (jit and eager, low precision, inject_hyperparams, orbax,
+# pickle, flax serialization, optax.tree.map_params, jax.export) and the
+# framework integrations (NNX, linen, Equinox, MultiSteps). The numerics are the same
 # code on every version and run in the unit suite.
 FLOOR_TESTS = tests/test_policy.py tests/test_checkpoint.py \
-  tests/test_flax.py tests/test_agc_flax.py tests/test_real_models.py
+  tests/test_export.py tests/test_flax.py tests/test_agc_flax.py \
+  tests/test_real_models.py
 PARALLEL = $(MAKE) --no-print-directory -k -j2 --output-sync=target
 
 .PHONY: test lint unit multidevice multiprocess floor package docs demo bench study clean
