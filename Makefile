@@ -62,11 +62,11 @@ $(FLOOR_VENV)/.installed: pyproject.toml $(FLOOR_PINS)
 # The whole suite, each part timed (CI's log shows where the minutes go):
 # static checks, single-device tests and doctests, 8 simulated devices and two
 # real processes (each in its own process: XLA_FLAGS must be set before jax is
-# imported), the single-device suite again on the floor versions, the
-# packaging check, and the docs site with --strict.
+# imported), FLOOR_TESTS on the floor versions, the packaging check, and the
+# docs site with --strict.
 # On 2 cores the parts overlap in three phases: both virtualenvs install at
 # once; the unit suite (both cores) runs beside the light checks; then the
-# floor suite beside the multi-device and multi-process ones. Each part's
+# floor, multi-device and multi-process suites together. Each part's
 # output is printed whole when it ends (--output-sync); -k runs every part
 # even after a failure, and make test fails if any part failed.
 test:
