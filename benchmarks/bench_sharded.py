@@ -45,11 +45,14 @@ def main():
   mesh = jax.make_mesh((2, 4), ("data", "model"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   grads = tree_many(np.random.default_rng(0))
+  # The norm of the unsharded tree: an eager (op-by-op) reduction of the
+  # sharded tree deadlocked XLA:CPU's collectives on 8 simulated devices and
+  # 2 cores (2026-12-05, optax.global_norm as well); jitted programs do not.
+  norm = float(oc.global_norm(grads))
   spec = lambda x: P(None, "model") if x.ndim == 2 else P("model")  # noqa: E731
   grads = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))),
                        grads)
-  params = jax.tree.map(lambda x: x * 0.5, grads)
-  norm = float(oc.global_norm(grads))
+  params = jax.jit(lambda t: jax.tree.map(lambda x: x * 0.5, t))(grads)
   fns = {}
   for name, tx in {
       "optax.clip_by_global_norm": optax.clip_by_global_norm(norm / 2),
