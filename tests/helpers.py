@@ -228,3 +228,14 @@ def assert_close_f64(actual, expected, rtol=1e-6):
   np.testing.assert_allclose(
     np.asarray(actual, np.float64), expected, rtol=rtol, atol=0
   )
+
+
+def orbax_round_trip(state: Any, path) -> Any:
+  """``state`` saved with orbax's StandardCheckpointer at ``path`` and
+  restored into a zeroed target of the same structure."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, state)
+  checkpointer.wait_until_finished()
+  return checkpointer.restore(path, jax.tree.map(jnp.zeros_like, state))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
+import helpers
 import pytest
 import chex
 
@@ -26,11 +26,7 @@ def test_orbax_round_trip_then_identical_next_step(row, tmp_path):
     pytest.skip("the state holds no arrays")
   for scale in (1.0, 2.0, 0.5, 8.0, 1.5, 50.0):
     _, state = step(registry.updates(row, params, scale), state, params)
-  checkpointer = ocp.StandardCheckpointer()
-  path = tmp_path / "state"
-  checkpointer.save(path, state)
-  checkpointer.wait_until_finished()
-  restored = checkpointer.restore(path, jax.tree.map(jnp.zeros_like, state))
+  restored = helpers.orbax_round_trip(state, tmp_path / "state")
   chex.assert_trees_all_equal(restored, state)
   chex.assert_trees_all_equal_shapes_and_dtypes(restored, state)
   grads = registry.updates(row, params, 3.0)
