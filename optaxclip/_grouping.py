@@ -23,6 +23,7 @@ the clip-scale rule, and the transforms use all three.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
@@ -374,20 +375,45 @@ def opaque(x: Any) -> Any:
   return _barrier(x)
 
 
-@jax.custom_jvp
-def _barrier(x: jax.Array) -> jax.Array:
-  """``lax.optimization_barrier`` with an identity derivative.
+def _barrier(x: Any) -> Any:
+  """``lax.optimization_barrier``, differentiable on every supported jax.
 
-  jax < 0.6 has no differentiation rule for the barrier; the barrier only
-  orders compilation, so its tangent is the input's tangent.
+  jax >= 0.6 differentiates the primitive itself, and calling it directly
+  traces fastest: a ``custom_jvp`` wrapper made tracing a 2000-leaf
+  ``record_norms`` update 1.9 s (65%) slower. jax < 0.6 has no
+  differentiation rule for it and gets :func:`_barrier_with_jvp`.
+  """
+  if _barrier_differentiates():
+    return jax.lax.optimization_barrier(x)
+  return _barrier_with_jvp(x)
+
+
+@functools.cache
+def _barrier_differentiates() -> bool:
+  """Whether this jax can ``grad`` through ``lax.optimization_barrier``.
+
+  Probed abstractly (``eval_shape``), so it touches no device.
+  """
+  try:
+    jax.eval_shape(jax.grad(jax.lax.optimization_barrier), 0.0)
+  except NotImplementedError:
+    return False
+  return True
+
+
+@jax.custom_jvp
+def _barrier_with_jvp(x: jax.Array) -> jax.Array:
+  """``lax.optimization_barrier`` with an identity derivative (jax < 0.6).
+
+  The barrier only orders compilation, so its tangent is the input's tangent.
   """
   return jax.lax.optimization_barrier(x)
 
 
-@_barrier.defjvp
+@_barrier_with_jvp.defjvp
 def _barrier_jvp(primals, tangents):
   (x,), (x_dot,) = primals, tangents
-  return _barrier(x), x_dot
+  return _barrier_with_jvp(x), x_dot
 
 
 def count_true(masks: Sequence[jax.Array]) -> jax.Array:
