@@ -163,6 +163,9 @@ def cases(tree_name: str, grads, params
       "optax.clip": (optax.clip(0.5), None, None),
       "oc.clip": (oc.clip(0.5), None, "optax.clip"),
       "oc.clip_by_value": (oc.clip_by_value(0.5), None, "optax.clip"),
+      # Its opt-in diagnostics: one more read (docs/transforms.md).
+      "oc.clip_by_value(diagnostics)": (
+          oc.clip_by_value(0.5, diagnostics=True), None, "optax.clip"),
       # Adaptive thresholds: the target is <= 1.05x clip_by_global_norm.
       "oc.autoclip": (oc.autoclip(10.0), None, "oc.clip_by_global_norm"),
       "oc.zclip": (oc.zclip(max_norm=None, warmup_steps=1), None,

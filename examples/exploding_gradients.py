@@ -154,7 +154,8 @@ def configs(lr: float | None = None, steps: int | None = None):
   sgd = lambda: optax.sgd(schedule, momentum=MOMENTUM, nesterov=True)  # noqa: E731
   return {
       "baseline": sgd,
-      "clip_by_value": lambda: optax.chain(oc.clip_by_value(0.01), sgd()),
+      "clip_by_value": lambda: optax.chain(
+          oc.clip_by_value(0.01, diagnostics=True), sgd()),
       "clip_by_norm": lambda: optax.chain(oc.clip_by_norm(0.25), sgd()),
       "clip_by_global_norm": lambda: optax.chain(
           oc.clip_by_global_norm(0.5), sgd()),

@@ -28,10 +28,10 @@ from optaxclip import _grouping, _norms, _stats, _tree, _validate
 
 @_stats.register_state("clip_by_value")
 class ClipByValueState(NamedTuple):
-  """State of :func:`clip_by_value` (with ``diagnostics=True``, the default).
+  """State of :func:`clip_by_value` and :func:`clip` with ``diagnostics=True``.
 
-  Records what the last step did; ``clip`` and ``clip_by_value(...,
-  diagnostics=False)`` record nothing and keep an ``optax.EmptyState``.
+  Records what the last step did. Without diagnostics (the default) they
+  record nothing and keep an ``optax.EmptyState``.
   """
 
   # float32 scalar (float64 for float64 trees): the largest element of the
@@ -189,7 +189,7 @@ def clip_by_value(
   max_value: Any,
   *,
   min_value: Any | None = None,
-  diagnostics: bool = True,
+  diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clamps every element of the updates to ``[min_value, max_value]``.
 
@@ -199,10 +199,11 @@ def clip_by_value(
   NaN elements stay NaN and ``+-inf`` elements are clamped to the bounds.
   bf16/fp16 leaves are clamped in float32 and cast back. A traced invalid
   bound (under ``optax.inject_hyperparams``) makes every element NaN rather
-  than clamping to a swapped interval. With ``diagnostics=True`` (the
-  default) the state records the pre-clip extremes, at the cost of one extra
-  read of the updates; ``diagnostics=False`` is exactly ``optax.clip``'s
-  program. ``update(updates, None)`` works. The costs are discussed in
+  than clamping to a swapped interval. ``diagnostics=True`` records the
+  pre-clip extremes in the state, at the cost of one extra read of the
+  updates (and, in a fused train step, a materialised copy of the gradient);
+  the default, ``False``, is exactly ``optax.clip``'s program.
+  ``update(updates, None)`` works. The costs are discussed in
   ``docs/transforms.md#value-clipping``.
 
   Args:
@@ -210,7 +211,8 @@ def clip_by_value(
       and the interval is ``[-max_value, max_value]``.
     min_value: the lower bound; ``None`` (default) means ``-max_value``.
     diagnostics: whether the state records the pre-clip extremes (a
-      :class:`ClipByValueState`) or nothing (an ``optax.EmptyState``).
+      :class:`ClipByValueState`) or nothing (an ``optax.EmptyState``, the
+      default).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -224,7 +226,7 @@ def clip_by_value(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
-    >>> tx = oc.clip_by_value(1.0)
+    >>> tx = oc.clip_by_value(1.0, diagnostics=True)
     >>> updates, state = tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(None))
     >>> updates
     Array([-1. ,  0.5,  1. ], dtype=float32)
@@ -255,10 +257,11 @@ def clip(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clamps every element of the updates to ``[-max_delta, max_delta]``.
 
-  A drop-in for ``optax.clip``: by default it records nothing and compiles
-  to the same program, while adding the library's validation, the
-  integer/bool-leaf ``TypeError`` and NaN output for a traced invalid
-  ``max_delta``. ``diagnostics=True`` makes it ``clip_by_value(max_delta)``.
+  A drop-in for ``optax.clip`` and an alias of ``clip_by_value(max_delta)``:
+  by default it records nothing and compiles to the same program as optax's,
+  while adding the library's validation, the integer/bool-leaf ``TypeError``
+  and NaN output for a traced invalid ``max_delta``. ``diagnostics=True``
+  records the pre-clip extremes.
 
   .. math::
     u_i \leftarrow \min(\max(u_i, -\delta), \delta)

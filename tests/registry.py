@@ -167,8 +167,10 @@ ROWS: list[Row] = [
   Row(
     "clip_by_value",
     oc.clip_by_value,
-    lambda: oc.clip_by_value(0.5),
-    lambda: oc.clip_by_value(100.0),
+    # With its diagnostics: the default (no diagnostics) is the "clip" row's
+    # program.
+    lambda: oc.clip_by_value(0.5, diagnostics=True),
+    lambda: oc.clip_by_value(100.0, diagnostics=True),
     threshold_arg="max_value",
   ),
   Row(

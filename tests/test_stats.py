@@ -17,7 +17,8 @@ def _grads():
 
 def test_keys_are_unambiguous_with_two_clippers_of_one_kind():
   grads = _grads()
-  tx = optax.chain(oc.clip_by_value(3.5), oc.clip_by_global_norm(100.0),
+  tx = optax.chain(oc.clip_by_value(3.5, diagnostics=True),
+                   oc.clip_by_global_norm(100.0),
                    oc.clip_by_global_norm(1.0), oc.clip_by_norm(5.0),
                    oc.clip_by_block_rms(1.0))
   _, state = jax.jit(tx.update)(grads, tx.init(grads))

@@ -18,7 +18,7 @@ def test_clip_by_value_matches_reference_and_optax(max_value, use_jit):
   # clip (the optax drop-in) records nothing unless asked to.
   for tx in (oc.clip_by_value(max_value), oc.clip(max_value),
              oc.clip(max_value, diagnostics=True),
-             oc.clip_by_value(max_value, diagnostics=False)):
+             oc.clip_by_value(max_value, diagnostics=True)):
     out, state = run(tx, tree, use_jit=use_jit)
     want, count = reference.clip_by_value(leaves64(tree), -max_value, max_value)
     for got, ref in zip(leaves64(out), want):
@@ -34,27 +34,31 @@ def test_clip_by_value_matches_reference_and_optax(max_value, use_jit):
 
 def test_asymmetric_bounds(use_jit):
   x = jnp.array([-3.0, -1.5, 0.0, 0.75, 2.0])
-  out, state = run(oc.clip_by_value(1.0, min_value=-2.0), x, use_jit=use_jit)
+  out, state = run(oc.clip_by_value(1.0, min_value=-2.0, diagnostics=True), x,
+                   use_jit=use_jit)
   np.testing.assert_array_equal(np.asarray(out), [-2.0, -1.5, 0.0, 0.75, 1.0])
   assert (float(state.value_max), float(state.value_min)) == (2.0, -3.0)
   assert bool(state.value_clipped)
-  _, state = run(oc.clip_by_value(2.0, min_value=-3.0), x, use_jit=use_jit)
+  _, state = run(oc.clip_by_value(2.0, min_value=-3.0, diagnostics=True), x,
+                 use_jit=use_jit)
   assert not bool(state.value_clipped)
   # A bound of either sign is fine when min_value is given.
-  out, _ = run(oc.clip_by_value(-1.0, min_value=-2.0), x, use_jit=use_jit)
+  out, _ = run(oc.clip_by_value(-1.0, min_value=-2.0, diagnostics=True), x,
+               use_jit=use_jit)
   np.testing.assert_array_equal(np.asarray(out), [-2.0, -1.5, -1.0, -1.0, -1.0])
 
 
 def test_nan_stays_nan_and_inf_is_clamped(use_jit):
   x = jnp.array([jnp.nan, jnp.inf, -jnp.inf, 0.5])
-  out, state = run(oc.clip_by_value(1.0), x, use_jit=use_jit)
+  out, state = run(oc.clip_by_value(1.0, diagnostics=True), x, use_jit=use_jit)
   out = np.asarray(out)
   assert np.isnan(out[0])
   np.testing.assert_array_equal(out[1:], [1.0, -1.0, 0.5])
   # The NaN is visible in the state, and counts as "not within bounds".
   assert np.isnan(float(state.value_max)) and np.isnan(float(state.value_min))
   assert bool(state.value_clipped)
-  _, state = run(oc.clip_by_value(1.0), x[1:], use_jit=use_jit)
+  _, state = run(oc.clip_by_value(1.0, diagnostics=True), x[1:],
+                 use_jit=use_jit)
   assert (float(state.value_max), float(state.value_min)) == (np.inf, -np.inf)
   assert bool(state.value_clipped)
 
@@ -62,7 +66,7 @@ def test_nan_stays_nan_and_inf_is_clamped(use_jit):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_dtypes_are_kept(dtype):
   x = {"a": jnp.array([-5.0, 0.25, 5.0], dtype), "b": jnp.array(3.0, dtype)}
-  out, state = run(oc.clip_by_value(1.0), x, use_jit=True)
+  out, state = run(oc.clip_by_value(1.0, diagnostics=True), x, use_jit=True)
   chex.assert_trees_all_equal_shapes_and_dtypes(out, x)
   np.testing.assert_array_equal(np.asarray(out["a"], np.float32),
                                 [-1.0, 0.25, 1.0])
@@ -72,7 +76,7 @@ def test_dtypes_are_kept(dtype):
 
 def test_grad_through_clip_by_value():
   import jax  # pylint: disable=g-import-not-at-top
-  tx = oc.clip_by_value(1.0)
+  tx = oc.clip_by_value(1.0, diagnostics=True)
   g = jax.grad(lambda u: jnp.sum(tx.update(u, tx.init(u))[0] * 2.0))(
       jnp.array([-3.0, 0.5, 0.0, 3.0]))
   np.testing.assert_array_equal(np.asarray(g), [0.0, 2.0, 2.0, 0.0])
@@ -81,7 +85,8 @@ def test_grad_through_clip_by_value():
 def test_complex_leaves_are_rejected_with_a_clear_message():
   with pytest.raises(TypeError, match=r"^clip_by_value: complex leaves have no"
                      r" order to clamp"):
-    run(oc.clip_by_value(1.0), jnp.array([1 + 1j], jnp.complex64))
+    run(oc.clip_by_value(1.0, diagnostics=True),
+        jnp.array([1 + 1j], jnp.complex64))
 
 
 def test_extremes_over_many_small_and_large_leaves(use_jit):
@@ -89,11 +94,13 @@ def test_extremes_over_many_small_and_large_leaves(use_jit):
   rng = np.random.default_rng(1)
   tree = [jnp.asarray(rng.standard_normal((7,)), jnp.float32) for _ in range(30)]
   tree.append(jnp.asarray(rng.standard_normal((200, 200)), jnp.bfloat16))
-  _, state = run(oc.clip_by_value(10.0), tree, use_jit=use_jit)
+  _, state = run(oc.clip_by_value(10.0, diagnostics=True), tree,
+                 use_jit=use_jit)
   assert (float(state.value_max), float(state.value_min)) == (
       reference.value_range(leaves64(tree)))
   assert not bool(state.value_clipped)
-  _, state = run(oc.clip_by_value(10.0), [], use_jit=use_jit)
+  _, state = run(oc.clip_by_value(10.0, diagnostics=True), [],
+                 use_jit=use_jit)
   assert (float(state.value_max), float(state.value_min)) == (0.0, 0.0)
 
 
@@ -106,7 +113,7 @@ def test_extremes_over_many_small_and_large_leaves(use_jit):
 # name -> factory(threshold) with every other argument at its default.
 _FACTORIES = {
     "clip_by_value": lambda c: oc.clip_by_value(c),
-    "clip_by_value_nodiag": lambda c: oc.clip_by_value(c, diagnostics=False),
+    "clip_by_value_diag": lambda c: oc.clip_by_value(c, diagnostics=True),
     "clip": lambda c: oc.clip(c),
     "clip_diag": lambda c: oc.clip(c, diagnostics=True),
 }
@@ -149,13 +156,45 @@ def test_temp_memory_is_no_more_than_optax(name, donate):
   assert ours <= theirs + small_bytes + 4096, (ours, theirs)
 
 
+def _train_step_temp_bytes(tx, params):
+  """Temporary bytes of a donated jitted step grad -> tx -> sgd -> apply,
+  whose gradient is an element-wise fusion XLA can fuse into the update."""
+  opt = optax.chain(tx, optax.sgd(0.1))
+
+  def step(p, s, x):
+    loss = lambda p: sum(jnp.sum(jnp.tanh(v) * x) for v in jax.tree.leaves(p))
+    u, s = opt.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt.init(params), jnp.float32(1.0)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_default_train_step_needs_no_more_memory_than_optax_clip():
+  # The default records nothing, so the gradient is never materialised to be
+  # read twice: the fused train step is optax.clip's. With diagnostics=True
+  # the extremes must be read before the clamp, which costs one gradient.
+  rng = np.random.default_rng(0)
+  params = {f"k{i}": jnp.asarray(rng.standard_normal((512, 512)), jnp.float32)
+            for i in range(4)}
+  grad_bytes = 4 * 512 * 512 * 4
+  theirs = _train_step_temp_bytes(optax.clip(0.5), params)
+  assert _train_step_temp_bytes(oc.clip_by_value(0.5), params) <= (
+      theirs + grad_bytes // 100)
+  assert isinstance(oc.clip_by_value(0.5).init(params), optax.EmptyState)
+  diag = _train_step_temp_bytes(oc.clip_by_value(0.5, diagnostics=True),
+                                params)
+  assert diag >= theirs + grad_bytes
+
+
 def test_donated_update_is_correct():
   rng = np.random.default_rng(1)
   grads = {"a": jnp.asarray(rng.standard_normal((300, 200)), jnp.float32),
            "b": jnp.asarray(rng.standard_normal((7,)), jnp.float32)}
   want = [np.clip(x, -0.5, 0.5) for x in leaves64(grads)]
   want_max = max(float(x.max()) for x in leaves64(grads))
-  tx = oc.clip_by_value(0.5)
+  tx = oc.clip_by_value(0.5, diagnostics=True)
   state = tx.init(grads)
   out, state = jax.jit(tx.update, donate_argnums=0)(grads, state)
   for got, ref in zip(leaves64(out), want):
@@ -181,7 +220,7 @@ def _steps(tx, grads, n, use_jit):
 
 
 @pytest.mark.parametrize("name,arg", [("clip_by_value", "max_value"),
-                                      ("clip_by_value_nodiag", "max_value"),
+                                      ("clip_by_value_diag", "max_value"),
                                       ("clip", "max_delta"),
                                       ("clip_diag", "max_delta")])
 def test_traced_negative_threshold_gives_nan_not_a_sign_flip(name, arg,
@@ -258,7 +297,8 @@ def test_traced_nan_bound_gives_nan_in_every_dtype(factory, diagnostics, dtype,
 def test_valid_traced_bounds_match_numpy_and_do_not_retrace():
   grads = _tree(np.random.default_rng(4))
   tx = optax.inject_hyperparams(oc.clip_by_value)(max_value=1.0,
-                                                  min_value=-0.25)
+                                                  min_value=-0.25,
+                                                  diagnostics=True)
   update = jax.jit(tx.update)
   state = tx.init(grads)
   for hi, lo in [(1.0, -0.25), (0.1, -2.0), (3.0, 3.0), (0.0, -0.0)]:
@@ -280,8 +320,9 @@ def test_valid_traced_bounds_match_numpy_and_do_not_retrace():
 # --------------------------------------------------------------------------
 
 
-# The defaults' configurations are in test_policy; here the other diagnostics.
-@pytest.mark.parametrize("name", ["clip_by_value_nodiag", "clip_diag"])
+# The registry rows are in test_policy (clip_by_value with diagnostics, clip
+# without); here the other two configurations.
+@pytest.mark.parametrize("name", ["clip_by_value", "clip_diag"])
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_], ids=["int", "bool"])
 def test_integer_and_bool_leaves_raise_naming_the_path(name, dtype, use_jit):
   grads = _tree(np.random.default_rng(5))
@@ -307,7 +348,7 @@ def test_state_none_rebuilds_the_state(name, use_jit):
   for a, b in zip(out, ref):
     np.testing.assert_array_equal(a, b.astype(np.float32))
   state = got[1]
-  if name in ("clip", "clip_by_value_nodiag"):
+  if name in ("clip", "clip_by_value"):
     assert isinstance(state, optax.EmptyState)
   else:
     assert np.isnan(float(state.value_max))
@@ -318,7 +359,7 @@ def test_float64_leaves_state_dtype_and_none_state():
   with enable_x64():
     grads = {"a": jnp.asarray([-3.0, 0.5], jnp.float64),
              "b": jnp.asarray([2.0], jnp.float32)}
-    tx = oc.clip_by_value(1.0)
+    tx = oc.clip_by_value(1.0, diagnostics=True)
     out, state = tx.update(grads, None)
     assert state.value_max.dtype == jnp.float64
     assert out["a"].dtype == jnp.float64 and out["b"].dtype == jnp.float32
@@ -347,7 +388,7 @@ def test_large_leaves_with_nan_and_inf_are_seen_by_the_diagnostics(use_jit):
   # Large enough that vectorised CPU max/min reductions would drop the NaN.
   x = np.linspace(-0.4, 0.4, 300_000).astype(np.float32)
   x[123_456] = np.nan
-  tx = oc.clip_by_value(0.5)
+  tx = oc.clip_by_value(0.5, diagnostics=True)
   out, state = maybe_jit(tx.update, use_jit)({"x": jnp.asarray(x)},
                                               tx.init(None))
   got = np.asarray(out["x"])

@@ -260,8 +260,10 @@ def run(process_id: int) -> dict:
     return out
 
   makers = {
-      "clip_by_value": lambda: oc.clip_by_value(2.0),
-      "clip_by_value_min": lambda: oc.clip_by_value(2.0, min_value=-1.0),
+      # With diagnostics: the extremes are reduced across processes.
+      "clip_by_value": lambda: oc.clip_by_value(2.0, diagnostics=True),
+      "clip_by_value_min": lambda: oc.clip_by_value(2.0, min_value=-1.0,
+                                                    diagnostics=True),
       "clip": lambda: oc.clip(2.0),
       "clip_by_norm": lambda: oc.clip_by_norm(6.0),
       "clip_by_norm_inf": lambda: oc.clip_by_norm(2.5, ord="inf"),
