@@ -180,7 +180,7 @@ def cases(tree_name: str, grads, params
                                 "optax.adaptive_grad_clip"),
       # Per-leaf monitoring, against the one global norm.
       "oc.record_norms": (oc.record_norms(), None, "oc.clip_by_global_norm"),
-      # Spike-era methods (issue 11): against clip_by_global_norm.
+      # Spike-era methods: against clip_by_global_norm.
       "oc.clip_by_global_norm(groups)": (
           oc.clip_by_global_norm(norm / 2, groups=_two_groups), None,
           "oc.clip_by_global_norm"),

@@ -116,13 +116,12 @@ def targets(runs) -> str:
     for tree in ("few", "many"):
       check(lines, f"`{fn}` extra temp / gradient bytes, {tree}",
             values(runs, tree, fn, "extra_temp_vs_grad_bytes"), 0.01)
-  check(lines, "`oc.tree_norms` compile on tiny vs `oc.clip_by_global_norm`'s"
-        " (issue 10)",
+  check(lines, "`oc.tree_norms` compile on tiny vs `oc.clip_by_global_norm`'s",
         compile_ratio(runs, "tiny", "oc.tree_norms", "oc.clip_by_global_norm"),
         1.5)
   for fn in ("oc.clip_by_norm", "oc.clip_by_block_rms",
              "oc.adaptive_grad_clip", "oc.tree_norms", "oc.record_norms"):
-    check(lines, f"`{fn}(stacked=1)` run vs unstacked (issue 10)",
+    check(lines, f"`{fn}(stacked=1)` run vs unstacked",
           values(runs, "stacked", fn + "(stacked=1)", "run_vs_baseline"), 1.0)
   return "\n".join(lines) + "\n"
 
