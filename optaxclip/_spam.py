@@ -185,9 +185,11 @@ def spam_clip(
 
   def init_fn(params):
     return SpamClipState(
+      # zeros_like keeps each leaf's sharding: under explicit mesh axes the
+      # EMA must be laid out as the gradient it is compared with.
       spam_clip_v=jax.tree.map(
-        lambda p: jnp.zeros(
-          jnp.shape(p), _norms.accumulation_dtype(jnp.asarray(p).dtype)
+        lambda p: jnp.zeros_like(
+          p, _norms.accumulation_dtype(jnp.asarray(p).dtype)
         ),
         params,
       ),
