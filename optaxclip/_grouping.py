@@ -380,7 +380,7 @@ def _barrier(x: Any) -> Any:
 
   jax >= 0.6 differentiates the primitive itself, and calling it directly
   traces fastest: a ``custom_jvp`` wrapper made tracing a 2000-leaf
-  ``record_norms`` update 1.9 s (65%) slower. jax < 0.6 has no
+  ``record_norms`` update 1.5-1.9 s (50-65%) slower. jax < 0.6 has no
   differentiation rule for it and gets :func:`_barrier_with_jvp`.
   """
   if _barrier_differentiates():
