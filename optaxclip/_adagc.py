@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scale, _stats, _tree, _validate
+from optaxclip import _grouping, _norms, _scale, _stats, _tree, _validate
 
 _FN = "adagc"
 
@@ -212,7 +212,11 @@ def adagc(
 
     new_leaves = [
       _scale.scale_leaf(x, scale)
-      for x, scale in zip(leaves, layout.broadcast(scales, leaves), strict=True)
+      for x, scale in zip(
+        leaves,
+        layout.broadcast(scales, leaves, _grouping.split_entries),
+        strict=True,
+      )
     ]
     return jax.tree.unflatten(treedef, new_leaves), AdaGCState(
       adagc_count=optax.safe_int32_increment(state.adagc_count),

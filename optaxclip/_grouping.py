@@ -418,6 +418,63 @@ def _barrier_jvp(primals, tangents):
   return _barrier_with_jvp(x), x_dot
 
 
+# The block that :func:`split_entries` reads one entry from: XLA:CPU splits
+# a longer reduction into a windowed pre-reduction and a final one (three
+# kernels instead of one).
+_SPLIT_BLOCK = 32
+
+
+def split_entries(vec: jax.Array, sizes: Sequence[int]) -> list[jax.Array]:
+  """``vec`` cut into consecutive chunks of ``sizes`` entries, in order.
+
+  On the plain program, for chunks of more than one entry and for vectors
+  that are not floating point, slices. On the CPU program a one-entry chunk (one value per leaf) is instead read as
+  the masked maximum ``max(where(mask, block, -inf))`` over the aligned
+  block of :data:`_SPLIT_BLOCK` entries that holds it, with a constant mask that
+  picks the entry. Why: XLA:CPU compiles one kernel per distinct fused
+  computation, and a slice's offset is part of the computation, so a
+  per-leaf value sliced out of a vector and fused into the leaf's update
+  made every leaf's update kernel distinct (144 of them on the 144-leaf
+  benchmark tree, most of ``adagc``'s compile time). A mask is an operand,
+  not part of the kernel, so the values of one block share one small
+  kernel, and the leaves' updates share one kernel per shape. The other
+  entries are masked to ``-inf`` and the block's maximum taken, which
+  returns the entry bit for bit (``nan``, ``inf`` and ``-0.0`` included).
+
+  Args:
+    vec: a 1-D array with ``sum(sizes)`` entries.
+    sizes: the chunks' lengths.
+
+  Returns:
+    One 1-D array per size.
+  """
+  sizes = [int(s) for s in sizes]
+  starts = [int(a) for a in np.cumsum([0, *sizes])[:-1]]
+
+  def split(vec):
+    if (
+      not on_cpu()
+      or len(sizes) < 2
+      or not jnp.issubdtype(vec.dtype, jnp.floating)
+    ):
+      return [vec[a : a + s] for a, s in zip(starts, sizes, strict=True)]
+    n, b = vec.shape[0], _SPLIT_BLOCK
+    padded = jnp.pad(vec, (0, -n % b)) if n > b else vec
+    lowest = jnp.asarray(-jnp.inf, vec.dtype)
+    out = []
+    for a, s in zip(starts, sizes, strict=True):
+      if s != 1:
+        out.append(vec[a : a + s])
+        continue
+      lo = a - a % b if n > b else 0
+      block = padded[lo : lo + min(b, n)]
+      mask = np.arange(block.shape[0]) == a - lo
+      out.append(jnp.max(jnp.where(mask, block, lowest)).reshape(1))
+    return out
+
+  return by_platform(split, vec)
+
+
 def count_true(masks: Sequence[jax.Array]) -> jax.Array:
   """How many elements of the boolean ``masks`` are True, as int32.
 

@@ -779,16 +779,28 @@ class Layout:
       return self.full(0, dtype)
     return self.wrap(flat.astype(dtype))
 
-  def broadcast(self, flat: Any, leaves: list[Any]) -> list[Any]:
+  def broadcast(
+    self,
+    flat: Any,
+    leaves: list[Any],
+    split: Callable[[Any, list[int]], list[Any]] | None = None,
+  ) -> list[Any]:
     """Each leaf's entries of ``flat``, shaped to broadcast against it: the
-    reduced axes kept as size 1 (a scalar for one value per leaf)."""
-    out, start = [], 0
-    for (_, shape), axes, x in zip(
-      self.segments, self.reduced, leaves, strict=True
+    reduced axes kept as size 1 (a scalar for one value per leaf).
+
+    ``split(flat, sizes)`` cuts ``flat`` into the leaves' chunks (slices by
+    default).
+    """
+    sizes = [_entries(shape) for _, shape in self.segments]
+    if split is None:
+      starts = np.cumsum([0, *sizes])[:-1]
+      chunks = [flat[a : a + s] for a, s in zip(starts, sizes, strict=True)]
+    else:
+      chunks = split(flat, sizes)
+    out = []
+    for (_, shape), axes, x, chunk in zip(
+      self.segments, self.reduced, leaves, chunks, strict=True
     ):
-      size = _entries(shape)
-      chunk = flat[start : start + size]
-      start += size
       if not shape:
         out.append(chunk.reshape(()))
       else:
