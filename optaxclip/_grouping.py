@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# ``rest_flat`` of :func:`map_leaves`: leaf indices to (vectors, sizes).
+RestFlat = Callable[[list[int]], tuple[list[jax.Array], list[int]]]
+
 # Leaves with fewer elements than this are grouped (bucketed or stacked).
 # 2**15 float32 elements is 128 KiB: well above per-op overhead territory for
 # the leaves it catches (biases, norms, small kernels), well below the sizes
@@ -136,7 +139,9 @@ def _map_leaves(
   *,
   num_flat: int = 0,
   rest: Callable[[list[int]], list[tuple[jax.Array, ...]]] | None = None,
+  rest_flat: RestFlat | None = None,
   done: dict[int, tuple[jax.Array, ...]] | None = None,
+  done_flat: tuple[list[int], list[jax.Array], list[int]] | None = None,
 ) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array | None]]:
   """``[fn(keys[i], *(a[i] for a in arrays)) for i in range(n)]``, with
   small leaves of one kind computed together.
@@ -169,8 +174,16 @@ def _map_leaves(
       sharded, empty, or alone of its kind) at once, given their indices,
       in the format of ``fn``; by default ``fn`` runs on each. Lets a caller
       put all large leaves' overflow rescues under one ``lax.cond``.
+    rest_flat: for an ``fn`` whose results are all flat (``num_flat`` of
+      them, no leading ones): computes the leaves that are not stacked at
+      once, given their indices, as ``(vectors, sizes)``: one vector per
+      result, the leaves' entries concatenated in index order, and each
+      leaf's number of entries. Lets a caller keep per-leaf values that are
+      only wanted flat as a vector throughout (no per-leaf scalars).
     done: leaves already computed, by index: only their ``num_flat``
       trailing results (their leading results come back as ``()``).
+    done_flat: leaves already computed as ``rest_flat`` returns them:
+      ``(indices, vectors, sizes)``.
 
   Returns:
     ``(per_leaf, flat)``: per leaf, the tuple of ``fn``'s leading results;
@@ -192,11 +205,21 @@ def _map_leaves(
       pieces[k].append(res[cut + k].reshape(-1))
     owners.append((i, int(np.prod(res[cut].shape)) if num_flat else 0))
 
+  def record_flat(index: list[int], vecs: list[jax.Array], sizes) -> None:
+    for k in range(num_flat):
+      pieces[k].append(vecs[k].reshape(-1))
+    for i, size in zip(index, sizes, strict=True):
+      per_leaf[i] = ()
+      owners.append((i, int(size)))
+
   singles = []
   for i, res in (done or {}).items():
     record(i, res)
+  if done_flat is not None:
+    record_flat(*done_flat)
+  skip = set(done or ()) | set(done_flat[0] if done_flat else ())
   for i in range(n):
-    if done and i in done:
+    if i in skip:
       continue
     xs = [a[i] for a in arrays]
     if on_cpu() and all(
@@ -206,7 +229,9 @@ def _map_leaves(
     else:
       singles.append(i)
   singles += [idx[0] for idx in groups.values() if len(idx) == 1]
-  if rest is not None and singles:
+  if rest_flat is not None and singles:
+    record_flat(singles, *rest_flat(singles))
+  elif rest is not None and singles:
     for i, res in zip(singles, rest(singles), strict=True):
       record(i, tuple(res))
   else:
@@ -253,6 +278,7 @@ def map_leaves(
   *,
   num_flat: int = 0,
   rest: Callable[[list[int]], list[tuple[jax.Array, ...]]] | None = None,
+  rest_flat: RestFlat | None = None,
 ) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array | None]]:
   """See :func:`_map_leaves`; small leaves are stacked on the CPU program
   only (:func:`by_platform`), the plain program runs ``fn`` leaf by leaf.
@@ -268,7 +294,9 @@ def map_leaves(
   n = len(keys)
   if getattr(_PROGRAM, "cpu", None) is not None:
     # Already inside a program: nothing to hoist.
-    return _map_leaves(fn, arrays, keys, num_flat=num_flat, rest=rest)
+    return _map_leaves(
+      fn, arrays, keys, num_flat=num_flat, rest=rest, rest_flat=rest_flat
+    )
   fixed = [
     i
     for i in range(n)
@@ -279,6 +307,34 @@ def map_leaves(
   fixed_set = set(fixed)
   small = [i for i in range(n) if i not in fixed_set]
   per_leaf: list[Any] = [None] * n
+  if fixed and rest_flat is not None:
+    fixed_vecs, fixed_sizes = rest_flat(fixed)
+    for i in fixed:
+      per_leaf[i] = ()
+    if not small:
+      return per_leaf, list(fixed_vecs)
+
+    def run_flat(small_arrays, fixed_vecs):
+      full: list[list[Any]] = [[None] * n for _ in arrays]
+      for a, sa in zip(full, small_arrays, strict=True):
+        for i, x in zip(small, sa, strict=True):
+          a[i] = x
+      res, flat = _map_leaves(
+        fn,
+        full,
+        keys,
+        num_flat=num_flat,
+        rest_flat=rest_flat,
+        done_flat=(fixed, fixed_vecs, fixed_sizes),
+      )
+      return [res[i] for i in small], flat
+
+    small_out, flat_out = by_platform(
+      run_flat, [[a[i] for i in small] for a in arrays], list(fixed_vecs)
+    )
+    for i, res in zip(small, small_out, strict=True):
+      per_leaf[i] = tuple(res)
+    return per_leaf, list(flat_out)
   if fixed:
     if rest is not None:
       fixed_res = [tuple(r) for r in rest(fixed)]
@@ -315,7 +371,13 @@ def map_leaves(
         a[i] = x
     done = {i: tuple(f[j] for f in fixed_flat) for j, i in enumerate(fixed)}
     res, flat = _map_leaves(
-      fn, full, keys, num_flat=num_flat, rest=rest, done=done
+      fn,
+      full,
+      keys,
+      num_flat=num_flat,
+      rest=rest,
+      done=done,
+      rest_flat=rest_flat,
     )
     return [res[i] for i in small], flat
 

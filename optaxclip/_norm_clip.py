@@ -120,21 +120,46 @@ def _count_clipped(norms: list[jax.Array], threshold: Any) -> jax.Array:
 def _clip_each(
   leaves: list[jax.Array],
   reduced: list[tuple[int, ...]],
-  whole: Any,
+  whole_each: Any,
   over_axes: Any,
   threshold: Any,
   each: Any = None,
+  whole_flat: Any = None,
 ) -> tuple[list[jax.Array], jax.Array | None]:
-  """Clips each leaf (or slice) by its own measure, small leaves of one
-  shape stacked and vmapped (:func:`_grouping.map_leaves`).
+  """Clips each leaf (or slice) by its own measure.
 
-  ``whole(x)`` measures a whole leaf (a scalar), ``over_axes(x, axes)`` the
-  slices along ``axes`` (kept as size 1). ``each(xs, axes_list)``, if
-  given, measures all large leaves at once (their overflow rescues under one
-  ``lax.cond``: a cond per leaf made these transforms several times slower to
-  compile than optax's on the 144-leaf benchmark tree). Returns the clipped
-  leaves and the measures flattened in leaf order (``None`` for no leaves).
+  ``whole_each(xs)`` measures whole leaves (a scalar each),
+  ``over_axes(x, axes)`` the slices along ``axes`` (kept as size 1).
+  ``each(xs, axes_list)``, if given, measures all large leaves at once
+  (their overflow rescues under one ``lax.cond``: a cond per leaf made these
+  transforms several times slower to compile than optax's on the 144-leaf
+  benchmark tree). Returns the clipped leaves and the measures flattened in
+  leaf order (``None`` for no leaves).
+
+  When every leaf is measured whole (no ``stacked=``, no ``axis=``), the
+  measures are taken as one vector (``whole_flat(xs)``, in leaf order), the
+  clip rule runs once on that vector, and each leaf reads its scale back
+  with :func:`_grouping.split_entries`: every leaf of one shape then shares
+  one update kernel. Otherwise small leaves of one kind are clipped as a
+  vmapped stack (:func:`_grouping.map_leaves`).
   """
+  if (
+    whole_flat is not None
+    and leaves
+    and all(axes == tuple(range(x.ndim)) for x, axes in zip(leaves, reduced))
+  ):
+    flat = whole_flat(leaves)
+    assert flat is not None  # there are leaves
+    scales = _grouping.split_entries(
+      _scale.clip_scale(flat, threshold)[0], [1] * len(leaves)
+    )
+    return [
+      _scale.scale_leaf(x, s.reshape((1,) * x.ndim))
+      for x, s in zip(leaves, scales, strict=True)
+    ], flat
+
+  def whole(x):
+    return whole_each([x])[0]
 
   def clip_one(key, x):
     axes = key[2]
@@ -442,10 +467,11 @@ def clip_by_norm(
       new_leaves, flat = _clip_each(
         leaves,
         reduced,
-        lambda x: _norms.leaf_norms([x], norm_ord)[0],
+        lambda xs: _norms.leaf_norms(xs, norm_ord),
         lambda x, axes: _norms.axes_norms(x, axes, norm_ord),
         max_norm,
         lambda xs, axes: _norms.axes_norms_each(xs, axes, norm_ord),
+        lambda xs: _norms.flat_leaf_measures(xs, norm_ord),
       )
       return jax.tree.unflatten(treedef, new_leaves), ClipByNormState(
         leaf_norms=layout.flat(flat, dtype),
@@ -538,10 +564,11 @@ def clip_by_block_rms(
     new_leaves, flat = _clip_each(
       leaves,
       list(layout.reduced),
-      lambda x: _norms.leaf_rms([x])[0],
+      _norms.leaf_rms,
       _norms.axes_rms,
       threshold,
       _norms.axes_rms_each,
+      lambda xs: _norms.flat_leaf_measures(xs, 2, rms=True),
     )
     rms = [] if flat is None else [flat]
     return jax.tree.unflatten(treedef, new_leaves), ClipByBlockRmsState(

@@ -440,71 +440,65 @@ def _safe_norm(
   return scale * _finalize(partial, ord)
 
 
-def _rescued_each(
+def _rescued_vectors(
   partials: Sequence[jax.Array],
   arrays: Sequence[jax.Array],
   ord: float,  # pylint: disable=redefined-builtin
   axis_name=None,
-) -> tuple[list[jax.Array], list[jax.Array]]:
-  """:func:`_rescued` for many independent partials, under one ``lax.cond``.
+) -> list[tuple[list[int], jax.Array, jax.Array]]:
+  """:func:`_rescued` for the whole-array partials of many large arrays,
+  under one ``lax.cond``, as vectors.
 
-  ``partials[i]`` is the whole-array partial of ``arrays[i]`` (already
-  combined across ``axis_name``). One cond for the whole list, whose rare
-  branch recomputes only the partials that need it (one scaled sum each),
-  compiles several times faster than a cond per partial on trees of
-  thousands of leaves; the branches return tuples of scalars, never a
-  vector to slice (slicing thousands of scalars out of a computed vector is
-  itself slow to compile on XLA:CPU).
+  The partials are stacked into one vector per dtype, so the predicate, the
+  rescue scale and everything the caller does with the result run once on
+  a vector rather than once per array: XLA:CPU launches (and compiles the
+  call sites of) every per-array scalar operation separately, and a chain
+  of them per leaf was most of the kernels of ``clip_by_block_rms`` on the
+  144-leaf benchmark tree. The rare branch reads each array's rescue scale
+  back with :func:`_grouping.split_entries` (one shared kernel, no per-leaf
+  slice) and recomputes only that array's sum.
 
   Returns:
-    ``(scales, partials)``, lists shaped like ``partials``.
+    Per dtype: ``(indices, scales, partials)``, the indices into
+    ``partials`` in order and two vectors over them.
   """
-  partials, arrays = list(partials), list(arrays)
-  if not partials:
-    return [], []
-  small = [
-    i for i, x in enumerate(arrays) if x.size < _grouping.SMALL_LEAF_SIZE
-  ]
-  if small:
-    # Small arrays are rescued inline (see _rescued_inline); the cond below
-    # then only carries the large ones, which are few.
-    scales: list[Any] = [None] * len(partials)
-    out: list[Any] = [None] * len(partials)
-    for i in small:
-      scales[i], out[i] = _rescued_inline(
-        partials[i], arrays[i], ord, axis_name=axis_name
-      )
-    large = [i for i in range(len(partials)) if scales[i] is None]
-    large_scales, large_out = _rescued_each(
-      [partials[i] for i in large],
-      [arrays[i] for i in large],
-      ord,
-      axis_name,
-    )
-    for i, scale, partial in zip(large, large_scales, large_out, strict=True):
-      scales[i], out[i] = scale, partial
-    return scales, out
+  groups: dict[Any, list[int]] = {}
+  for i, p in enumerate(partials):
+    groups.setdefault(jnp.dtype(p.dtype), []).append(i)
+  index = list(groups.values())
+  vecs = [jnp.stack([partials[i] for i in idx]) for idx in index]
+  arrays = list(arrays)
 
-  def fast(partials, arrays):
+  def fast(vecs, arrays):
     del arrays
-    return [jnp.ones_like(p) for p in partials], list(partials)
+    return [jnp.ones_like(v) for v in vecs], list(vecs)
 
-  def rare(partials, arrays):
+  def rare(vecs, arrays):
     scales, out = [], []
-    for p, x in zip(partials, arrays, strict=True):
-      need = _needs_rescue(p, ord)
-      divisor, inverse = _rescue_scale(p, need)
-      rescued = _scaled_partial(x, inverse, ord, None, False)
+    for v, idx in zip(vecs, index, strict=True):
+      need = _needs_rescue(v, ord)
+      divisor, inverse = _rescue_scale(v, need)
+      inverses = _grouping.split_entries(inverse, [1] * len(idx))
+      rescued = jnp.stack(
+        [
+          _scaled_partial(arrays[i], inv.reshape(()), ord, None, False)
+          for i, inv in zip(idx, inverses, strict=True)
+        ]
+      )
       if axis_name is not None:
         rescued = jax.lax.psum(rescued, axis_name)
       scales.append(divisor)
-      out.append(jnp.where(need, rescued, p))
+      out.append(jnp.where(need, rescued, v))
     return scales, out
 
-  need = jnp.any(jnp.stack([_needs_rescue(p, ord) for p in partials]))
+  if not vecs:
+    return []
+  need = jnp.any(jnp.stack([jnp.any(_needs_rescue(v, ord)) for v in vecs]))
   if not isinstance(need, jax.core.Tracer):
-    return rare(partials, arrays) if bool(need) else fast(partials, arrays)
-  return jax.lax.cond(need, rare, fast, partials, arrays)
+    scales, out = (rare if bool(need) else fast)(vecs, arrays)
+  else:
+    scales, out = jax.lax.cond(need, rare, fast, vecs, arrays)
+  return list(zip(index, scales, out, strict=True))
 
 
 def _leaves(tree: Any) -> list[jax.Array]:
@@ -579,6 +573,89 @@ def global_norm_from(tree: Any, ord: float, axis_name=None) -> jax.Array:  # pyl
   return _grouping.by_platform(norm, _leaves(tree))
 
 
+def _measure_parts(
+  leaves: Sequence[jax.Array],
+  ord: float,  # pylint: disable=redefined-builtin
+  rms: bool,
+  axis_name=None,
+) -> tuple[list[jax.Array | None], list[tuple[list[int], jax.Array]]]:
+  """Each leaf's norm (or RMS, ``rms=True``, ord 2), in its accumulation
+  dtype, in two parts: one scalar per small or empty leaf (``None`` for the
+  others), and the large leaves as vectors, ``(indices, vector)`` per dtype
+  (:func:`_rescued_vectors`: their rescues under one ``lax.cond``).
+  """
+  partials = [
+    _partial(x, ord) if x.size else jnp.zeros((), accumulation_dtype(x.dtype))
+    for x in leaves
+  ]
+  if axis_name is not None and partials:
+    # One collective for all leaves instead of one per leaf.
+    dtype = widest_dtype(p.dtype for p in partials)
+    stacked = _cross_device(
+      jnp.stack([p.astype(dtype) for p in partials]), ord, axis_name
+    )
+    partials = [stacked[i].astype(p.dtype) for i, p in enumerate(partials)]
+
+  def finish(scale, partial, size):
+    if rms:
+      return scale * safe_sqrt(partial / size)
+    return scale * _finalize(partial, ord)
+
+  values: list[jax.Array | None] = [None] * len(leaves)
+  large = []
+  for i, (x, p) in enumerate(zip(leaves, partials, strict=True)):
+    if not x.size:
+      # Empty: partial 0, nothing to rescue (and no division by the size).
+      values[i] = _finalize(p, ord)
+    elif ord == math.inf:
+      values[i] = _finalize(p, ord)
+    elif x.size < _grouping.SMALL_LEAF_SIZE:
+      scale, rescued = _rescued_inline(p, x, ord, axis_name=axis_name)
+      values[i] = finish(scale, rescued, x.size)
+    else:
+      large.append(i)
+  groups = []
+  for idx, scale, partial in _rescued_vectors(
+    [partials[i] for i in large], [leaves[i] for i in large], ord, axis_name
+  ):
+    index = [large[k] for k in idx]
+    sizes = np.asarray([leaves[i].size for i in index], partial.dtype)
+    groups.append((index, finish(scale, partial, sizes)))
+  return values, groups
+
+
+def _parts_as_list(
+  values: list[jax.Array | None], groups: list[tuple[list[int], jax.Array]]
+) -> list[jax.Array]:
+  out = list(values)
+  for index, vec in groups:
+    chunks = _grouping.split_entries(vec, [1] * len(index))
+    for i, chunk in zip(index, chunks, strict=True):
+      out[i] = chunk.reshape(())
+  return out  # type: ignore[return-value]
+
+
+def _parts_as_vector(
+  values: list[jax.Array | None], groups: list[tuple[list[int], jax.Array]]
+) -> jax.Array:
+  """The parts as one vector in leaf order, in the widest dtype."""
+  if len(groups) == 1 and all(v is None for v in values):
+    index, vec = groups[0]
+    if index == list(range(len(values))):
+      return vec
+  pieces = [v.reshape(1) for v in values if v is not None]
+  owners = [i for i, v in enumerate(values) if v is not None]
+  for index, vec in groups:
+    pieces.append(vec)
+    owners.extend(index)
+  dtype = widest_dtype(p.dtype for p in pieces)
+  vec = jnp.concatenate([p.astype(dtype) for p in pieces])
+  order = np.argsort(np.asarray(owners), kind="stable").astype(np.int32)
+  if np.array_equal(order, np.arange(order.size)):
+    return vec
+  return vec[order]
+
+
 def leaf_norms(
   leaves: Sequence[jax.Array],
   ord: float,  # pylint: disable=redefined-builtin
@@ -595,30 +672,7 @@ def leaf_norms(
   Returns:
     A list of scalars, one per leaf.
   """
-  partials = [
-    _partial(x, ord) if x.size else jnp.zeros((), accumulation_dtype(x.dtype))
-    for x in leaves
-  ]
-  if axis_name is not None and partials:
-    # One collective for all leaves instead of one per leaf.
-    dtype = widest_dtype(p.dtype for p in partials)
-    stacked = _cross_device(
-      jnp.stack([p.astype(dtype) for p in partials]), ord, axis_name
-    )
-    partials = [stacked[i].astype(p.dtype) for i, p in enumerate(partials)]
-  if ord == math.inf:
-    return [_finalize(p, ord) for p in partials]
-  # Empty leaves have partial 0 and nothing to rescue.
-  full = [i for i, x in enumerate(leaves) if x.size]
-  scales, rescued = _rescued_each(
-    [partials[i] for i in full], [leaves[i] for i in full], ord, axis_name
-  )
-  for i, scale, partial in zip(full, scales, rescued, strict=True):
-    partials[i] = scale * _finalize(partial, ord)
-  return [
-    p if x.size else _finalize(p, ord)
-    for p, x in zip(partials, leaves, strict=True)
-  ]
+  return _parts_as_list(*_measure_parts(leaves, ord, False, axis_name))
 
 
 def slice_norms(
@@ -681,6 +735,9 @@ def flat_slice_norms(
   2000-leaf tree costs a few reductions to compile and run.
   """
 
+  if not any(counts):
+    return flat_leaf_measures(leaves, ord)
+
   def norms_of(key, x):
     return (slice_norms([x], [key[2]], ord)[0],)
 
@@ -698,6 +755,41 @@ def flat_slice_norms(
     [(x.shape, x.dtype, k) for x, k in zip(leaves, counts, strict=True)],
     num_flat=1,
     rest=rest,
+  )
+  return flat
+
+
+def flat_leaf_measures(
+  leaves: Sequence[jax.Array],
+  ord: float,  # pylint: disable=redefined-builtin
+  *,
+  rms: bool = False,
+) -> jax.Array | None:
+  """One norm (or RMS, ``rms=True``) per leaf, as one flat vector in leaf
+  order, in the widest accumulation dtype (``None`` for no leaves).
+
+  Small leaves of one shape are measured as one vmapped stack, the large
+  ones as one vector whose rescues share one ``lax.cond``
+  (:func:`_rescued_vectors`); the vector is never cut into per-leaf
+  scalars here.
+  """
+  leaves = list(leaves)
+
+  def one(key, x):
+    del key
+    values, groups = _measure_parts([x], ord, rms)
+    return (_parts_as_list(values, groups)[0],)
+
+  def rest_flat(index):
+    parts = _measure_parts([leaves[i] for i in index], ord, rms)
+    return [_parts_as_vector(*parts)], [1] * len(index)
+
+  _, (flat,) = _grouping.map_leaves(
+    one,
+    [leaves],
+    [(x.shape, x.dtype) for x in leaves],
+    num_flat=1,
+    rest_flat=rest_flat,
   )
   return flat
 
@@ -892,16 +984,7 @@ def leaf_rms(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   Overflowing or underflowing sums of squares are rescued as in
   :func:`global_norm` (``rms = 2**k * sqrt(sum |x / 2**k|^2 / size)``).
   """
-  full = [x for x in leaves if x.size]
-  scales, partials = _rescued_each([_partial(x, 2) for x in full], full, 2)
-  rms = iter(
-    scale * safe_sqrt(partial / x.size)
-    for scale, partial, x in zip(scales, partials, full, strict=True)
-  )
-  return [
-    next(rms) if x.size else jnp.zeros((), accumulation_dtype(x.dtype))
-    for x in leaves
-  ]
+  return _parts_as_list(*_measure_parts(leaves, 2, True))
 
 
 def unit_norms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
