@@ -292,11 +292,14 @@ def adaptive_grad_clip(
       limit = jnp.asarray(clipping).astype(grad_norm.dtype) * jnp.maximum(
         param_norm, jnp.asarray(eps).astype(grad_norm.dtype)
       )
-      scale = _scale.clip_scale(grad_norm, limit)[0]
-      # Each leaf counts its own clipped units (a per-leaf scalar, so a
-      # sharded leaf communicates one number, never its unit norms); the
-      # counts of a stack of small leaves come out as one vector.
-      clipped = jnp.sum(jnp.logical_not(grad_norm <= limit), dtype=jnp.int32)
+      scale, clipped = _scale.clip_scale(grad_norm, limit)
+      if not _grouping.may_bucket(clipped):
+        # A sharded leaf counts its own clipped units: it communicates one
+        # number, never its unit norms.
+        clipped = jnp.sum(clipped, dtype=jnp.int32)
+      # Otherwise every leaf's mask of clipped units comes out in one flat
+      # vector and is counted by one reduction (a count per leaf cost three
+      # kernels per leaf on XLA:CPU).
       return _scale.scale_leaf(g, scale), clipped
 
     def clip_one(key, g, p):
@@ -318,28 +321,61 @@ def adaptive_grad_clip(
         clip_with(grads[i], both[j], both[k + j]) for j, i in enumerate(indices)
       ]
 
-    # Per leaf, with small leaves of one shape stacked and vmapped.
     grads = [jnp.asarray(g) for g in grads]
     param_leaves = [jnp.asarray(p) for p in param_leaves]
+    new_grads: list[Any] = [None] * len(grads)
+    num_clipped = jnp.zeros((), jnp.int32)
+    # Leaves that are one unit each (vectors: biases, gains) are measured
+    # as one vector of norms, clipped once, and read back per leaf (as
+    # clip_by_norm does), so no leaf is sliced out of a stack.
+    whole = [
+      i
+      for i, (g, axes) in enumerate(zip(grads, axes_list, strict=True))
+      if g.size and axes == tuple(range(g.ndim))
+    ]
+    if len(whole) > 1:
+      grad_norms = _norms.flat_leaf_measures([grads[i] for i in whole], 2)
+      param_norms = _norms.flat_leaf_measures(
+        [param_leaves[i] for i in whole], 2
+      )
+      assert grad_norms is not None and param_norms is not None
+      limit = jnp.asarray(clipping).astype(grad_norms.dtype) * jnp.maximum(
+        param_norms.astype(grad_norms.dtype),
+        jnp.asarray(eps).astype(grad_norms.dtype),
+      )
+      scales, clipped = _scale.clip_scale(grad_norms, limit)
+      num_clipped = jnp.sum(clipped, dtype=jnp.int32)
+      for i, scale in zip(
+        whole,
+        _grouping.split_entries(scales, [1] * len(whole)),
+        strict=True,
+      ):
+        new_grads[i] = _scale.scale_leaf(
+          grads[i], scale.reshape((1,) * grads[i].ndim)
+        )
+    else:
+      whole = []
+    # The others per leaf, with small leaves of one shape stacked and
+    # vmapped.
+    others = [i for i in range(len(grads)) if new_grads[i] is None]
     results, (counts,) = _grouping.map_leaves(
       clip_one,
-      [grads, param_leaves],
+      [[grads[i] for i in others], [param_leaves[i] for i in others]],
       [
-        (g.shape, g.dtype, p.dtype, axes)
-        for g, p, axes in zip(grads, param_leaves, axes_list, strict=True)
+        (grads[i].shape, grads[i].dtype, param_leaves[i].dtype, axes_list[i])
+        for i in others
       ],
       num_flat=1,
-      rest=clip_rest,
+      rest=lambda index: clip_rest([others[j] for j in index]),
     )
-    new_grads = [r[0] for r in results]
+    for i, r in zip(others, results, strict=True):
+      new_grads[i] = r[0]
     num_units = sum(
       int(np.prod([d for a, d in enumerate(g.shape) if a not in axes]))
       for g, axes in zip(grads, axes_list, strict=True)
     )
-    if counts is None:
-      num_clipped = jnp.zeros((), jnp.int32)
-    else:
-      num_clipped = jnp.sum(counts, dtype=jnp.int32)
+    if counts is not None:
+      num_clipped = num_clipped + jnp.sum(counts, dtype=jnp.int32)
     fraction = num_clipped.astype(jnp.float32) / np.float32(max(num_units, 1))
     return jax.tree.unflatten(treedef, new_grads), AdaptiveGradClipState(
       num_clipped_units=num_clipped, clipped_unit_fraction=fraction

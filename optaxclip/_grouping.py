@@ -102,7 +102,7 @@ def barrier(tree: Any) -> Any:
   return _barrier(tree) if on_cpu() else tree
 
 
-def _may_bucket(x: jax.Array) -> bool:
+def may_bucket(x: jax.Array) -> bool:
   """Whether flattening ``x`` into the shared bucket is free of communication.
 
   Concatenating a *sharded* leaf into a flat bucket makes XLA all-gather it
@@ -150,7 +150,7 @@ def _map_leaves(
   ``keys[i]`` (which must capture everything ``fn`` specialises on: shapes,
   dtypes, axes), fewer than
   :data:`SMALL_LEAF_SIZE` elements and an unsharded layout
-  (:func:`_may_bucket`) are stacked and run as one ``jax.vmap(fn)``. Other
+  (:func:`may_bucket`) are stacked and run as one ``jax.vmap(fn)``. Other
   leaves run ``fn`` one by one. ``fn`` must be a per-leaf function whose
   result does not depend on being batched, so both routes give the same
   values (to float32 rounding: a batched reduction may sum in another
@@ -223,7 +223,7 @@ def _map_leaves(
       continue
     xs = [a[i] for a in arrays]
     if on_cpu() and all(
-      0 < x.size < SMALL_LEAF_SIZE and _may_bucket(x) for x in xs
+      0 < x.size < SMALL_LEAF_SIZE and may_bucket(x) for x in xs
     ):
       groups.setdefault(keys[i], []).append(i)
     else:
@@ -301,7 +301,7 @@ def map_leaves(
     i
     for i in range(n)
     if not all(
-      0 < a[i].size < SMALL_LEAF_SIZE and _may_bucket(a[i]) for a in arrays
+      0 < a[i].size < SMALL_LEAF_SIZE and may_bucket(a[i]) for a in arrays
     )
   ]
   fixed_set = set(fixed)
@@ -395,7 +395,7 @@ def reduction_groups(
   """The arrays a whole-tree reduction runs over: large leaves and buckets.
 
   On the CPU program (:func:`by_platform`), small leaves (fewer than
-  :data:`SMALL_LEAF_SIZE` elements, and unsharded, see :func:`_may_bucket`)
+  :data:`SMALL_LEAF_SIZE` elements, and unsharded, see :func:`may_bucket`)
   are flattened and concatenated into one bucket per dtype; large leaves, and
   every leaf of the plain program, are returned as they are. Real leaves come back cast to
   ``cast(dtype)`` (the cast fuses into the reduction or the concatenation),
@@ -414,7 +414,7 @@ def reduction_groups(
     if x.size == 0:
       continue
     dtype = x.dtype if jnp.iscomplexobj(x) else cast(x.dtype)
-    if on_cpu() and x.size < SMALL_LEAF_SIZE and _may_bucket(x):
+    if on_cpu() and x.size < SMALL_LEAF_SIZE and may_bucket(x):
       buckets.setdefault(jnp.dtype(dtype), []).append(
         x.reshape(-1).astype(dtype)
       )

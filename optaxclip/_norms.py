@@ -875,9 +875,10 @@ def axes_norms_each(
     return scales, sums
 
   arrays = [xs[i] for i in full]
-  # One scalar per array (a sharded array's partial is reduced where it
-  # lives: concatenating them would gather).
-  need = jnp.any(jnp.stack([jnp.any(_needs_rescue(p, ord)) for p in partials]))
+  # One count over every array's predicate (small unsharded partials are
+  # bucketed into one reduction; a sharded one is reduced where it lives,
+  # since concatenating it would gather), not a reduction per array.
+  need = _grouping.count_true([_needs_rescue(p, ord) for p in partials]) > 0
   if not isinstance(need, jax.core.Tracer):
     scales, partials = (rare if bool(need) else fast)(partials, arrays)
   else:
