@@ -287,12 +287,16 @@ def adaptive_grad_clip(
           " unit is clipped against its own weights, never a broadcast)."
         )
 
-    def clip_with(g, grad_norm, param_norm):
+    def rule(grad_norm, param_norm):
+      """``(scale, clipped)`` per unit, from the unit norms."""
       param_norm = param_norm.astype(grad_norm.dtype)
       limit = jnp.asarray(clipping).astype(grad_norm.dtype) * jnp.maximum(
         param_norm, jnp.asarray(eps).astype(grad_norm.dtype)
       )
-      scale, clipped = _scale.clip_scale(grad_norm, limit)
+      return _scale.clip_scale(grad_norm, limit)
+
+    def clip_with(g, grad_norm, param_norm):
+      scale, clipped = rule(grad_norm, param_norm)
       if not _grouping.may_bucket(clipped):
         # A sharded leaf counts its own clipped units: it communicates one
         # number, never its unit norms.
@@ -339,11 +343,7 @@ def adaptive_grad_clip(
         [param_leaves[i] for i in whole], 2
       )
       assert grad_norms is not None and param_norms is not None
-      limit = jnp.asarray(clipping).astype(grad_norms.dtype) * jnp.maximum(
-        param_norms.astype(grad_norms.dtype),
-        jnp.asarray(eps).astype(grad_norms.dtype),
-      )
-      scales, clipped = _scale.clip_scale(grad_norms, limit)
+      scales, clipped = rule(grad_norms, param_norms)
       num_clipped = jnp.sum(clipped, dtype=jnp.int32)
       for i, scale in zip(
         whole,
@@ -353,8 +353,6 @@ def adaptive_grad_clip(
         new_grads[i] = _scale.scale_leaf(
           grads[i], scale.reshape((1,) * grads[i].ndim)
         )
-    else:
-      whole = []
     # The others per leaf, with small leaves of one shape stacked and
     # vmapped.
     others = [i for i in range(len(grads)) if new_grads[i] is None]

@@ -490,9 +490,10 @@ def split_entries(vec: jax.Array, sizes: Sequence[int]) -> list[jax.Array]:
   """``vec`` cut into consecutive chunks of ``sizes`` entries, in order.
 
   On the plain program, for chunks of more than one entry and for vectors
-  that are not floating point, slices. On the CPU program a one-entry chunk (one value per leaf) is instead read as
-  the masked maximum ``max(where(mask, block, -inf))`` over the aligned
-  block of :data:`_SPLIT_BLOCK` entries that holds it, with a constant mask that
+  that are not floating point, slices. On the CPU program a one-entry chunk
+  (one value per leaf) is instead read as the masked maximum
+  ``max(where(mask, block, -inf))`` over the aligned block of
+  :data:`_SPLIT_BLOCK` entries that holds it, with a constant mask that
   picks the entry. Why: XLA:CPU compiles one kernel per distinct fused
   computation, and a slice's offset is part of the computation, so a
   per-leaf value sliced out of a vector and fused into the leaf's update

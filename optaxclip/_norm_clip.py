@@ -120,7 +120,7 @@ def _count_clipped(norms: list[jax.Array], threshold: Any) -> jax.Array:
 def _clip_each(
   leaves: list[jax.Array],
   reduced: list[tuple[int, ...]],
-  whole_each: Any,
+  whole: Any,
   over_axes: Any,
   threshold: Any,
   each: Any = None,
@@ -128,8 +128,8 @@ def _clip_each(
 ) -> tuple[list[jax.Array], jax.Array | None]:
   """Clips each leaf (or slice) by its own measure.
 
-  ``whole_each(xs)`` measures whole leaves (a scalar each),
-  ``over_axes(x, axes)`` the slices along ``axes`` (kept as size 1).
+  ``whole(x)`` measures a whole leaf (a scalar), ``over_axes(x, axes)``
+  the slices along ``axes`` (kept as size 1).
   ``each(xs, axes_list)``, if given, measures all large leaves at once
   (their overflow rescues under one ``lax.cond``: a cond per leaf made these
   transforms several times slower to compile than optax's on the 144-leaf
@@ -157,9 +157,6 @@ def _clip_each(
       _scale.scale_leaf(x, s.reshape((1,) * x.ndim))
       for x, s in zip(leaves, scales, strict=True)
     ], flat
-
-  def whole(x):
-    return whole_each([x])[0]
 
   def clip_one(key, x):
     axes = key[2]
@@ -467,7 +464,7 @@ def clip_by_norm(
       new_leaves, flat = _clip_each(
         leaves,
         reduced,
-        lambda xs: _norms.leaf_norms(xs, norm_ord),
+        lambda x: _norms.leaf_norms([x], norm_ord)[0],
         lambda x, axes: _norms.axes_norms(x, axes, norm_ord),
         max_norm,
         lambda xs, axes: _norms.axes_norms_each(xs, axes, norm_ord),
@@ -564,7 +561,7 @@ def clip_by_block_rms(
     new_leaves, flat = _clip_each(
       leaves,
       list(layout.reduced),
-      _norms.leaf_rms,
+      lambda x: _norms.leaf_rms([x])[0],
       _norms.axes_rms,
       threshold,
       _norms.axes_rms_each,
